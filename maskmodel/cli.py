@@ -1,0 +1,35 @@
+"""What every ``jobs/`` entrypoint shares: logging set-up and the user-error exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from maskmodel.errors import UserError
+
+log = logging.getLogger("maskmodel")
+
+EXIT_USER_ERROR = 2
+
+
+def configure_logging(level: str | None = None) -> None:
+    """One concise format for all maskmodel loggers; ``MASKMODEL_LOG_LEVEL`` overrides the level."""
+    level = level or os.environ.get("MASKMODEL_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run ``main`` and exit: a :class:`UserError` becomes one line on stderr and exit code 2."""
+    configure_logging()
+    try:
+        code = main()
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,96 @@
+"""Turning the bytes of one image file into an RGB picture, or a reason why not.
+
+Pure functions, no Ray: the scoring and training pipelines both call
+:func:`decode_image` per object inside their own try/except, so one bad file
+becomes a row with a reason instead of a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats photos come in; anything else Pillow happens to open (PSD, ICO, PDF
+# previews...) is reported as unsupported rather than guessed at.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MIN_SIDE = 8  # pixels; smaller images carry no face to classify
+
+# Truncated files must fail, not decode into grey half-pictures.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DecodeError(ValueError):
+    """The object is not a usable image; ``str(err)`` is a short reason for the results table."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's own I;16 -> RGB conversion clips to 255; scale instead.
+        arr = np.asarray(img, dtype=np.uint32 if mode == "I" else np.uint16).astype(np.float64)
+        top = 65535.0 if mode != "I" else max(float(arr.max()), 1.0)
+        arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr8 = ((arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels become white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_image(data: bytes, *, min_side: int = MIN_SIDE) -> Image.Image:
+    """Decode ``data`` to an RGB :class:`PIL.Image.Image` with EXIF orientation applied.
+
+    Raises :class:`DecodeError` with a short reason: ``empty file``,
+    ``not an image``, ``unsupported format: X``, ``truncated image``,
+    ``too large: ...`` (Pillow's decompression-bomb limit), ``too small: WxH``
+    or ``undecodable: ...``.
+    """
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Above MAX_IMAGE_PIXELS Pillow only warns; a scoring service treats
+            # that as a bomb too (Pillow itself raises at twice the limit).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            if fmt not in SUPPORTED_FORMATS:
+                raise DecodeError(f"unsupported format: {fmt}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"too large: {e}".split(". ")[0]) from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("not an image") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        if "truncated" in msg.lower() or isinstance(e, EOFError) or "broken data stream" in msg.lower():
+            raise DecodeError("truncated image") from e
+        raise DecodeError(f"undecodable: {msg}"[:200]) from e
+    w, h = img.size
+    if w < min_side or h < min_side:
+        raise DecodeError(f"too small: {w}x{h}")
+    return _to_rgb(img)
+
+
+def to_uint8_chw(img: Image.Image) -> np.ndarray:
+    """An RGB picture as a ``uint8`` array of shape ``(3, H, W)``."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
