@@ -19,6 +19,9 @@ def configure_logging(level: str | None = None) -> None:
     level = level or os.environ.get("MASKMODEL_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    # botocore announces where it found credentials at INFO; that is noise before a one-line error.
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run(main: Callable[[], int | None]) -> None:

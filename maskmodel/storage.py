@@ -225,6 +225,7 @@ def check_writable(uri: str) -> None:
     Raises :class:`UserError` (missing bucket, no credentials, permission denied,
     read-only disk) before a job spends any time computing.
     """
+    split_uri(uri)  # an unknown scheme is reported against the user's URI, not the marker's
     marker = join(uri, f".maskmodel-write-check-{uuid.uuid4().hex}")
     fs, path = filesystem(marker)
     with storage_errors(uri, "write to"):
