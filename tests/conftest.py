@@ -93,3 +93,36 @@ def ray_local(s3_endpoint):
              runtime_env={"env_vars": {k: os.environ[k] for k in [*S3_ENV, "AWS_ENDPOINT_URL_S3"]}})
     yield ray
     ray.shutdown()
+
+
+def write_tiny_tree(root: str, *, splits=(("train", 24), ("val", 8)), classes=("mask", "no_mask"),
+                    size: int = 40, seed: int = 0) -> dict[str, int]:
+    """A small, easily learnable ImageFolder tree written through the storage layer (any URI).
+
+    Class 0 has a bright lower half (a "mask"), class 1 a bright upper half;
+    noise and position jitter keep it from being a constant. Returns counts per split.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from maskmodel import storage
+
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for split, n in splits:
+        counts[split] = 0
+        for ci, cls in enumerate(classes):
+            for i in range(n):
+                a = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+                cut = size // 2 + int(rng.integers(-3, 4))
+                if ci == 0:
+                    a[cut:, :, 2] = 200
+                else:
+                    a[:cut, :, 0] = 200
+                buf = io.BytesIO()
+                Image.fromarray(a).save(buf, format="JPEG", quality=90)
+                storage.write_bytes(storage.join(root, split, cls, f"{i:03d}.jpg"), buf.getvalue())
+                counts[split] += 1
+    return counts

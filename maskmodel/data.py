@@ -1,0 +1,205 @@
+"""Finding labelled training images and streaming them through Ray Data.
+
+Two layouts are accepted (DESIGN.md): an ImageFolder tree
+``<root>/<split>/<class>/<image>`` (splits ``train``, ``val``/``validation``,
+optional ``test`` and any others such as ``scene``, in any case), or a
+manifest (CSV or Parquet with ``path,label[,split]``; relative paths are
+relative to the manifest). Without a validation split, a deterministic split
+by hash of the path is used. :func:`discover` is plain Python and runs on the
+driver, so every problem with the data is reported before a worker starts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from maskmodel import storage
+from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, to_uint8_chw
+from maskmodel.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "valid": "val",
+                 "test": "test", "testing": "test"}
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    uri: str
+    label: int
+    split: str
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Every labelled image found, by split, with the class names in label order."""
+
+    source: str
+    classes: tuple[str, ...]
+    splits: dict[str, list[LabelledImage]]
+    total_bytes: int
+    val_from_hash: bool = False
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for split, items in self.splits.items():
+            c = {name: 0 for name in self.classes}
+            for it in items:
+                c[self.classes[it.label]] += 1
+            out[split] = c
+        return out
+
+
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) for ``key``: the deterministic train/val split."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _canonical_split(name: str) -> str:
+    return SPLIT_ALIASES.get(name.lower(), name.lower())
+
+
+def _read_manifest(uri: str) -> list[tuple[str, str, str | None]]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(uri)
+    try:
+        if uri.lower().endswith(".csv"):
+            table = pacsv.read_csv(io.BytesIO(data))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
+        raise UserError(f"Cannot read the manifest {uri!r} ({type(e).__name__}); it must be CSV or Parquet "
+                        f"with columns path,label[,split].") from e
+    missing = {"path", "label"} - set(table.column_names)
+    if missing:
+        raise UserError(f"The manifest {uri!r} lacks column(s) {sorted(missing)}; it needs path,label[,split].")
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    paths = [str(p) for p in table.column("path").to_pylist()]
+    labels = [str(v) for v in table.column("label").to_pylist()]
+    splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(paths)
+    rows = []
+    for p, lab, sp in zip(paths, labels, splits):
+        full = p if ("://" in p or p.startswith("/")) else storage.join(base, p)
+        rows.append((full, lab, str(sp) if sp else None))
+    return rows
+
+
+def _read_tree(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, str, str | None]], int]:
+    objects = storage.list_files(uri, extensions=extensions)
+    _, root = storage.filesystem(uri)
+    rows, total = [], 0
+    for obj in objects:
+        _, path = storage.filesystem(obj.uri)
+        parts = posixpath.relpath(path, root).split("/")
+        if len(parts) >= 3 and _canonical_split(parts[0]) in set(SPLIT_ALIASES.values()) | {parts[0].lower()}:
+            rows.append((obj.uri, parts[1], _canonical_split(parts[0])))
+        elif len(parts) == 2:  # <root>/<class>/<image>: no splits, hash-split below
+            rows.append((obj.uri, parts[0], None))
+        else:
+            continue
+        total += obj.size
+    # A tree either has split folders or class folders at the top, not both.
+    if any(r[2] is not None for r in rows):
+        rows = [r for r in rows if r[2] is not None]
+    return rows, total
+
+
+def discover(uri: str, *, val_fraction: float = 0.2,
+             extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> TrainingData:
+    """Find the labelled images under ``uri`` (a tree or a manifest file).
+
+    Raises :class:`UserError` when the URI does not exist, holds no images, has
+    no ``train`` split, fewer than two classes, an empty class, or validation
+    classes that training does not have.
+    """
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        rows, total = _read_manifest(uri), 0
+    else:
+        rows, total = _read_tree(uri, extensions)
+    if not rows:
+        raise UserError(f"No images found under {uri!r}; expected <root>/train/<class>/<image> folders "
+                        f"(extensions {', '.join(extensions)}) or a CSV/Parquet manifest.")
+    val_from_hash = not any(sp == "val" for _, _, sp in rows)
+    assigned = []
+    for path, label, split in rows:
+        if split is None or (val_from_hash and split == "train"):
+            split = "val" if hash_fraction(path) < val_fraction else "train"
+        assigned.append((path, label, split))
+    train_labels = sorted({lab for _, lab, sp in assigned if sp == "train"})
+    if not train_labels:
+        raise UserError(f"{uri!r} has no training images; put them under {uri.rstrip('/')}/train/<class>/.")
+    if len(train_labels) < 2:
+        raise UserError(f"{uri!r} has a single class ({train_labels[0]!r}) in its training split; "
+                        f"a classifier needs at least two class folders, e.g. mask/ and no_mask/.")
+    classes = tuple(train_labels)
+    index = {c: i for i, c in enumerate(classes)}
+    splits: dict[str, list[LabelledImage]] = {}
+    for path, label, split in assigned:
+        if label not in index:
+            raise UserError(f"Split {split!r} of {uri!r} has class {label!r}, which the training split lacks; "
+                            f"training classes are {list(classes)}.")
+        splits.setdefault(split, []).append(LabelledImage(path, index[label], split))
+    if not splits.get("val"):
+        raise UserError(f"{uri!r} has no validation images; add a val/ split or more training images.")
+    data = TrainingData(source=uri, classes=classes, splits=splits, total_bytes=total, val_from_hash=val_from_hash)
+    empty = [f"{s}/{c}" for s, c_counts in data.counts().items() if s in ("train",)
+             for c, n in c_counts.items() if n == 0]
+    if empty:
+        raise UserError(f"Class folder(s) {empty} of {uri!r} hold no images; every class needs training images.")
+    return data
+
+
+# --- per-batch functions run by Ray Data (plain callables, testable without Ray) ---
+
+def fetch_and_check(batch: dict[str, np.ndarray], *, threads: int = 16) -> dict[str, np.ndarray]:
+    """Read each ``uri``'s bytes and check that they decode; adds ``data`` and ``error`` ('' when fine).
+
+    Reads run in a thread pool because object stores reward concurrent GETs.
+    """
+    uris = [str(u) for u in batch["uri"]]
+
+    def one(uri: str) -> tuple[bytes, str]:
+        try:
+            data = storage.read_bytes(uri)
+        except UserError as e:
+            return b"", f"unreadable: {e}"
+        try:
+            decode_image(data)
+        except DecodeError as e:
+            return b"", str(e)
+        return data, ""
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        results = list(pool.map(one, uris))
+    out = dict(batch)
+    out["data"] = np.array([r[0] for r in results], dtype=object)
+    out["error"] = np.array([r[1] for r in results], dtype=object)
+    return out
+
+
+class DecodeTransform:
+    """Ray Data callable: ``data`` bytes → ``image`` float32 (N, 3, S, S) via ``transform``, keeping ``label``."""
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        images = []
+        for data in batch["data"]:
+            chw = torch.from_numpy(to_uint8_chw(decode_image(data)))
+            images.append(self.transform(chw).numpy())
+        return {"image": np.stack(images).astype(np.float32, copy=False),
+                "label": np.asarray(batch["label"], dtype=np.int64)}

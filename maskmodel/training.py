@@ -1,0 +1,274 @@
+"""The training job: configuration, data preparation on the driver, Ray Train, and the outputs.
+
+:func:`train` checks everything a user can get wrong (data layout, classes,
+weights, output storage) before any worker starts, streams the images through
+Ray Data (fetched once per job, decoded and augmented every epoch), runs
+:func:`maskmodel.train_loop.train_loop_per_worker` on ``num_workers`` Ray
+Train workers, and exports the best model with its reports to ``output``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maskmodel import reports, storage
+from maskmodel.config import config_to_dict, field
+from maskmodel.errors import UserError
+from maskmodel.model import ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "train"  # fixed, so re-submitting with the same --output resumes the run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; the CLI of ``jobs.train`` is derived from it."""
+
+    data: str = field(help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
+                           "CSV/Parquet manifest path,label[,split]")
+    output: str = field(help="output URI for checkpoints, the model directory and reports (local, s3://, gs://)")
+    arch: str = field("resnet50", help="torchvision architecture", choices=ARCHITECTURES)
+    weights: str = field("imagenet", help="initial weights: imagenet (torchvision download), none, or a URI "
+                                          "of a saved state dict")
+    epochs: int = field(50, help="number of epochs")
+    batch_size: int = field(64, help="global batch size, split evenly across workers")
+    lr: float = field(0.005, help="SGD learning rate (for the reference batch of 64)")
+    lr_scaling: str = field("none", help="'linear' multiplies lr by batch_size/64", choices=("none", "linear"))
+    lr_schedule: str = field("constant", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(0.0, help="SGD weight decay")
+    image_size: int = field(224, help="input edge in pixels (random-resized / centre crop size)")
+    augment: bool = field(True, help="random resized crop, flip, rotation and colour jitter during training")
+    val_fraction: float = field(0.2, help="share of images held out by path hash when the data has no val split")
+    num_workers: int = field(1, help="Ray Train workers (one per GPU with --gpu)")
+    gpu: bool = field(False, help="train on GPUs: DDP over NCCL, bf16 autocast, channels_last")
+    cpus_per_worker: float = field(1.0, help="CPUs reserved per training worker; the rest decode and augment")
+    torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
+    precision: str = field("auto", help="auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    max_failures: int = field(1, help="worker failures to recover from (from the latest checkpoint); -1 = always")
+    cache_raw: str = field("auto", help="keep the raw image bytes in Ray's object store so each object is "
+                                        "fetched once per job: auto = when they fit in 30%% of it",
+                           choices=("auto", "on", "off"))
+    max_unreadable: float = field(0.01, help="stop when more than this share of a split is unreadable")
+    seed: int = field(0, help="random seed for the initial head and data order")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("--batch-size and --num-workers must be at least 1")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError("--image-size must be between 16 and 1024")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("--val-fraction must be between 0 and 1")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch_size / 64 if self.lr_scaling == "linear" else self.lr
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a finished run put its outputs."""
+
+    output: str
+    model_dir: str
+    model_id: str
+    val_acc: float
+    epochs_run: int
+
+
+# --- outputs written while training (rank 0) and at the end (driver) ---
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+                  "epoch_seconds", "train_images", "val_images", "skipped_train", "skipped_val", "attempt")
+
+
+def metrics_csv(history: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def write_epoch_outputs(output: str, history: list[dict[str, Any]]) -> None:
+    """Refresh ``metrics.csv`` and ``curves.png`` so a running job can be watched."""
+    storage.write_text(storage.join(output, "metrics.csv"), metrics_csv(history))
+    storage.write_bytes(storage.join(output, "curves.png"), reports.curves_png(history))
+
+
+def write_samples_grid(output: str, images, labels, classes) -> None:
+    """``augmented_samples.png``: the first training batch exactly as the model sees it, de-normalised."""
+    from maskmodel.transforms import denormalize
+
+    n = min(32, images.shape[0])
+    pics = denormalize(images[:n].detach().float().cpu()).permute(0, 2, 3, 1).numpy()
+    titles = [classes[int(i)] for i in labels[:n].cpu()]
+    storage.write_bytes(storage.join(output, "augmented_samples.png"),
+                        reports.image_grid_png(pics, titles, suptitle="First training batch after augmentation"))
+
+
+# --- driver side ---
+
+def _init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Connects to RAY_ADDRESS under `ray job submit`, else starts a local instance.
+        ray.init(log_to_driver=True)
+
+
+def _initial_state(config: TrainConfig, num_classes: int) -> dict:
+    import torch
+
+    from maskmodel.model import build_model, init_weights
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, num_classes)
+    init_weights(model, config.arch, config.weights)
+    return model.state_dict()
+
+
+def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transform):
+    """Raw bytes (fetched once) → unreadable images counted and dropped → decode + transform per epoch."""
+    import ray
+    from ray.data.expressions import col
+
+    from maskmodel.data import DecodeTransform, fetch_and_check
+
+    rows = [{"uri": it.uri, "label": it.label} for it in items]
+    raw = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200))).map_batches(
+        fetch_and_check, batch_size=64)
+    if cache:
+        raw = raw.materialize()
+        errors = raw.filter(expr=col("error") != "").select_columns(["uri", "error"])
+    else:
+        errors = raw.select_columns(["uri", "error"]).filter(expr=col("error") != "").materialize()
+    bad = errors.count()
+    if bad:
+        examples = "; ".join(f"{r['uri']} ({r['error']})" for r in errors.take(3))
+        if bad > config.max_unreadable * len(rows):
+            raise UserError(f"{bad} of {len(rows)} images in the {name} split are unreadable "
+                            f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
+        log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
+    good = raw.filter(expr=col("error") == "")
+    return good.map_batches(DecodeTransform(transform), batch_size=32), bad
+
+
+def _object_store_bytes() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("object_store_memory", 0.0))
+
+
+def train(config: TrainConfig) -> TrainOutputs:
+    """Run one training job end to end; see the module docstring. Raises :class:`UserError` on bad input."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from maskmodel.data import discover
+    from maskmodel.sharding import ExactEvalDataConfig
+    from maskmodel.train_loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, train_loop_per_worker
+    from maskmodel.transforms import EvalPreset, TrainPreset
+
+    storage.check_writable(config.output)
+    data = discover(config.data, val_fraction=config.val_fraction)
+    counts = data.counts()
+    log.info("data %s: classes %s; %s", config.data, list(data.classes),
+             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()))
+    initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
+
+    _init_ray()
+    cache = config.cache_raw == "on" or (
+        config.cache_raw == "auto" and data.total_bytes < 0.3 * _object_store_bytes())
+    train_ds, bad_train = _prepare_split(data.splits["train"], name="train", config=config, cache=cache,
+                                         transform=TrainPreset(crop_size=config.image_size, augment=config.augment))
+    val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache,
+                                     transform=EvalPreset(crop_size=config.image_size))
+    storage.write_json(storage.join(config.output, "train_config.json"),
+                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
+
+    env = {k: os.environ[k] for k in (FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV) if k in os.environ}
+    fs, path = storage.pyarrow_filesystem(storage.join(config.output, "checkpoints"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "classes": list(data.classes), "arch": config.arch, "epochs": config.epochs,
+            "batch_size": config.batch_size, "lr": config.effective_lr, "momentum": config.momentum,
+            "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
+            "precision": config.precision, "output": config.output,
+            "torch_threads": config.torch_threads or max(1, int(config.cpus_per_worker)),
+            "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ExactEvalDataConfig(exact=("val",)),
+    )
+    result = trainer.fit()
+    return export(config, result, data.classes)
+
+
+def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutputs:
+    """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
+    import torch
+
+    from maskmodel.metrics import classification_report
+    from maskmodel.model import ModelCard, save_model_dir
+    from maskmodel.train_loop import STATE_FILE
+    from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
+
+    def load(ckpt) -> dict:
+        with ckpt.as_directory() as d:
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    latest = load(result.checkpoint)
+    history = latest["history"]
+    best_ckpt = result.get_best_checkpoint(metric="val_acc", mode="max") or result.checkpoint
+    best = load(best_ckpt)
+    best_row = best["history"][-1]
+    buf = io.BytesIO()
+    torch.save(best["model"], buf)
+    card = ModelCard(
+        arch=config.arch, classes=tuple(classes), input_size=config.image_size,
+        resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        config=config_to_dict(config),
+        metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+    )
+    model_dir = storage.join(config.output, "model")
+    card = save_model_dir(model_dir, buf.getvalue(), card)
+
+    cm = np.asarray(best_row["val_confusion"])
+    report = classification_report(cm, classes)
+    report.update(model_id=card.model_id, best_epoch=best_row["epoch"], epochs_run=len(history),
+                  data=config.data, split="val")
+    write_epoch_outputs(config.output, history)
+    storage.write_json(storage.join(config.output, "report.json"), report)
+    storage.write_bytes(storage.join(config.output, "confusion_matrix.png"),
+                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch'] + 1}"))
+    return TrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id,
+                        val_acc=float(best_row["val_acc"]), epochs_run=len(history))

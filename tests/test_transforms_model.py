@@ -1,0 +1,118 @@
+"""Transforms, the model and the model directory: pure code, no Ray."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+
+from maskmodel import storage
+from maskmodel.errors import UserError
+from maskmodel.model import (ModelCard, build_model, init_weights, load_card, load_model_dir, save_model_dir,
+                             state_dict_bytes)
+from maskmodel.transforms import EvalPreset, TrainPreset, denormalize
+
+
+def _img(h=60, w=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_shapes_and_dtype():
+    for t in (TrainPreset(crop_size=32), EvalPreset(crop_size=32), TrainPreset(crop_size=32, augment=False)):
+        out = t(_img())
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_eval_is_deterministic_and_train_without_augment_equals_eval():
+    img = _img()
+    assert torch.equal(EvalPreset(crop_size=32)(img), EvalPreset(crop_size=32)(img))
+    assert torch.equal(TrainPreset(crop_size=32, augment=False)(img), EvalPreset(crop_size=32)(img))
+
+
+def test_augmentation_varies_and_is_reproducible_under_a_seed():
+    img, t = _img(), TrainPreset(crop_size=32)
+    torch.manual_seed(1)
+    a = t(img)
+    b = t(img)
+    torch.manual_seed(1)
+    a2 = t(img)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, a2)
+
+
+def test_denormalize_inverts_normalize():
+    img = _img()
+    x = EvalPreset(crop_size=32)(img).unsqueeze(0)
+    back = denormalize(x)
+    assert back.min() >= 0 and back.max() <= 1
+    direct = EvalPreset(crop_size=32, mean=(0, 0, 0), std=(1, 1, 1))(img).unsqueeze(0)
+    assert torch.allclose(back, direct.clamp(0, 1), atol=1e-5)
+
+
+def test_model_head_and_forward():
+    m = build_model("resnet18", 3).eval()
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_model_dir_round_trip(tmp_path):
+    m = build_model("resnet18", 2)
+    card = save_model_dir(str(tmp_path / "m"), state_dict_bytes(m),
+                          ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=32, resize_size=37))
+    assert len(card.model_id) == 16
+    loaded, card2 = load_model_dir(str(tmp_path / "m"))
+    assert card2 == card
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), m.eval()(x))
+
+
+def test_weights_from_uri_and_head_replaced(tmp_path):
+    src = build_model("resnet18", 5)
+    uri = str(tmp_path / "w.pt")
+    storage.write_bytes(uri, state_dict_bytes(src))
+    dst = build_model("resnet18", 2)
+    init_weights(dst, "resnet18", uri)
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    assert dst.fc.out_features == 2
+
+
+@pytest.mark.parametrize("content,needle", [(None, "does not exist"), (b"not a checkpoint", "not a readable")])
+def test_bad_weights_uri(tmp_path, content, needle):
+    uri = str(tmp_path / "w.pt")
+    if content is not None:
+        storage.write_bytes(uri, content)
+    with pytest.raises(UserError, match=needle):
+        init_weights(build_model("resnet18", 2), "resnet18", uri)
+
+
+def test_wrong_architecture_weights(tmp_path):
+    uri = str(tmp_path / "w.pt")
+    storage.write_bytes(uri, state_dict_bytes(build_model("resnet34", 2)))
+    with pytest.raises(UserError, match="do not fit"):
+        init_weights(build_model("resnet18", 2), "resnet18", uri)
+
+
+def test_imagenet_download_failure_is_one_sentence(monkeypatch, tmp_path):
+    # No network in tests: make the download fail the way an offline machine does.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError) as e:
+        init_weights(build_model("resnet18", 2), "resnet18", "imagenet")
+    assert "--weights none" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda d: None, "not a model directory"),
+    (lambda d: storage.write_text(storage.join(d, "model.json"), "{not json"), "not valid JSON"),
+    (lambda d: storage.write_json(storage.join(d, "model.json"), {"arch": "resnet18"}), "not a valid model card"),
+])
+def test_bad_model_dirs(tmp_path, setup, needle):
+    d = str(tmp_path / "m")
+    setup(d)
+    with pytest.raises(UserError, match=needle):
+        load_card(d)
