@@ -76,7 +76,7 @@ def _run_epoch(model, shard, *, device, batch_size, optimizer=None, precision="f
     cm = torch.zeros((num_classes, num_classes), dtype=torch.float64)
     batches = shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64}, device=device,
-        local_shuffle_buffer_size=(4 * batch_size if training else None), prefetch_batches=2,
+        local_shuffle_buffer_size=(max(256, 8 * batch_size) if training else None), prefetch_batches=2,
     )
     start = time.perf_counter()
     for i, batch in enumerate(batches):

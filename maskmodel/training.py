@@ -13,6 +13,7 @@ import csv
 import io
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,7 @@ def _initial_state(config: TrainConfig, num_classes: int) -> dict:
     return model.state_dict()
 
 
-def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transform):
+def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transform, shuffle: bool):
     """Raw bytes (fetched once) → unreadable images counted and dropped → decode + transform per epoch."""
     import ray
     from ray.data.expressions import col
@@ -151,6 +152,10 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transf
     from maskmodel.data import DecodeTransform, fetch_and_check
 
     rows = [{"uri": it.uri, "label": it.label} for it in items]
+    if shuffle:
+        # Listings come sorted, i.e. grouped by class; a shuffle buffer alone would still feed
+        # single-class batches. Shuffle once here, then reorder blocks every epoch below.
+        random.Random(config.seed).shuffle(rows)
     raw = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200))).map_batches(
         fetch_and_check, batch_size=64)
     if cache:
@@ -166,6 +171,8 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transf
                             f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
     good = raw.filter(expr=col("error") == "")
+    if shuffle:
+        good = good.randomize_block_order()  # unseeded: a new block order on every epoch's pass
     return good.map_batches(DecodeTransform(transform), batch_size=32), bad
 
 
@@ -196,9 +203,10 @@ def train(config: TrainConfig) -> TrainOutputs:
     cache = config.cache_raw == "on" or (
         config.cache_raw == "auto" and data.total_bytes < 0.3 * _object_store_bytes())
     train_ds, bad_train = _prepare_split(data.splits["train"], name="train", config=config, cache=cache,
-                                         transform=TrainPreset(crop_size=config.image_size, augment=config.augment))
+                                         transform=TrainPreset(crop_size=config.image_size, augment=config.augment),
+                                         shuffle=True)
     val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache,
-                                     transform=EvalPreset(crop_size=config.image_size))
+                                     transform=EvalPreset(crop_size=config.image_size), shuffle=False)
     storage.write_json(storage.join(config.output, "train_config.json"),
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
 

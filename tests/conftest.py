@@ -126,3 +126,104 @@ def write_tiny_tree(root: str, *, splits=(("train", 24), ("val", 8)), classes=("
                 storage.write_bytes(storage.join(root, split, cls, f"{i:03d}.jpg"), buf.getvalue())
                 counts[split] += 1
     return counts
+
+
+class RayCluster:
+    """A Ray cluster started with ``ray start`` (head + optional worker nodes), token auth on.
+
+    Each node runs ``ray start --block`` in its own process group, so teardown stops exactly
+    the processes this cluster started and never a Ray of anyone else's on the machine.
+    The token lives in the cluster's own temp dir (``RAY_AUTH_TOKEN_PATH``), not in ``~/.ray``.
+    """
+
+    def __init__(self, base_env: dict[str, str], *, head_cpus: int = 2) -> None:
+        import secrets
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.token_path = os.path.join(self.dir, "auth_token")
+        with open(self.token_path, "w") as f:
+            f.write(secrets.token_hex(32))
+        bin_dir = os.path.dirname(sys.executable)
+        self.env = {**base_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
+                    "PATH": f"{bin_dir}:{base_env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self._ray = os.path.join(bin_dir, "ray")
+        self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.dir}/t",
+                             "--node-ip-address=127.0.0.1"])
+        self.wait_for_nodes(1)
+
+    @property
+    def address(self) -> str:
+        """The job-submission address (the dashboard's HTTP port)."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(os.path.join(self.dir, f"{name}.log"), "w")
+        self.procs.append(subprocess.Popen([self._ray, "start", "--block", "--disable-usage-stats", *args],
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+
+    def add_worker(self, *, num_cpus: int = 1, resources: str | None = None) -> subprocess.Popen:
+        args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1"]
+        if resources:
+            args.append(f"--resources={resources}")
+        self._start(f"worker{len(self.procs)}", args)
+        self.wait_for_nodes(len(self.procs))
+        return self.procs[-1]
+
+    def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a ``ray`` CLI command (e.g. ``job submit``) as a token-holding client."""
+        return subprocess.run([self._ray, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"ray start exited early; see {self.dir}/*.log")
+            res = subprocess.run([self._ray, "status", f"--address=127.0.0.1:{self.gcs_port}"], env=self.env,
+                                 capture_output=True, text=True, timeout=60)
+            if res.returncode == 0 and res.stdout.count("node_") >= n:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{n} Ray node(s) not up after {timeout}s; see {self.dir}/*.log")
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        import signal
+
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        # Ray's own daemons may have left the group; stop whatever still uses this cluster's temp dir.
+        subprocess.run(["pkill", "-9", "-f", f"{self.dir}/t"], check=False)
+
+
+@pytest.fixture
+def ray_cluster(s3_endpoint):
+    """A one-node Ray cluster started with ``ray start --head`` (token auth on); stopped even on failure."""
+    cluster = RayCluster(dict(os.environ))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
