@@ -8,6 +8,7 @@ becomes a row with a reason instead of a crash.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -18,6 +19,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MIN_SIDE = 8  # pixels; smaller images carry no face to classify
+# Longest side accepted (WebP's own limit). Checked from the header, before
+# decoding, so a 60000x10 strip cannot make a worker allocate a huge resize.
+MAX_SIDE = 16383
 
 # Truncated files must fail, not decode into grey half-pictures.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -53,16 +57,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, *, min_side: int = MIN_SIDE) -> Image.Image:
+def too_large_bytes(size: int, max_bytes: int) -> str:
+    """The reason recorded for an object over the byte limit (shared with the readers that skip it unread)."""
+    return f"too large: {size} bytes > {max_bytes}"
+
+
+def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
+                 max_bytes: int | None = None) -> Image.Image:
     """Decode ``data`` to an RGB :class:`PIL.Image.Image` with EXIF orientation applied.
 
     Raises :class:`DecodeError` with a short reason: ``empty file``,
     ``not an image``, ``unsupported format: X``, ``truncated image``,
-    ``too large: ...`` (Pillow's decompression-bomb limit), ``too small: WxH``
-    or ``undecodable: ...``.
+    ``too large: ...`` (over ``max_bytes``, a side over ``max_side``, or
+    Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
     """
     if not data:
         raise DecodeError("empty file")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError(too_large_bytes(len(data), max_bytes))
     try:
         with warnings.catch_warnings():
             # Above MAX_IMAGE_PIXELS Pillow only warns; a scoring service treats
@@ -72,12 +84,16 @@ def decode_image(data: bytes, *, min_side: int = MIN_SIDE) -> Image.Image:
             fmt = img.format
             if fmt not in SUPPORTED_FORMATS:
                 raise DecodeError(f"unsupported format: {fmt}")
+            if max(img.size) > max_side:
+                raise DecodeError(f"too large: {img.size[0]}x{img.size[1]}")
             img.load()
             img = ImageOps.exif_transpose(img)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"too large: {e}".split(". ")[0]) from e
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise DecodeError(f"too large: {pixels.group(1) + ' pixels' if pixels else 'image'}, "
+                          f"over the decompression-bomb limit") from e
     except UnidentifiedImageError as e:
         raise DecodeError("not an image") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -1,0 +1,36 @@
+"""SQL over committed scoring results with DuckDB (local, S3 or MinIO; offline, no extensions downloaded).
+
+The committed rows are the view `predictions`; one row per committed run is the view `runs`::
+
+    python -m jobs.query --results s3://bucket/scores --summary
+    python -m jobs.query --results s3://bucket/scores \\
+        "SELECT label, count(*) FROM predictions WHERE status = 'ok' GROUP BY label"
+
+On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
+
+    ray job submit --working-dir . -- python -m jobs.query --results s3://bucket/scores --summary
+"""
+
+from __future__ import annotations
+
+from maskmodel import cli
+from maskmodel.config import parse_config
+from maskmodel.errors import UserError
+from maskmodel.query import QueryConfig, format_table, query, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(QueryConfig, argv, prog="python -m jobs.query", description=__doc__)
+    if not config.sql and not config.summary:
+        raise UserError("Nothing to do: pass a SQL query over `predictions`, or --summary.")
+    run_ids = config.run_id or None
+    if config.summary:
+        print(format_table(summary(config.results, run_ids=run_ids), config.format), flush=True)
+    if config.sql:
+        table = query(config.results, config.sql, run_ids=run_ids, max_rows=config.max_rows)
+        print(format_table(table, config.format), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,35 @@
+"""Score an image collection with a trained model: one Parquet row per image, committed atomically.
+
+Standalone (starts a local Ray instance, or joins RAY_ADDRESS if set)::
+
+    python -m jobs.score --input s3://bucket/archive/2025-01-01/ --model s3://bucket/runs/r1/model \\
+        --output s3://bucket/scores --run-id 2025-01-01 --incremental
+
+On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
+
+    ray job submit --working-dir . -- \\
+        python -m jobs.score --input s3://bucket/manifests/2025-01-01.parquet \\
+        --model s3://bucket/runs/r1/model --output s3://bucket/scores --num-gpus 1
+
+--input is a prefix (listed recursively, filtered by --extensions) or a .csv / .parquet manifest with a
+`path` column. Re-running a --run-id replaces that run; --incremental skips objects (same path and
+version) already in a committed run. Query the results with `python -m jobs.query --results URI`.
+"""
+
+from __future__ import annotations
+
+from maskmodel import cli
+from maskmodel.config import parse_config
+from maskmodel.scoring import ScoreConfig, score
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(ScoreConfig, argv, prog="python -m jobs.score", description=__doc__)
+    result = score(config)
+    # Exit 0 once the run is committed, even with error rows: they are results, not failures.
+    print(result.summary_line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,483 @@
+"""Batch scoring on Ray Data: image objects in, one committed Parquet row per object out.
+
+The pipeline streams; its memory does not grow with the number of images
+(beyond a prefix listing's ~100 bytes per object on the driver; use a manifest
+for huge collections)::
+
+    list      driver: a prefix listing, or Ray reads a manifest (CSV/Parquet, `path` column)
+    load      Ray tasks (on CPU fused into the actors): read bytes, decode, EvalPreset; one try/except per object
+    predict   actor pool, the model loaded once per actor
+    write     driver: rolling Parquet files of this attempt (maskmodel.results.AttemptWriter)
+    commit    driver: the commit record, written last (maskmodel.results.commit)
+
+:func:`prepare` makes every check a user can fail (input, model, output,
+credentials) before anything runs or is written; :func:`execute` runs the
+pipeline; :func:`score` does both. The pure pieces (:func:`read_object`,
+:func:`preprocess_image`, :func:`load_batch`, :func:`predict`,
+:func:`result_table`, :class:`Predictor`) run without Ray.
+
+Test-only hook: ``MASKMODEL_SCORE_WRITE_DELAY_S`` makes the driver sleep that
+long after each written batch, so a test can kill a run mid-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from maskmodel import results, storage
+from maskmodel.config import config_to_dict, field
+from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, to_uint8_chw, too_large_bytes
+from maskmodel.errors import UserError
+from maskmodel.model import ModelCard, load_model_dir
+from maskmodel.storage import ObjectInfo
+from maskmodel.transforms import EvalPreset
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+DELAY_ENV = "MASKMODEL_SCORE_WRITE_DELAY_S"
+#: ``model.json`` metric: share of the test set where bf16 gives the fp32 label (see :func:`label_agreement`).
+BF16_AGREEMENT_KEY = "bf16_label_agreement"
+_MAX_INPUT_BLOCKS = 10_000
+
+
+def default_run_id() -> str:
+    """A UTC timestamp id such as ``20250101T020000Z``."""
+    return f"{results.utc_now():%Y%m%dT%H%M%SZ}"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's commit record."""
+
+    input: str = field(help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
+                            "with a `path` column (paths absolute, or relative to the manifest's folder)")
+    model: str = field(help="URI of a model directory written by jobs.train")
+    output: str = field(help="URI of the results folder (Parquet files and _commits/)")
+    run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
+    incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
+    allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
+    extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix, any case")
+    batch_size: int = field(0, help="images per model call (0: 64 on CPU, 512 on GPU)")
+    read_batch: int = field(32, help="images per read+decode task batch")
+    num_gpus: float = field(0.0, help="GPUs per predictor actor; 0 scores on CPU")
+    actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
+    threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
+    precision: str = field("auto", choices=("auto", "fp32", "bf16"),
+                           help="auto: bf16 on GPU; on CPU bf16 only with native bf16 and a model.json "
+                                f"'{BF16_AGREEMENT_KEY}' of 1.0, else fp32")
+    max_image_bytes: int = field(64 << 20, help="objects larger than this become 'too large' error rows unread")
+    rows_per_file: int = field(250_000, help="rows per output Parquet file")
+
+    def __post_init__(self) -> None:
+        if self.run_id:
+            results.validate_run_id(self.run_id)
+        at_least = {"read_batch": 1, "max_image_bytes": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
+                    "threads": 0, "num_gpus": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """A checked run: resolved config, the model card, and the input (a listing or a manifest)."""
+
+    config: ScoreConfig
+    card: ModelCard
+    schema: pa.Schema
+    objects: list[ObjectInfo] | None       # prefix input, already filtered for --incremental
+    manifest: str | None                   # manifest input (read by Ray)
+    manifest_columns: tuple[str, ...] = ()
+    skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
+    skipped: int | None = 0                # None: not known up front (manifest + --incremental)
+
+    @property
+    def has_work(self) -> bool:
+        return self.manifest is not None or bool(self.objects)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    run_id: str
+    commit_uri: str
+    images: int
+    ok: int
+    errors: int
+    skipped: int | None
+    elapsed_s: float
+
+    def summary_line(self) -> str:
+        rate = self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        skipped = f", {self.skipped} skipped as already scored" if self.skipped else ""
+        return (f"{self.images} images: {self.ok} ok, {self.errors} errors{skipped}, {rate:.1f} images/s; "
+                f"committed run {self.run_id} at {self.commit_uri}")
+
+
+# ----------------------------------------------------------------------------- door checks
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def _manifest_head(uri: str) -> tuple[tuple[str, ...], int]:
+    """Column names and (a lower bound of) the row count of a manifest, reading only its head."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    storage.info(uri)  # a clear "does not exist" / credentials message first
+    fs, path = storage.filesystem(uri)
+    with storage.storage_errors(uri, "read"), fs.open(path, "rb") as f:
+        try:
+            if not uri.lower().endswith(".csv"):
+                meta = pq.ParquetFile(f).metadata
+                return tuple(meta.schema.names), meta.num_rows
+            reader = pacsv.open_csv(f)
+            rows = 0
+            for batch in reader:
+                rows += batch.num_rows
+                if rows:
+                    break
+            return tuple(reader.schema.names), rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"Manifest {uri!r} is not a readable {'CSV' if uri.lower().endswith('.csv') else 'Parquet'} "
+                            f"file ({str(e).splitlines()[0]}); fix or regenerate it.") from e
+
+
+def prepare(config: ScoreConfig) -> ScorePlan:
+    """Check input, model and output and resolve the run; nothing is written (a write probe is removed).
+
+    Raises :class:`UserError` (one sentence) for a missing or empty input
+    (unless ``allow_empty``), a missing or invalid model directory, an
+    output that cannot be written, or missing credentials.
+    """
+    cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
+    objects, manifest, columns = None, None, ()
+    if is_manifest(cfg.input):
+        columns, rows = _manifest_head(cfg.input)
+        if "path" not in columns:
+            raise UserError(f"Manifest {cfg.input!r} has no 'path' column (columns: {', '.join(columns)}); "
+                            f"add one with the image URIs.")
+        if not rows and not cfg.allow_empty:
+            raise UserError(f"Manifest {cfg.input!r} lists no images; pass --allow-empty to commit an empty run.")
+        manifest = cfg.input if rows else None
+        objects = None if rows else []
+    else:
+        objects = storage.list_files(cfg.input, extensions=cfg.extensions)
+        if not objects and not cfg.allow_empty:
+            raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(cfg.extensions)}); check the "
+                            f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
+    model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
+    del model
+    try:
+        schema = results.results_schema(card.classes)
+    except ValueError as e:
+        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
+    storage.check_writable(cfg.output)
+    skip, skipped = np.empty(0, np.uint64), 0
+    if cfg.incremental:
+        skip = results.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        if objects is not None:
+            seen = results.contains(skip, results.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
+            skip = np.empty(0, np.uint64)  # already applied
+        else:
+            skipped = None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped)
+
+
+# ----------------------------------------------------------------------------- pure per-object steps
+
+def _reason(e: UserError) -> str:
+    cause = e.__cause__
+    if isinstance(cause, FileNotFoundError):
+        return "unreadable: not found"
+    if isinstance(cause, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {type(cause or e).__name__}"
+
+
+def read_object(uri: str, version: str | None, size: int | None, *, max_bytes: int,
+                skip_keys: np.ndarray | None = None) -> tuple[bytes | None, str | None, int | None, str | None] | None:
+    """``(data, version, size, error)`` for one object, or ``None`` if ``(uri, version)`` is in ``skip_keys``.
+
+    Never raises for a storage failure. An unknown version or size (manifest
+    input) is looked up first; an object over ``max_bytes`` is not downloaded.
+    Errors: ``unreadable: ...`` or ``too large: ...``.
+    """
+    try:
+        if version is None or size is None:
+            found = storage.info(uri)
+            version, size = found.version, found.size
+        if skip_keys is not None and len(skip_keys) and results.contains(
+                skip_keys, results.object_keys([uri], [version]))[0]:
+            return None
+        if size > max_bytes:
+            return None, version, size, too_large_bytes(size, max_bytes)
+        return storage.read_bytes(uri), version, size, None
+    except UserError as e:
+        return None, version, size, _reason(e)
+
+
+def preprocess_image(data: bytes, preset: EvalPreset, *, max_bytes: int | None = None
+                     ) -> tuple[np.ndarray, int, int]:
+    """Decode and preprocess one image: ``(float32 (3, S, S), width, height)``; :class:`DecodeError` if unusable."""
+    img = decode_image(data, max_bytes=max_bytes)
+    return preset(torch.from_numpy(to_uint8_chw(img))).numpy(), img.width, img.height
+
+
+def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
+    """A column as a list with None for missing values; Ray may hand an all-null column over as NaN floats."""
+    if name not in batch:
+        return [None] * n
+    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in batch[name]]
+
+
+def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int,
+               skip_keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Read, decode and preprocess a batch of objects (columns ``path`` [, ``version``, ``size``]).
+
+    Returns columns ``path, version, size, error, width, height, pixels``; a
+    failing object keeps its row with ``error`` set (zero pixels, width -1).
+    Objects whose ``(path, version)`` is in ``skip_keys`` are dropped. One
+    object's bytes are held at a time.
+    """
+    n = len(batch["path"])
+    versions, sizes = _column(batch, "version", n), _column(batch, "size", n)
+    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
+    pixels = np.zeros((n, 3, card.input_size, card.input_size), dtype=np.float32)
+    width, height = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    rows: list[tuple[str, str | None, int | None, str | None]] = []
+    for i, path in enumerate(str(p) for p in batch["path"]):
+        got = read_object(path, versions[i], None if sizes[i] is None else int(sizes[i]),
+                          max_bytes=max_bytes, skip_keys=skip_keys)
+        if got is None:
+            continue
+        data, version, size, error = got
+        j = len(rows)
+        if error is None:
+            try:
+                pixels[j], width[j], height[j] = preprocess_image(data, preset, max_bytes=max_bytes)
+            except DecodeError as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
+                error = f"undecodable: {type(e).__name__}"
+        rows.append((path, version, size, error))
+    k = len(rows)
+    cols = [np.array(c, dtype=object) for c in zip(*rows)] if rows else [np.empty(0, object)] * 4
+    return {"path": cols[0], "version": cols[1], "size": cols[2], "error": cols[3],
+            "width": width[:k], "height": height[:k], "pixels": pixels[:k]}
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, *, device: str, card: ModelCard) -> str:
+    """``fp32`` or ``bf16``; ``auto`` takes bf16 on GPU, and on CPU only when verified (see ``--precision``)."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() and card.metrics.get(BF16_AGREEMENT_KEY) == 1.0 else "fp32"
+
+
+def predict(model: torch.nn.Module, pixels: np.ndarray, *, device: torch.device | str = "cpu",
+            precision: str = "fp32") -> np.ndarray:
+    """Class probabilities ``float32 (N, C)`` of preprocessed ``pixels (N, 3, S, S)``; channels_last, no grad."""
+    device = torch.device(device)
+    x = torch.from_numpy(pixels) if pixels.flags.writeable else torch.tensor(pixels)
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def label_agreement(model: torch.nn.Module, batches: Sequence[np.ndarray], *, device: str = "cpu") -> float:
+    """Share of images whose bf16 label equals the fp32 label; 1.0 lets ``--precision auto`` use bf16 on CPU.
+
+    The training job records it in ``model.json`` metrics as :data:`BF16_AGREEMENT_KEY`.
+    """
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    same = total = 0
+    for b in batches:
+        a = predict(model, b, device=device).argmax(1)
+        same += int((predict(model, b, device=device, precision="bf16").argmax(1) == a).sum())
+        total += len(a)
+    return same / total if total else 0.0
+
+
+def result_table(batch: dict[str, Any], probs: np.ndarray, *, schema: pa.Schema, classes: Sequence[str],
+                 model_id: str, run_id: str, scored_at: Any) -> pa.Table:
+    """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order)."""
+    n = len(batch["path"])
+    errors, versions, sizes = (_column(batch, c, n) for c in ("error", "version", "size"))
+    ok = np.array([e is None for e in errors], dtype=bool)
+    full = np.zeros((len(errors), len(classes)), dtype=np.float32)
+    full[ok] = probs
+    best = full.argmax(1) if len(classes) else np.zeros(len(errors), int)
+    cols: dict[str, pa.Array] = {
+        "path": pa.array(list(batch["path"]), pa.string()),
+        "version": pa.array(versions, pa.string()),
+        "size": pa.array([None if s is None else int(s) for s in sizes], pa.int64()),
+        "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "label": pa.array([classes[b] if o else None for b, o in zip(best, ok)], pa.string()),
+        "confidence": pa.array(full.max(1) if len(classes) else full.sum(1), pa.float32(), mask=~ok),
+        "width": pa.array(np.asarray(batch["width"], np.int32), pa.int32(), mask=~ok),
+        "height": pa.array(np.asarray(batch["height"], np.int32), pa.int32(), mask=~ok),
+        "model_id": pa.array([model_id] * len(errors), pa.string()),
+        "run_id": pa.array([run_id] * len(errors), pa.string()),
+        "scored_at": pa.array([scored_at] * len(errors), pa.timestamp("us", tz="UTC")),
+    }
+    for j, c in enumerate(classes):
+        cols[results.prob_column(c)] = pa.array(full[:, j], pa.float32(), mask=~ok)
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+class Predictor:
+    """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows."""
+
+    def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0) -> None:
+        if device == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        self.device = torch.device(device)
+        model, self.card = load_model_dir(model_uri)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.schema = results.results_schema(self.card.classes)
+        self.run_id, self.precision = run_id, precision
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.array([e is None for e in _column(batch, "error", len(batch["path"]))], dtype=bool)
+        probs = (predict(self.model, np.ascontiguousarray(batch["pixels"][ok]), device=self.device,
+                         precision=self.precision) if ok.any() else np.zeros((0, len(self.card.classes)), np.float32))
+        return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
+                            model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+
+
+# ----------------------------------------------------------------------------- the Ray pipeline
+
+def _source(plan: ScorePlan):
+    import ray
+
+    cfg = plan.config
+    if plan.objects is not None:
+        table = pa.table({"path": [o.uri for o in plan.objects], "version": [o.version for o in plan.objects],
+                          "size": pa.array([o.size for o in plan.objects], pa.int64())})
+        blocks = min(_MAX_INPUT_BLOCKS, max(1, -(-table.num_rows // cfg.read_batch)))
+        return ray.data.from_arrow(table, override_num_blocks=blocks)
+    fs, path = storage.pyarrow_filesystem(plan.manifest)
+    keep = [c for c in ("path", "version", "size") if c in plan.manifest_columns]
+    if plan.manifest.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        types = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
+        ds = ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
+            column_types={c: types[c] for c in keep}, include_columns=keep))
+    else:
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=keep)
+    base = plan.manifest.rsplit("/", 1)[0] if "://" in plan.manifest else os.path.dirname(storage.filesystem(plan.manifest)[1])
+    return ds.map_batches(_resolve_paths, fn_kwargs={"base": base}, batch_format="pyarrow")
+
+
+def resolve_manifest_path(base: str, path: str) -> str:
+    """A manifest entry as the URI a prefix listing would give: absolute URIs kept, relative ones under ``base``."""
+    path = path.strip()
+    uri = path if "://" in path or ("://" not in base and os.path.isabs(path)) else storage.join(base, path)
+    return storage.to_uri(uri, storage.filesystem(uri)[1])
+
+
+def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
+    paths = [resolve_manifest_path(base, p) for p in table.column("path").to_pylist()]
+    return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
+
+
+def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
+    """Start or join Ray; return ``(actors, device)`` for the predictor pool."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
+    resources = ray.cluster_resources()
+    if cfg.num_gpus:
+        gpus = resources.get("GPU", 0)
+        if gpus < cfg.num_gpus:
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs; "
+                            f"use --num-gpus 0 to score on CPU.")
+        return cfg.actors or max(1, int(gpus // cfg.num_gpus)), "cuda"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    return cfg.actors or max(1, len(nodes)), "cpu"
+
+
+def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
+    """The lazy Ray Dataset of result rows (pyarrow blocks of ``plan.schema``)."""
+    import ray
+
+    cfg = plan.config
+    ds = _source(plan).map_batches(
+        load_batch, batch_size=cfg.read_batch, batch_format="numpy",
+        fn_kwargs={"card": plan.card, "max_bytes": cfg.max_image_bytes,
+                   "skip_keys": plan.skip_keys if len(plan.skip_keys) else None})
+    gpu = device == "cuda"
+    return ds.map_batches(
+        Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
+                               "device": device, "threads": cfg.threads},
+        # On CPU both steps ask for one CPU, so Ray fuses the load step into the actor: decoding
+        # runs between forward passes and never competes with torch's threads (which use every
+        # core), and the float pixels never cross the object store. With GPUs the resources
+        # differ, so the load step stays in CPU tasks on all cores, feeding the GPU actors.
+        num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+
+
+def execute(plan: ScorePlan) -> ScoreResult:
+    """Run the pipeline and commit the run; returns its counts. Error rows do not fail the run.
+
+    ``elapsed_s`` (and images/s) counts from a running Ray to the commit: actor start
+    and model load included, starting a local Ray instance (``ray_start_s``) not.
+    """
+    cfg, started = plan.config, results.utc_now()
+    writer = results.AttemptWriter(cfg.output, cfg.run_id, plan.schema, rows_per_file=cfg.rows_per_file)
+    images = ok = actors = 0
+    ray_start_s = first_batch_s = first_batch_rows = None
+    precision = resolve_precision(cfg.precision, device="cuda" if cfg.num_gpus else "cpu", card=plan.card)
+    t0 = time.monotonic()
+    if plan.has_work:
+        actors, device = _ensure_ray(cfg)
+        ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
+        log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
+                 device, precision, actors, cfg.output)
+        delay = float(os.environ.get(DELAY_ENV) or 0)
+        ds = build_dataset(plan, actors=actors, device=device, precision=precision)
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if first_batch_s is None:  # actor start + model load + the first batch
+                first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
+            writer.write(table)
+            images += table.num_rows
+            ok += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            if delay:
+                time.sleep(delay)
+    elapsed = time.monotonic() - t0
+    counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
+    record = results.commit(writer, meta={
+        "counts": counts, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
+        "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
+        "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
+        "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
+    return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed)
+
+
+def score(config: ScoreConfig) -> ScoreResult:
+    """Check, score and commit: :func:`prepare` then :func:`execute`."""
+    return execute(prepare(config))

@@ -1,0 +1,452 @@
+"""Batch scoring: pure steps without Ray, then the pipeline on a real local Ray and the real S3 endpoint."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from maskmodel import results, scoring, storage
+from maskmodel.config import parse_config
+from maskmodel.decode import decode_image, to_uint8_chw
+from maskmodel.errors import UserError
+from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
+from maskmodel.scoring import ScoreConfig
+from maskmodel.transforms import EvalPreset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("mask", "no_mask")
+
+
+# ----------------------------------------------------------------------------- test data
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def face(kind: int, seed: int, size=(48, 40)) -> Image.Image:
+    """A tiny synthetic 'face': class 0 has a bright lower half (a mask), class 1 a bright upper half."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
+    half = size[1] // 2
+    if kind == 0:
+        a[half:, :, 2] = 200
+    else:
+        a[:half, :, 0] = 200
+    return Image.fromarray(a)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 70-byte PNG whose header claims ``width x height`` pixels: a decompression bomb."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def good_images() -> dict[str, bytes]:
+    """Both classes, in every format photos come in (and the modes decode must convert)."""
+    out = {}
+    for i in range(4):
+        out[f"mask/m{i}.jpg"] = encode(face(0, i), "JPEG", quality=90)
+        out[f"no_mask/n{i}.jpg"] = encode(face(1, 100 + i), "JPEG", quality=90)
+    out["mask/upper.JPEG"] = encode(face(0, 7), "JPEG")
+    out["mask/alpha.png"] = encode(face(0, 8).convert("RGBA"), "PNG")
+    out["no_mask/gray.png"] = encode(face(1, 9).convert("L"), "PNG")
+    out["no_mask/cmyk.jpg"] = encode(face(1, 10).convert("CMYK"), "JPEG")
+    out["no_mask/deep.png"] = encode(Image.fromarray(np.asarray(face(1, 11).convert("L"), np.uint16) * 250), "PNG")
+    out["mask/pal.gif"] = encode(face(0, 12).convert("P"), "GIF")
+    out["mask/w.webp"] = encode(face(0, 13), "WEBP")
+    out["no_mask/b.bmp"] = encode(face(1, 14), "BMP")
+    out["no_mask/t.TIF"] = encode(face(1, 15), "TIFF")
+    return out
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    """Every bad kind the issue names: bytes and the expected start of the error reason."""
+    jpeg = encode(face(0, 99), "JPEG", quality=90)
+    return {
+        "bad/zero.jpg": (b"", "empty file"),
+        "bad/truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated image"),
+        "bad/text.jpg": (b"this is a text file, not a photo\n", "not an image"),
+        "bad/odd.png": (encode(Image.new("RGB", (20, 20)), "PPM"), "unsupported format: PPM"),
+        "bad/bomb.png": (png_claiming(100_000, 100_000), "too large: 10000000000 pixels"),
+        "bad/dot.png": (encode(Image.new("RGB", (1, 1)), "PNG"), "too small: 1x1"),
+        "bad/strip.png": (encode(Image.new("L", (20000, 8)), "PNG"), "too large: 20000x8"),
+    }
+
+
+def write_model(uri: str, *, seed: int = 0) -> ModelCard:
+    torch.manual_seed(seed)
+    model = build_model("resnet18", len(CLASSES))
+    return save_model_dir(uri, state_dict_bytes(model),
+                          ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(model_uri: str):
+    return load_model_dir(model_uri)
+
+
+def reference_probs(model_uri: str, data: bytes) -> np.ndarray:
+    """The model applied directly in-process: decode, EvalPreset, plain fp32 forward, softmax."""
+    model, card = _load(model_uri)
+    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
+    x = preset(torch.from_numpy(to_uint8_chw(decode_image(data))))[None]
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)[0].numpy()
+
+
+def by_path(table: pa.Table) -> dict[str, dict]:
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+# ----------------------------------------------------------------------------- pure steps, no Ray
+
+def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
+    root = str(tmp_path)
+    objs = {**{k: (v, None) for k, v in list(good_images().items())[:3]}, **bad_images()}
+    for name, (data, _) in objs.items():
+        storage.write_bytes(storage.join(root, name), data)
+    paths = [storage.join(root, n) for n in objs] + [storage.join(root, "gone.jpg")]
+    card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+    out = scoring.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20)
+    reasons = dict(zip(out["path"], out["error"]))
+    for name, (_, expected) in objs.items():
+        got = reasons[storage.join(root, name)]
+        assert (got is None) if expected is None else got.startswith(expected), (name, got)
+    assert reasons[storage.join(root, "gone.jpg")] == "unreadable: not found"
+    assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.float32
+    assert (out["width"][:3] == 48).all() and (out["width"][3:] == -1).all()
+    assert all(v for v in out["version"][:3])  # versions looked up, as a manifest needs
+
+
+def test_read_object_skips_oversized_objects_unread(tmp_path):
+    uri = str(tmp_path / "big.jpg")
+    storage.write_bytes(uri, b"x" * 100)
+    data, version, size, error = scoring.read_object(uri, None, None, max_bytes=10)
+    assert data is None and size == 100 and version and error == "too large: 100 bytes > 10"
+    assert scoring.read_object(uri, "v", 100, max_bytes=1000)[0] == b"x" * 100
+
+
+def test_load_batch_drops_already_scored_pairs(tmp_path):
+    uri = str(tmp_path / "a.jpg")
+    storage.write_bytes(uri, encode(face(0, 1), "JPEG"))
+    card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+    batch = {"path": np.array([uri], dtype=object)}
+    version = storage.info(uri).version
+    skip = np.sort(results.object_keys([uri], [version]))
+    assert len(scoring.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
+    assert len(scoring.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
+
+
+def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
+    model_uri = str(tmp_path / "model")
+    card = write_model(model_uri)
+    datas = [encode(face(i % 2, i), "JPEG") for i in range(5)] + [b""]
+    for i, d in enumerate(datas):
+        storage.write_bytes(str(tmp_path / f"{i}.jpg"), d)
+    batch = scoring.load_batch({"path": np.array([str(tmp_path / f"{i}.jpg") for i in range(6)], dtype=object)},
+                               card=card, max_bytes=1 << 20)
+    table = scoring.Predictor(model_uri, run_id="r", precision="fp32")(batch)
+    assert table.schema == results.results_schema(CLASSES)
+    rows = table.to_pylist()
+    for row, data in zip(rows[:5], datas):
+        ref = reference_probs(model_uri, data)
+        assert row["status"] == "ok" and row["error"] is None and row["model_id"] == card.model_id
+        assert np.allclose([row["p_mask"], row["p_no_mask"]], ref, atol=1e-4)
+        assert row["label"] == CLASSES[int(ref.argmax())] and abs(row["confidence"] - ref.max()) < 1e-4
+    assert rows[5]["status"] == "error" and rows[5]["error"] == "empty file"
+    assert rows[5]["label"] is None and rows[5]["p_mask"] is None and rows[5]["width"] is None
+
+
+def test_precision_policy(monkeypatch):
+    card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+    verified = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37,
+                         metrics={scoring.BF16_AGREEMENT_KEY: 1.0})
+    assert scoring.resolve_precision("fp32", device="cuda", card=card) == "fp32"
+    assert scoring.resolve_precision("bf16", device="cpu", card=card) == "bf16"
+    assert scoring.resolve_precision("auto", device="cuda", card=card) == "bf16"
+    assert scoring.resolve_precision("auto", device="cpu", card=card) == "fp32"  # not verified
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: True)
+    assert scoring.resolve_precision("auto", device="cpu", card=verified) == "bf16"
+    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: False)
+    assert scoring.resolve_precision("auto", device="cpu", card=verified) == "fp32"
+
+
+def test_label_agreement_is_a_share():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2)
+    share = scoring.label_agreement(model, [np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)])
+    assert 0.0 <= share <= 1.0
+
+
+def test_manifest_paths_resolve_like_a_listing(tmp_path):
+    base = str(tmp_path)
+    assert scoring.resolve_manifest_path(base, "a/b.jpg") == os.path.join(base, "a/b.jpg")
+    assert scoring.resolve_manifest_path(base, "/x/y.jpg") == "/x/y.jpg"
+    assert scoring.resolve_manifest_path(base, "file:///x/y.jpg") == "/x/y.jpg"
+    assert scoring.resolve_manifest_path("s3://b/m", "a/b.jpg") == "s3://b/m/a/b.jpg"
+    assert scoring.resolve_manifest_path("s3://b/m", "s3://c/d.jpg ") == "s3://c/d.jpg"
+
+
+def test_config_cli_and_validation():
+    cfg = parse_config(ScoreConfig, ["--input", "in", "--model", "m", "--output", "o", "--incremental",
+                                     "--extensions", "jpg", "png", "--precision", "bf16", "--num-gpus", "0.5"])
+    assert cfg.incremental and cfg.extensions == ("jpg", "png") and cfg.precision == "bf16" and cfg.num_gpus == 0.5
+    assert cfg.run_id == "" and not cfg.allow_empty
+    with pytest.raises(ValueError):
+        ScoreConfig(input="i", model="m", output="o", run_id="a/b")
+    with pytest.raises(SystemExit):
+        parse_config(ScoreConfig, ["--input", "i", "--model", "m", "--output", "o", "--precision", "fp16"])
+
+
+# ----------------------------------------------------------------------------- door errors (nothing written)
+
+@pytest.fixture
+def local_setup(tmp_path):
+    images = tmp_path / "images"
+    for name, data in list(good_images().items())[:2]:
+        storage.write_bytes(str(images / name), data)
+    model = str(tmp_path / "model")
+    write_model(model)
+    return {"input": str(images), "model": model, "output": str(tmp_path / "out"), "tmp": tmp_path}
+
+
+def _door(s, **over) -> str:
+    cfg = ScoreConfig(**{"input": s["input"], "model": s["model"], "output": s["output"], **over})
+    with pytest.raises(UserError) as e:
+        scoring.prepare(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and not os.path.exists(s["output"])
+    return msg
+
+
+def test_door_errors_are_one_sentence_and_write_nothing(local_setup):
+    s, tmp = local_setup, local_setup["tmp"]
+    assert "does not exist" in _door(s, input=str(tmp / "nope"))
+    (tmp / "empty").mkdir()
+    assert "No images under" in _door(s, input=str(tmp / "empty")) and "--allow-empty" in _door(
+        s, input=str(tmp / "empty"))
+    assert "not a model directory" in _door(s, model=str(tmp / "nomodel"))
+    bad_model = tmp / "badmodel"
+    bad_model.mkdir()
+    (bad_model / "model.json").write_text("{not json")
+    assert "not valid JSON" in _door(s, model=str(bad_model))
+    (bad_model / "model.json").write_text('{"arch": "resnet18"}')
+    assert "not a valid model card" in _door(s, model=str(bad_model))
+    (tmp / "afile").write_text("x")
+    assert str(tmp / "afile") in _door(s, output=str(tmp / "afile" / "out"))
+    manifest = tmp / "m.csv"
+    manifest.write_text("file\na.jpg\n")
+    assert "no 'path' column" in _door(s, input=str(manifest))
+    manifest.write_text("path\n")
+    assert "lists no images" in _door(s, input=str(manifest))
+
+
+def test_missing_bucket_is_a_door_error(local_setup, s3_endpoint):
+    msg = _door(local_setup, output=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out")
+    assert "does not exist" in msg and "bucket" in msg
+
+
+def _job(args: list[str], env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.score", *args], cwd=REPO, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_job_exit_codes_at_the_door(local_setup, s3_bucket):
+    s, tmp = local_setup, local_setup["tmp"]
+    (tmp / "empty").mkdir()
+    base = ["--model", s["model"], "--output", s["output"]]
+    empty = _job(["--input", str(tmp / "empty"), *base])
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines()[-1].startswith("error: No images under")
+    assert not os.path.exists(s["output"])
+    # --allow-empty: exit 0 and an empty committed run (no Ray needed for zero images).
+    ok = _job(["--input", str(tmp / "empty"), *base, "--allow-empty", "--run-id", "e"])
+    assert ok.returncode == 0, ok.stderr
+    assert "0 images" in ok.stdout and "_commits" in ok.stdout
+    assert [r.run_id for r in results.list_commits(s["output"])] == ["e"]
+    # Missing credentials for an S3 input: one sentence, exit 2.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    creds = _job(["--input", s3_bucket + "/images", "--model", s["model"], "--output", s3_bucket + "/out"], env=env)
+    assert creds.returncode == 2
+    last = creds.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: No credentials found") and "Traceback" not in creds.stderr
+
+
+# ----------------------------------------------------------------------------- the pipeline on Ray + S3
+
+@pytest.fixture(scope="module")
+def s3_root(s3_endpoint):
+    import s3fs
+
+    name = f"score-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def scored(s3_root, ray_local):
+    """The whole collection (good, bad, one deleted between listing and reading) scored from an S3 prefix."""
+    images, model = f"{s3_root}/images", f"{s3_root}/model"
+    card = write_model(model)
+    good, bad = good_images(), bad_images()
+    for name, data in {**good, **{k: v for k, (v, _) in bad.items()}}.items():
+        storage.write_bytes(storage.join(images, name), data)
+    storage.write_bytes(storage.join(images, "bad/deleted.jpg"), good["mask/m0.jpg"])
+    storage.write_bytes(storage.join(images, "notes.txt"), b"not listed: wrong extension")
+    cfg = ScoreConfig(input=images, model=model, output=f"{s3_root}/out", run_id="night-1", precision="fp32",
+                      read_batch=4, batch_size=8, rows_per_file=10)
+    plan = scoring.prepare(cfg)
+    storage.delete(storage.join(images, "bad/deleted.jpg"))  # gone between listing and reading
+    result = scoring.execute(plan)
+    return {"cfg": cfg, "card": card, "plan": plan, "result": result, "good": good, "bad": bad,
+            "table": results.read_results(cfg.output), "images": images, "root": s3_root}
+
+
+@pytest.mark.ray
+def test_one_committed_row_per_input_object(scored):
+    table, plan = scored["table"], scored["plan"]
+    listed = [o.uri for o in plan.objects]
+    assert len(listed) == len(scored["good"]) + len(scored["bad"]) + 1  # notes.txt is not an image
+    assert sorted(table.column("path").to_pylist()) == sorted(listed)
+    r = scored["result"]
+    assert (r.images, r.ok, r.errors) == (len(listed), len(scored["good"]), len(scored["bad"]) + 1)
+    record = results.list_commits(scored["cfg"].output)[0]
+    assert len(record.files) == 3  # rolled at --rows-per-file 10
+    assert record.raw["counts"]["images"] == len(listed) and record.raw["model_id"] == scored["card"].model_id
+    assert record.raw["config"]["run_id"] == "night-1" and record.raw["precision"] == "fp32"
+
+
+@pytest.mark.ray
+def test_statuses_reasons_and_probabilities(scored):
+    rows, images, card = by_path(scored["table"]), scored["images"], scored["card"]
+    for name, (_, reason) in scored["bad"].items():
+        row = rows[storage.join(images, name)]
+        assert row["status"] == "error" and row["error"].startswith(reason), (name, row["error"])
+        assert row["label"] is None and row["p_mask"] is None
+    assert rows[storage.join(images, "bad/deleted.jpg")]["error"] == "unreadable: not found"
+    for name, data in scored["good"].items():
+        row = rows[storage.join(images, name)]
+        ref = reference_probs(scored["cfg"].model, data)
+        assert row["status"] == "ok" and row["error"] is None, (name, row["error"])
+        assert abs(row["p_mask"] - ref[0]) < 1e-4 and abs(row["p_no_mask"] - ref[1]) < 1e-4
+        assert row["label"] == CLASSES[int(ref.argmax())]
+        assert (row["width"], row["height"]) == (48, 40) and row["version"] and row["size"] == len(data)
+        assert row["model_id"] == card.model_id and row["run_id"] == "night-1" and row["scored_at"] is not None
+
+
+@pytest.mark.ray
+def test_manifest_input_gives_the_same_rows(scored):
+    images, root = scored["images"], scored["root"]
+    names = sorted([*scored["good"], *scored["bad"]])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "note"])
+    for i, name in enumerate(names):  # relative to the manifest's folder, and absolute URIs, mixed
+        w.writerow([name if i % 2 else storage.join(images, name), "x"])
+    storage.write_text(storage.join(images, "manifest.csv"), buf.getvalue())
+    out = f"{root}/out-manifest"
+    res = scoring.score(ScoreConfig(input=storage.join(images, "manifest.csv"), model=scored["cfg"].model,
+                                    output=out, run_id="m", precision="fp32", read_batch=4, batch_size=8))
+    assert res.images == len(names)
+    exact = ["path", "version", "size", "status", "error", "label", "width", "height", "model_id"]
+    floats = ["confidence", "p_mask", "p_no_mask"]
+    prefix = {p: r for p, r in by_path(scored["table"]).items() if not p.endswith("deleted.jpg")}
+    manifest = by_path(results.read_results(out))
+    assert manifest.keys() == prefix.keys()
+    for p, row in manifest.items():
+        assert {c: row[c] for c in exact} == {c: prefix[p][c] for c in exact}
+        for c in floats:  # batches group images differently; the kernels may round differently
+            assert (row[c] is None and prefix[p][c] is None) or abs(row[c] - prefix[p][c]) < 1e-5
+
+
+@pytest.mark.ray
+def test_query_summary_over_scored_s3_results(scored):
+    from maskmodel import query
+
+    s = query.summary(scored["cfg"].output).to_pylist()
+    assert len(s) == 1 and s[0]["run_id"] == "night-1" and s[0]["images"] == scored["result"].images
+    assert s[0]["errors"] == scored["result"].errors and s[0]["model_id"] == scored["card"].model_id
+    reasons = query.query(scored["cfg"].output, query.EXAMPLES["errors by reason"]).to_pylist()
+    assert sum(r["images"] for r in reasons) == scored["result"].errors
+
+
+@pytest.mark.ray
+def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_local):
+    images, out, model = f"{s3_root}/inc/images", f"{s3_root}/inc/out", f"{s3_root}/inc/model"
+    write_model(model)
+    for i in range(4):
+        storage.write_bytes(f"{images}/a{i}.jpg", encode(face(i % 2, i), "JPEG"))
+    cfg = ScoreConfig(input=images, model=model, output=out, run_id="r1", read_batch=2, batch_size=4)
+    scoring.score(cfg)
+    scoring.score(cfg)  # the same run id again
+    table = results.read_results(out)
+    assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
+    assert len(storage.listdir(results.run_dir(out, "r1"))) == 1  # the replaced attempt is gone
+    for i in range(4, 6):
+        storage.write_bytes(f"{images}/a{i}.jpg", encode(face(i % 2, i), "JPEG"))
+    inc = ScoreConfig(input=images, model=model, output=out, run_id="r2", incremental=True, read_batch=2, batch_size=4)
+    res = scoring.score(inc)
+    assert (res.images, res.skipped) == (2, 4)
+    assert sorted(results.read_results(out, ["r2"]).column("path").to_pylist()) == [f"{images}/a4.jpg",
+                                                                                  f"{images}/a5.jpg"]
+    res = scoring.score(inc)  # re-running an incremental run replaces it; it does not skip its own rows
+    assert res.images == 2
+    paths = results.read_results(out).column("path").to_pylist()
+    assert len(paths) == 6 and len(set(paths)) == 6
+    assert scoring.score(dataclasses.replace(inc, run_id="r3")).images == 0  # nothing new
+
+
+@pytest.mark.ray
+def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_local):
+    images, out, model = tmp_path / "images", str(tmp_path / "out"), str(tmp_path / "model")
+    write_model(model)
+    n = 12
+    for i in range(n):
+        storage.write_bytes(str(images / f"{i:02d}.jpg"), encode(face(i % 2, i), "JPEG"))
+    args = ["--input", str(images), "--model", model, "--output", out, "--run-id", "k",
+            "--read-batch", "2", "--batch-size", "2", "--rows-per-file", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, scoring.DELAY_ENV: "1.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        run_folder = results.run_dir(out, "k")
+        while not any(f.uri.endswith(".parquet") for f in _files(run_folder)):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "the job wrote no data file in time"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run, after writing some files
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _files(run_folder)  # partial files are there...
+    assert results.list_commits(out) == [] and results.read_results(out).num_rows == 0  # ...but invisible
+    res = scoring.score(ScoreConfig(input=str(images), model=model, output=out, run_id="k", read_batch=4))
+    table = results.read_results(out)
+    assert res.images == n and table.num_rows == n and len(set(table.column("path").to_pylist())) == n
+    assert len(storage.listdir(run_folder)) == 1  # the killed attempt's files are cleaned up
+
+
+def _files(uri: str):
+    return storage.list_files(uri) if storage.exists(uri) else []
