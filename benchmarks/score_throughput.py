@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jobs.score runs from here
 
 from maskmodel import results, scoring, storage  # noqa: E402
 from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes  # noqa: E402
