@@ -15,7 +15,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -184,6 +184,19 @@ def _object_store_bytes() -> float:
 
 def train(config: TrainConfig) -> TrainOutputs:
     """Run one training job end to end; see the module docstring. Raises :class:`UserError` on bad input."""
+    trainer, classes = prepare_training(config)
+    return export(config, trainer.fit(), classes)
+
+
+def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
+                     worker_env: dict[str, str] | None = None) -> tuple[Any, tuple[str, ...]]:
+    """Check the input and build (but do not fit) the run's ``TorchTrainer``; returns it and the class names.
+
+    ``callbacks`` go into the Ray Train ``RunConfig`` (e.g. Ray Tune's
+    ``TuneReportCallback`` when a Tune trial runs this); ``worker_env`` adds
+    environment variables for the workers. Raises :class:`UserError` on bad
+    input, before any worker starts.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -211,6 +224,7 @@ def train(config: TrainConfig) -> TrainOutputs:
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
 
     env = {k: os.environ[k] for k in (FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV) if k in os.environ}
+    env.update(worker_env or {})
     fs, path = storage.pyarrow_filesystem(storage.join(config.output, "checkpoints"))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -231,12 +245,12 @@ def train(config: TrainConfig) -> TrainOutputs:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks) or None,
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ExactEvalDataConfig(exact=("val",)),
     )
-    result = trainer.fit()
-    return export(config, result, data.classes)
+    return trainer, data.classes
 
 
 def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutputs:

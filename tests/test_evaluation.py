@@ -1,0 +1,203 @@
+"""Evaluation: the pure metrics against hand-computed values, then ``jobs.evaluate`` on a real local Ray with the
+report checked against numbers computed independently from the committed scoring rows."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskmodel import eval_reports, evaluation, results, storage
+from maskmodel.errors import UserError
+from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
+from tests.conftest import write_tiny_tree
+
+CLASSES = ("mask", "no_mask")
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+def test_roc_auc_and_average_precision_by_hand():
+    # Descending: 0.8 (pos), 0.4 (neg), 0.35 (pos), 0.1 (neg). Of the 4 pos/neg pairs, 3 rank the positive higher.
+    y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    assert evaluation.roc_auc(y, s) == pytest.approx(0.75)
+    fpr, tpr, thr = evaluation.roc_curve(y, s)
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1] and thr[0] == np.inf
+    # Precision at each positive: 1/1 (recall 0.5), 2/3 (recall 1.0) -> AP = 0.5 * 1 + 0.5 * 2/3.
+    assert evaluation.average_precision(y, s) == pytest.approx(0.5 + 1 / 3)
+
+
+def test_auc_ties_count_half_and_match_pairwise_counting():
+    assert evaluation.roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200), 1)  # many ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    assert evaluation.roc_auc(y, s) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_undefined_curves_are_none():
+    assert evaluation.roc_auc([1, 1], [0.2, 0.9]) is None
+    assert evaluation.average_precision([0, 0], [0.2, 0.9]) is None
+    report = evaluation.binary_report([0, 0], [0.2, 0.9])
+    assert report["roc"] is None and report["pr"] is None and report["thresholds"][0]["recall"] is None
+
+
+def test_threshold_table_by_hand():
+    rows = {r["threshold"]: r for r in evaluation.threshold_table([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8],
+                                                                  [0.35, 0.5, 0.9])}
+    assert rows[0.35] == {"threshold": 0.35, "flagged": 3, "tp": 2, "fp": 1, "fn": 0,
+                          "precision": pytest.approx(2 / 3), "recall": 1.0}
+    assert rows[0.5]["precision"] == 1.0 and rows[0.5]["recall"] == 0.5
+    assert rows[0.9]["flagged"] == 0 and rows[0.9]["precision"] is None and rows[0.9]["recall"] == 0.0
+
+
+def test_calibration_by_hand():
+    cal = evaluation.calibration([0.95, 0.85, 0.65, 0.55], [1, 0, 1, 1], n_bins=10)
+    # |1-0.95| + |0-0.85| + |1-0.65| + |1-0.55| over 4 images.
+    assert cal["ece"] == pytest.approx((0.05 + 0.85 + 0.35 + 0.45) / 4)
+    assert cal["mce"] == pytest.approx(0.85)
+    assert [b["count"] for b in cal["bins"]] == [0, 0, 0, 0, 0, 1, 1, 0, 1, 1]
+    assert cal["bins"][0]["accuracy"] is None
+    # Bins are (lo, hi]: 0.5 belongs to the 0.4-0.5 bin, 0.0 to the first.
+    edges = evaluation.calibration([0.5, 0.0], [1, 1], n_bins=10)["bins"]
+    assert edges[4]["count"] == 1 and edges[0]["count"] == 1
+    assert evaluation.calibration([0.7, 0.7], [1, 0], n_bins=2)["ece"] == pytest.approx(0.2)
+    assert evaluation.calibration([], [], n_bins=5)["ece"] is None
+
+
+def test_default_positive_class():
+    assert evaluation.default_positive_class(("mask", "no_mask")) == "no_mask"
+    assert evaluation.default_positive_class(("WithMask", "WithoutMask")) == "WithoutMask"
+    assert evaluation.default_positive_class(("a", "b", "c")) == "c"
+
+
+def _tiles(png: bytes, layout: dict) -> list[str]:
+    """The border colour of each tile, read from the sheet's pixels ('right', 'wrong' or 'empty')."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.size == (layout["columns"] * layout["tile_width"], layout["rows"] * layout["tile_height"])
+    names = {eval_reports.RIGHT_COLOR: "right", eval_reports.WRONG_COLOR: "wrong", (255, 255, 255): "empty"}
+    return [names[img.getpixel((c * layout["tile_width"] + 1, r * layout["tile_height"] + 1))]
+            for r in range(layout["rows"]) for c in range(layout["columns"])]
+
+
+def test_contact_sheet_has_one_tile_per_image():
+    imgs = [Image.new("RGB", (40 + i, 30), (i * 20, 90, 90)) for i in range(11)]
+    correct = [False, False] + [True] * 9
+    png, layout = eval_reports.contact_sheet_png(imgs, [("mask 0.90", "true mask")] * 11, correct, cols=4)
+    assert (layout["tiles"], layout["columns"], layout["rows"]) == (11, 4, 3)
+    assert _tiles(png, layout) == ["wrong", "wrong"] + ["right"] * 9 + ["empty"]
+
+
+# ----------------------------------------------------------------------------- the job on a real local Ray
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, ray_local, s3_endpoint):
+    """A random-weight model (right on some images, wrong on others) evaluated on val and test; report on S3."""
+    import s3fs
+
+    root = tmp_path_factory.mktemp("eval")
+    data, model = str(root / "data"), str(root / "model")
+    write_tiny_tree(data, splits=(("train", 3), ("Validation", 5), ("test", 7)), size=40)
+    storage.write_bytes(os.path.join(data, "test", "mask", "broken.jpg"), b"\xff\xd8\xff not a jpeg")
+    torch.manual_seed(3)
+    save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
+                   ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("eval-reports")
+    out = "s3://eval-reports/r1"
+    from jobs.evaluate import main
+
+    assert main(["--model", model, "--data", data, "--output", out, "--split", "val", "test",
+                 "--max-tiles", "6", "--thresholds", "0.3", "0.5", "0.7"]) == 0
+    return {"data": data, "model": model, "out": out, "report": storage.read_json(storage.join(out, "report.json"))}
+
+
+def _independent(out: str, split: str) -> dict:
+    """Numbers recomputed straight from the committed rows; the true class is the image's folder name."""
+    t = results.read_results(storage.join(out, "scores"), run_ids=[split]).to_pydict()
+    rows = list(zip(t["path"], t["status"], t["label"], t["p_no_mask"], t["confidence"]))
+    ok = [(p.split("/")[-2], lab, pn, c) for p, st, lab, pn, c in rows if st == "ok"]
+    pos = [pn for truth, _, pn, _ in ok if truth == "no_mask"]
+    neg = [pn for truth, _, pn, _ in ok if truth == "mask"]
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    ece = 0.0
+    for b in range(10):
+        members = [(truth == lab, c) for truth, lab, _, c in ok if min(max(int(np.ceil(c * 10)) - 1, 0), 9) == b]
+        if members:
+            ece += len(members) / len(ok) * abs(np.mean([m[0] for m in members]) - np.mean([m[1] for m in members]))
+    cm = [[sum(1 for truth, lab, _, _ in ok if (truth, lab) == (a, b)) for b in CLASSES] for a in CLASSES]
+    at_half = [(truth, pn >= 0.5) for truth, _, pn, _ in ok]
+    tp = sum(1 for truth, flag in at_half if flag and truth == "no_mask")
+    return {"images": len(rows), "errors": sum(st == "error" for _, st, *_ in rows), "scored": len(ok),
+            "accuracy": sum(truth == lab for truth, lab, _, _ in ok) / len(ok), "auc": sum(pairs) / len(pairs),
+            "ece": ece, "cm": cm, "tp_at_half": tp, "flagged_at_half": sum(f for _, f in at_half),
+            "wrong": sum(truth != lab for truth, lab, _, _ in ok),
+            "error_paths": sorted(p for p, st, *_ in rows if st == "error")}
+
+
+@pytest.mark.ray
+def test_report_numbers_equal_the_committed_rows(evaluated):
+    report = evaluated["report"]
+    assert set(report["splits"]) == {"val", "test"}  # "Validation" folder, asked for as "val"
+    card = storage.read_json(os.path.join(evaluated["model"], "model.json"))
+    assert report["model_id"] == card["model_id"] and report["data"] == evaluated["data"]
+    for split, n_images in (("val", 10), ("test", 15)):
+        r, ind = report["splits"][split], _independent(evaluated["out"], split)
+        assert r["model_ids"] == [card["model_id"]]
+        assert (r["images"], r["errors"], r["scored"]) == (ind["images"], ind["errors"], ind["scored"])
+        assert r["images"] == n_images
+        assert r["accuracy"] == pytest.approx(ind["accuracy"])
+        assert r["confusion_matrix"] == ind["cm"]
+        assert r["binary"]["roc_auc"] == pytest.approx(ind["auc"])
+        assert r["calibration"]["ece"] == pytest.approx(ind["ece"], abs=1e-6)
+        half = next(t for t in r["binary"]["thresholds"] if t["threshold"] == 0.5)
+        assert (half["tp"], half["flagged"]) == (ind["tp_at_half"], ind["flagged_at_half"])
+        assert sorted(e["path"] for e in r["error_rows"]) == ind["error_paths"]
+        assert r["accuracy_all_images"] == pytest.approx(ind["accuracy"] * ind["scored"] / ind["images"])
+    test = report["splits"]["test"]
+    assert test["errors"] == 1 and test["error_rows"][0]["path"].endswith("test/mask/broken.jpg")
+    assert test["error_rows"][0]["error"] == "not an image"  # the scoring row's own reason, passed through
+    md = storage.read_text(storage.join(evaluated["out"], "report.md"))
+    assert report["model_id"] in md and evaluated["data"] in md and "**1 error rows**" in md
+
+
+@pytest.mark.ray
+def test_contact_sheets_decode_with_one_tile_per_requested_image(evaluated):
+    for split in ("val", "test"):
+        r = evaluated["report"]["splits"][split]
+        sheet = r["contact_sheet"]
+        assert sheet["tiles"] == min(6, r["scored"]) == len(sheet["paths"])
+        png = storage.read_bytes(storage.join(evaluated["out"], f"contact_sheet_{split}.png"))
+        tiles = [t for t in _tiles(png, sheet) if t != "empty"]
+        assert len(tiles) == sheet["tiles"]
+        wrong = min(_independent(evaluated["out"], split)["wrong"], sheet["tiles"])
+        assert tiles == ["wrong"] * wrong + ["right"] * (sheet["tiles"] - wrong)  # misclassified first
+        for name in ("confusion_matrix", "roc_pr", "reliability"):
+            Image.open(io.BytesIO(storage.read_bytes(storage.join(evaluated["out"], f"{name}_{split}.png")))).verify()
+
+
+@pytest.mark.ray
+def test_bad_input_is_one_sentence(evaluated, tmp_path):
+    from maskmodel.evaluation import EvalConfig, evaluate
+
+    base = dict(model=evaluated["model"], data=evaluated["data"], output=str(tmp_path / "o"))
+    with pytest.raises(UserError, match="no labelled images in split 'scene'"):
+        evaluate(EvalConfig(**base, split=("scene",)))
+    with pytest.raises(UserError, match="not a class of the model"):
+        evaluate(EvalConfig(**base, positive_class="hat"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError):
+        evaluate(EvalConfig(**{**base, "output": str(tmp_path / "file" / "o")}))
+    res = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--model", str(tmp_path / "nope"),
+                          "--data", evaluated["data"], "--output", str(tmp_path / "o2")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "not a model directory" in res.stderr
