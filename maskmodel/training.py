@@ -10,6 +10,7 @@ Train workers, and exports the best model with its reports to ``output``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -281,6 +282,11 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
         config=config_to_dict(config),
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
     )
+    agreement = bf16_agreement(config, card, best["model"])
+    if agreement is not None:
+        from maskmodel.scoring import BF16_AGREEMENT_KEY
+
+        card = dataclasses.replace(card, metrics={**card.metrics, BF16_AGREEMENT_KEY: agreement})
     model_dir = storage.join(config.output, "model")
     card = save_model_dir(model_dir, buf.getvalue(), card)
 
@@ -294,3 +300,36 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
                         reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch'] + 1}"))
     return TrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id,
                         val_acc=float(best_row["val_acc"]), epochs_run=len(history))
+
+
+def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) -> float | None:
+    """Share of held-out images (test split, else val; at most ``limit``) whose bf16 label equals fp32's.
+
+    Recorded in ``model.json`` so that scoring's ``--precision auto`` uses bf16 on a CPU only
+    where it was shown to change no label. ``None`` when this CPU has no native bf16 to check with.
+    """
+    from maskmodel.data import discover
+    from maskmodel.decode import DecodeError
+    from maskmodel.model import build_model
+    from maskmodel.scoring import cpu_has_native_bf16, label_agreement, preprocess_image
+    from maskmodel.transforms import EvalPreset
+
+    if not cpu_has_native_bf16():
+        return None
+    data = discover(config.data, val_fraction=config.val_fraction)
+    items = (data.splits.get("test") or data.splits["val"])[:limit]
+    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
+    pixels = []
+    for it in items:
+        try:
+            pixels.append(preprocess_image(storage.read_bytes(it.uri), preset)[0])
+        except (DecodeError, UserError):
+            continue  # unreadable images were already counted and skipped during training
+    if not pixels:
+        return None
+    model = build_model(card.arch, len(card.classes))
+    model.load_state_dict(state)
+    batches = [np.stack(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
+    agreement = label_agreement(model, batches)
+    log.info("bf16 gives the fp32 label on %.1f%% of %d held-out images", 100 * agreement, len(pixels))
+    return agreement
