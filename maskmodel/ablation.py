@@ -38,7 +38,6 @@ from typing import Any, Sequence
 
 from maskmodel import storage
 from maskmodel.config import config_to_dict, field
-from maskmodel.errors import UserError
 from maskmodel.model import ARCHITECTURES
 
 log = logging.getLogger(__name__)
