@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -402,8 +403,37 @@ def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
 
 
+def _autoscaler_max_gpus() -> float | None:
+    """The most GPUs the cluster's autoscaler may bring up, or ``None`` when it publishes no limits.
+
+    An autoscaler may publish its node groups (min/max nodes, resources per node)
+    to the GCS; Ray Train and Ray Data read the same record to tell an autoscaling
+    cluster from a fixed one. Without it, ``--actors`` is how a user says "wait".
+    """
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - private API; without it we cannot tell, so behave as a fixed cluster
+        return None
+    return None if limits is None else float(limits.get("GPU", 0))
+
+
+def _started_local_ray() -> bool:
+    """Whether ``ray.init`` in this process started its own Ray instance (rather than joining a cluster)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
 def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
-    """Start or join Ray; return ``(actors, device)`` for the predictor pool."""
+    """Start or join Ray; return ``(actors, device)`` for the predictor pool.
+
+    With ``--num-gpus`` and fewer GPUs up than one actor needs, the run goes on
+    (its pending GPU actors make the autoscaler add nodes) when ``--actors`` is
+    given or the cluster's autoscaler can add GPUs; otherwise :class:`UserError`.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -411,10 +441,24 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     resources = ray.cluster_resources()
     if cfg.num_gpus:
         gpus = resources.get("GPU", 0)
-        if gpus < cfg.num_gpus:
-            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs; "
-                            f"use --num-gpus 0 to score on CPU.")
-        return cfg.actors or max(1, int(gpus // cfg.num_gpus)), "cuda"
+        if gpus >= cfg.num_gpus:
+            return cfg.actors or max(1, int(gpus // cfg.num_gpus)), "cuda"
+        most = _autoscaler_max_gpus()
+        if most is not None and most < cfg.num_gpus:
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
+                            f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
+                            f"cluster a GPU node group.")
+        if _started_local_ray():  # a Ray instance of this process: nothing will ever add a GPU
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but this machine has {gpus:g} GPUs; use --num-gpus 0 "
+                            f"to score on CPU, or set RAY_ADDRESS to a cluster with GPU nodes.")
+        if not cfg.actors and most is None:
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs; use --num-gpus 0 "
+                            f"to score on CPU, or pass --actors N to wait for an autoscaler to start GPU nodes.")
+        # Without --actors: one per GPU the autoscaler may add (1 if it has no upper limit).
+        actors = cfg.actors or (max(1, int(most // cfg.num_gpus)) if most < sys.maxsize else 1)
+        log.info("the Ray cluster has %g GPUs now; waiting for the autoscaler to start GPU nodes for %d predictor "
+                 "actor(s) of %g GPU", gpus, actors, cfg.num_gpus)
+        return actors, "cuda"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
     return cfg.actors or max(1, len(nodes)), "cpu"
 

@@ -134,9 +134,13 @@ class RayCluster:
     Each node runs ``ray start --block`` in its own process group, so teardown stops exactly
     the processes this cluster started and never a Ray of anyone else's on the machine.
     The token lives in the cluster's own temp dir (``RAY_AUTH_TOKEN_PATH``), not in ``~/.ray``.
+    Every node carries the label ``mm-node=<name>`` (``head``, ``worker1``, ...), which
+    :meth:`node_id` maps to Ray's node id; :meth:`api` reads the dashboard's REST API
+    (nodes, actors, jobs) with the token, cheaper than a ``ray`` CLI call per poll.
     """
 
-    def __init__(self, base_env: dict[str, str], *, head_cpus: int = 2) -> None:
+    def __init__(self, base_env: dict[str, str], *, head_cpus: int = 2,
+                 extra_env: dict[str, str] | None = None) -> None:
         import secrets
         import tempfile
 
@@ -146,10 +150,14 @@ class RayCluster:
             f.write(secrets.token_hex(32))
         bin_dir = os.path.dirname(sys.executable)
         self.env = {**base_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
-                    "PATH": f"{bin_dir}:{base_env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+                    "PATH": f"{bin_dir}:{base_env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+                    **(extra_env or {})}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_AUTH_TOKEN", None)  # it would win over RAY_AUTH_TOKEN_PATH
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
+        self.names: dict[str, subprocess.Popen] = {}
+        self.killed: list[subprocess.Popen] = []
         self._ray = os.path.join(bin_dir, "ray")
         self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -162,61 +170,169 @@ class RayCluster:
         """The job-submission address (the dashboard's HTTP port)."""
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(os.path.join(self.dir, f"{name}.log"), "w")
-        self.procs.append(subprocess.Popen([self._ray, "start", "--block", "--disable-usage-stats", *args],
-                                           env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        proc = subprocess.Popen([self._ray, "start", "--block", "--disable-usage-stats", f"--labels=mm-node={name}",
+                                 *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        self.names[name] = proc
+        return proc
 
     def add_worker(self, *, num_cpus: int = 1, resources: str | None = None) -> subprocess.Popen:
-        args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1"]
-        if resources:
-            args.append(f"--resources={resources}")
-        self._start(f"worker{len(self.procs)}", args)
-        self.wait_for_nodes(len(self.procs))
-        return self.procs[-1]
+        """Start one worker node (label ``mm-node=worker<i>``) and wait until it is alive."""
+        return self.add_workers(1, num_cpus=num_cpus, resources=resources)[0]
+
+    def add_workers(self, n: int, *, num_cpus: int = 1, resources: str | None = None) -> list[subprocess.Popen]:
+        """Start ``n`` worker nodes at once and wait until all are alive; their ``ray start`` processes."""
+        started = []
+        for _ in range(n):
+            name = f"worker{len(self.procs)}"
+            # Its own temp dir, as on a machine of its own: nodes sharing the head's would share one
+            # runtime_resources folder, where each node's agent re-extracts a job's working dir while
+            # drivers already run in it, and one logs folder, whose every line each node would stream.
+            args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={self.dir}/t-{name}"]
+            if resources:
+                args.append(f"--resources={resources}")
+            started.append(self._start(name, args))
+        self.wait_for_nodes(1, names=[self.name_of(p) for p in started])
+        return started
+
+    def name_of(self, proc: subprocess.Popen) -> str:
+        return next(k for k, v in self.names.items() if v is proc)
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         """Run a ``ray`` CLI command (e.g. ``job submit``) as a token-holding client."""
         return subprocess.run([self._ray, *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout, check=check)
 
-    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
+    def api(self, path: str, *, timeout: float = 30) -> dict:
+        """GET a dashboard REST path (e.g. ``/api/v0/nodes``) with the cluster's token; the decoded JSON."""
+        import json
+
+        with open(self.token_path) as f:
+            token = f.read().strip()
+        req = urllib.request.Request(self.address + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def _state(self, kind: str, **filters: str) -> list[dict]:
+        """Rows of the state API (``nodes``, ``actors``, ...), filtered by equality on the given fields."""
+        from urllib.parse import urlencode
+
+        query = [("limit", "10000"), ("detail", "1")]
+        for key, value in filters.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        return self.api(f"/api/v0/{kind}?{urlencode(query)}")["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict]:
+        return self._state("nodes", state="ALIVE")
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id of node ``name`` (``head``, ``worker1``, ...); alive or dead."""
+        for node in self._state("nodes"):
+            if node.get("labels", {}).get("mm-node") == name:
+                return node["node_id"]
+        raise KeyError(f"no Ray node labelled mm-node={name}")
+
+    def node_name(self, node_id: str) -> str:
+        """The ``mm-node`` label of a Ray node id."""
+        return next(n["labels"]["mm-node"] for n in self._state("nodes") if n["node_id"] == node_id)
+
+    def actors(self, class_name: str | None = None, **filters: str) -> list[dict]:
+        """Actors (alive and dead, or as filtered), e.g. ``actors("RayTrainWorker", job_id=..., state="ALIVE")``."""
+        return self._state("actors", **({"class_name": class_name} if class_name else {}), **filters)
+
+    def job(self, submission_id: str) -> dict:
+        """The job's record from the jobs API: ``status``, ``job_id``, ``message``, ..."""
+        return self.api(f"/api/jobs/{submission_id}")
+
+    def job_logs(self, submission_id: str) -> str:
+        return self.api(f"/api/jobs/{submission_id}/logs")["logs"]
+
+    def wait_job(self, submission_id: str, timeout: float = 600) -> str:
+        """Wait until the job ends; its final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.job(submission_id)["status"]
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(1)
+        raise TimeoutError(f"job {submission_id} still running after {timeout}s")
+
+    def wait_for_nodes(self, n: int, timeout: float = 120, *, names: list[str] | None = None) -> None:
+        """Wait until ``n`` nodes (and those labelled ``names``) are alive and the dashboard answers."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in self.procs:
-                if p.poll() is not None:
+                if p.poll() is not None and p not in self.killed:
                     raise RuntimeError(f"ray start exited early; see {self.dir}/*.log")
-            res = subprocess.run([self._ray, "status", f"--address=127.0.0.1:{self.gcs_port}"], env=self.env,
-                                 capture_output=True, text=True, timeout=60)
-            if res.returncode == 0 and res.stdout.count("node_") >= n:
+            try:
+                alive = self.alive_nodes()
+            except OSError:  # dashboard not up yet
+                alive = []
+            labels = {node.get("labels", {}).get("mm-node") for node in alive}
+            if len(alive) >= n and set(names or ()) <= labels:
                 return
-            time.sleep(1)
+            time.sleep(0.5)
         raise TimeoutError(f"{n} Ray node(s) not up after {timeout}s; see {self.dir}/*.log")
 
     def kill_node(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a node's whole process group (raylet, its workers, agents): a machine that vanished."""
         import signal
 
+        self.killed.append(proc)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        proc.wait(timeout=30)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5) -> None:
+        """Stop every node this cluster started; only its own process groups and temp dir, never ``ray stop``."""
         import signal
 
+        # SIGTERM to `ray start --block` alone lets it stop an idle node's processes in order (~2 s);
+        # SIGTERM to the whole group at once leaves them waiting on each other for ~30 s. A node
+        # still draining after `grace` is SIGKILLed: this is a throw-away test cluster.
         for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            try:  # whatever is left of the node's group (a worker mid-task, an agent)
                 os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(timeout=30)
         # Ray's own daemons may have left the group; stop whatever still uses this cluster's temp dir.
-        subprocess.run(["pkill", "-9", "-f", f"{self.dir}/t"], check=False)
+        for pid in _pids_with_arg(f"{self.dir}/t"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _pids_with_arg(text: str) -> list[int]:
+    """Ids of this user's processes whose command line contains ``text`` (Linux ``/proc``; else none)."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.fixture
