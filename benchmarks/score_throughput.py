@@ -37,7 +37,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jobs.score runs from here
 
-from maskmodel import results, scoring, storage  # noqa: E402
+from maskmodel import inference, results, storage  # noqa: E402
 from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes  # noqa: E402
 from maskmodel.transforms import EvalPreset, resize_for  # noqa: E402
 
@@ -148,12 +148,12 @@ def bare_forward(model_dir: str, images: str, args: argparse.Namespace, precisio
     model = model.to(device, memory_format=torch.channels_last).eval()
     preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
     files = sorted(storage.list_files(images, extensions=("jpg",)), key=lambda o: o.uri)
-    x = np.stack([scoring.preprocess_image(storage.read_bytes(o.uri), preset)[0] for o in files])
+    x = np.stack([inference.preprocess_image(storage.read_bytes(o.uri), preset)[0] for o in files])
     bs = args.batch_size or (512 if args.num_gpus else 64)
-    scoring.predict(model, x[:bs], device=device, precision=precision)  # warm-up
+    inference.predict(model, x[:bs], device=device, precision=precision)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(x), bs):
-        scoring.predict(model, x[i:i + bs], device=device, precision=precision)
+        inference.predict(model, x[i:i + bs], device=device, precision=precision)
     if device == "cuda":
         torch.cuda.synchronize()
     return len(x) / (time.perf_counter() - t0), (time.process_time() - c0) / len(x)
@@ -191,10 +191,10 @@ def main() -> None:
     save_model_dir(model_dir, state_dict_bytes(model), card)  # to read back the exact preprocessing
     _, card = load_model_dir(model_dir)
     preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
-    sample = [scoring.preprocess_image(storage.read_bytes(o.uri), preset)[0]
+    sample = [inference.preprocess_image(storage.read_bytes(o.uri), preset)[0]
               for o in storage.list_files(small)[:128]]
-    agreement = scoring.label_agreement(model, [np.stack(sample[i:i + 32]) for i in range(0, len(sample), 32)])
-    card = ModelCard(**{**card.__dict__, "model_id": "", "metrics": {scoring.BF16_AGREEMENT_KEY: agreement}})
+    agreement = inference.label_agreement(model, [np.stack(sample[i:i + 32]) for i in range(0, len(sample), 32)])
+    card = ModelCard(**{**card.__dict__, "model_id": "", "metrics": {inference.BF16_AGREEMENT_KEY: agreement}})
     save_model_dir(model_dir, state_dict_bytes(model), card)
     del model
 

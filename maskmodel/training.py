@@ -284,7 +284,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     )
     agreement = bf16_agreement(config, card, best["model"])
     if agreement is not None:
-        from maskmodel.scoring import BF16_AGREEMENT_KEY
+        from maskmodel.inference import BF16_AGREEMENT_KEY
 
         card = dataclasses.replace(card, metrics={**card.metrics, BF16_AGREEMENT_KEY: agreement})
     model_dir = storage.join(config.output, "model")
@@ -311,7 +311,7 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     from maskmodel.data import discover
     from maskmodel.decode import DecodeError
     from maskmodel.model import build_model
-    from maskmodel.scoring import cpu_has_native_bf16, label_agreement, preprocess_image
+    from maskmodel.inference import cpu_has_native_bf16, label_agreement, preprocess_image
     from maskmodel.transforms import EvalPreset
 
     if not cpu_has_native_bf16():

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import results, scoring, storage
+from maskmodel import inference, results, scoring, storage
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -127,7 +127,7 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
         storage.write_bytes(storage.join(root, name), data)
     paths = [storage.join(root, n) for n in objs] + [storage.join(root, "gone.jpg")]
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
-    out = scoring.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20)
+    out = inference.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20)
     reasons = dict(zip(out["path"], out["error"]))
     for name, (_, expected) in objs.items():
         got = reasons[storage.join(root, name)]
@@ -141,9 +141,9 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
 def test_read_object_skips_oversized_objects_unread(tmp_path):
     uri = str(tmp_path / "big.jpg")
     storage.write_bytes(uri, b"x" * 100)
-    data, version, size, error = scoring.read_object(uri, None, None, max_bytes=10)
+    data, version, size, error = inference.read_object(uri, None, None, max_bytes=10)
     assert data is None and size == 100 and version and error == "too large: 100 bytes > 10"
-    assert scoring.read_object(uri, "v", 100, max_bytes=1000)[0] == b"x" * 100
+    assert inference.read_object(uri, "v", 100, max_bytes=1000)[0] == b"x" * 100
 
 
 def test_load_batch_drops_already_scored_pairs(tmp_path):
@@ -153,8 +153,8 @@ def test_load_batch_drops_already_scored_pairs(tmp_path):
     batch = {"path": np.array([uri], dtype=object)}
     version = storage.info(uri).version
     skip = np.sort(results.object_keys([uri], [version]))
-    assert len(scoring.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
-    assert len(scoring.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
+    assert len(inference.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
+    assert len(inference.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
 
 
 def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
@@ -163,9 +163,9 @@ def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
     datas = [encode(face(i % 2, i), "JPEG") for i in range(5)] + [b""]
     for i, d in enumerate(datas):
         storage.write_bytes(str(tmp_path / f"{i}.jpg"), d)
-    batch = scoring.load_batch({"path": np.array([str(tmp_path / f"{i}.jpg") for i in range(6)], dtype=object)},
+    batch = inference.load_batch({"path": np.array([str(tmp_path / f"{i}.jpg") for i in range(6)], dtype=object)},
                                card=card, max_bytes=1 << 20)
-    table = scoring.Predictor(model_uri, run_id="r", precision="fp32")(batch)
+    table = inference.Predictor(model_uri, run_id="r", precision="fp32")(batch)
     assert table.schema == results.results_schema(CLASSES)
     rows = table.to_pylist()
     for row, data in zip(rows[:5], datas):
@@ -180,21 +180,21 @@ def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
 def test_precision_policy(monkeypatch):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     verified = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37,
-                         metrics={scoring.BF16_AGREEMENT_KEY: 1.0})
-    assert scoring.resolve_precision("fp32", device="cuda", card=card) == "fp32"
-    assert scoring.resolve_precision("bf16", device="cpu", card=card) == "bf16"
-    assert scoring.resolve_precision("auto", device="cuda", card=card) == "bf16"
-    assert scoring.resolve_precision("auto", device="cpu", card=card) == "fp32"  # not verified
-    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: True)
-    assert scoring.resolve_precision("auto", device="cpu", card=verified) == "bf16"
-    monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda: False)
-    assert scoring.resolve_precision("auto", device="cpu", card=verified) == "fp32"
+                         metrics={inference.BF16_AGREEMENT_KEY: 1.0})
+    assert inference.resolve_precision("fp32", device="cuda", card=card) == "fp32"
+    assert inference.resolve_precision("bf16", device="cpu", card=card) == "bf16"
+    assert inference.resolve_precision("auto", device="cuda", card=card) == "bf16"
+    assert inference.resolve_precision("auto", device="cpu", card=card) == "fp32"  # not verified
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.resolve_precision("auto", device="cpu", card=verified) == "bf16"
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert inference.resolve_precision("auto", device="cpu", card=verified) == "fp32"
 
 
 def test_label_agreement_is_a_share():
     torch.manual_seed(0)
     model = build_model("resnet18", 2)
-    share = scoring.label_agreement(model, [np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)])
+    share = inference.label_agreement(model, [np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)])
     assert 0.0 <= share <= 1.0
 
 
