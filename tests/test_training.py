@@ -88,7 +88,10 @@ def test_stopped_run_resubmitted_resumes(tmp_path):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            if storage.exists(os.path.join(out, "metrics.csv")) and len(_metrics(out)) >= 2:
+            # Stop only once Ray Train has registered a checkpoint (its snapshot is written after the
+            # report is processed, which can lag the epoch's metrics.csv by a poll interval).
+            snapshot = os.path.join(out, "checkpoints", "train", "checkpoint_manager_snapshot.json")
+            if storage.exists(snapshot) and len(_metrics(out)) >= 2:
                 break
             assert proc.poll() is None, "training exited early"
             time.sleep(0.5)
