@@ -172,8 +172,13 @@ class RayCluster:
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(os.path.join(self.dir, f"{name}.log"), "w")
+        # Each node's agents get free ports: their defaults (e.g. 52365 for the dashboard agent that
+        # accepts jobs) are fixed, so a second node on this machine, or a cluster still shutting down,
+        # would leave the new node without a job agent ("No available agent to submit job").
+        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
         proc = subprocess.Popen([self._ray, "start", "--block", "--disable-usage-stats", f"--labels=mm-node={name}",
-                                 *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                 *ports, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         self.names[name] = proc
         return proc
@@ -202,9 +207,20 @@ class RayCluster:
         return next(k for k, v in self.names.items() if v is proc)
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        """Run a ``ray`` CLI command (e.g. ``job submit``) as a token-holding client."""
-        return subprocess.run([self._ray, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        """Run a ``ray`` CLI command (e.g. ``job submit``) as a token-holding client.
+
+        A fresh head refuses job commands with "No available agent" until its job agent has
+        registered (seen to take over 30 s on a loaded 2-core machine); retried for up to 2 minutes.
+        """
+        for _ in range(120):
+            res = subprocess.run([self._ray, *args], env=self.env, capture_output=True, text=True,
+                                 timeout=timeout)
+            if "No available agent" not in res.stderr:
+                break
+            time.sleep(1)
+        if check:
+            res.check_returncode()
+        return res
 
     def api(self, path: str, *, timeout: float = 30) -> dict:
         """GET a dashboard REST path (e.g. ``/api/v0/nodes``) with the cluster's token; the decoded JSON."""

@@ -62,11 +62,7 @@ def _submit(cluster: RayCluster, name: str, *cmd: str, env: dict[str, str] | Non
             "--no-wait"]
     if env:
         args += ["--runtime-env-json", json.dumps({"env_vars": env})]
-    for _ in range(30):
-        res = cluster.run(*args, "--", *cmd, timeout=300, check=False)
-        if "No available agent" not in res.stderr:  # a fresh head's job agent is not registered yet
-            break
-        time.sleep(1)
+    res = cluster.run(*args, "--", *cmd, timeout=300, check=False)  # retries "No available agent"
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return sid
 
