@@ -162,8 +162,8 @@ def discover(uri: str, *, val_fraction: float = 0.2,
 
 # --- per-batch functions run by Ray Data (plain callables, testable without Ray) ---
 
-def fetch_and_check(batch: dict[str, np.ndarray], *, threads: int = 16) -> dict[str, np.ndarray]:
-    """Read each ``uri``'s bytes and check that they decode; adds ``data`` and ``error`` ('' when fine).
+def fetch_and_check(batch: dict[str, np.ndarray], *, threads: int = 16, check: bool = True) -> dict[str, np.ndarray]:
+    """Read each ``uri``'s bytes and (with ``check``) that they decode; adds ``data`` and ``error`` ('' when fine).
 
     Reads run in a thread pool because object stores reward concurrent GETs.
     """
@@ -174,10 +174,11 @@ def fetch_and_check(batch: dict[str, np.ndarray], *, threads: int = 16) -> dict[
             data = storage.read_bytes(uri)
         except UserError as e:
             return b"", f"unreadable: {e}"
-        try:
-            decode_image(data)
-        except DecodeError as e:
-            return b"", str(e)
+        if check:
+            try:
+                decode_image(data)
+            except DecodeError as e:
+                return b"", str(e)
         return data, ""
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:

@@ -171,7 +171,15 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transf
             raise UserError(f"{bad} of {len(rows)} images in the {name} split are unreadable "
                             f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
-    good = raw.filter(expr=col("error") == "")
+    if cache:
+        good = raw.filter(expr=col("error") == "")
+    else:
+        # Streaming: the check pass already found the unreadable objects, so each epoch re-reads
+        # only the good ones and decodes them once (in DecodeTransform), not twice.
+        skip = {r["uri"] for r in errors.iter_rows()}
+        kept = [r for r in rows if r["uri"] not in skip]
+        good = ray.data.from_items(kept, override_num_blocks=max(1, min(len(kept) // 64, 200))).map_batches(
+            fetch_and_check, batch_size=64, fn_kwargs={"check": False})
     if shuffle:
         good = good.randomize_block_order()  # unseeded: a new block order on every epoch's pass
     return good.map_batches(DecodeTransform(transform), batch_size=32), bad
