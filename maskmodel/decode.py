@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -62,14 +63,30 @@ def too_large_bytes(size: int, max_bytes: int) -> str:
     return f"too large: {size} bytes > {max_bytes}"
 
 
-def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
-                 max_bytes: int | None = None) -> Image.Image:
-    """Decode ``data`` to an RGB :class:`PIL.Image.Image` with EXIF orientation applied.
+class Decoded(NamedTuple):
+    """A decoded picture and the size of the original (after EXIF rotation), which ``reduce_to`` may exceed."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
+def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, max_bytes: int | None = None,
+           reduce_to: int | None = None) -> Decoded:
+    """Decode ``data`` to an RGB picture with EXIF orientation applied, plus the original's size.
+
+    ``reduce_to``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or
+    1/8 of each side, done inside libjpeg, so the skipped pixels are never
+    computed) whose sides are both still at least ``reduce_to`` pixels; other
+    formats decode at full size. A camera's 1920x1080 frame needed at a short
+    side of 256 decodes at 480x270: 1/16 of the pixels. The caller resizes to
+    the exact size it needs; ``width``/``height`` are always the original's.
 
     Raises :class:`DecodeError` with a short reason: ``empty file``,
     ``not an image``, ``unsupported format: X``, ``truncated image``,
     ``too large: ...`` (over ``max_bytes``, a side over ``max_side``, or
     Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
+    Every check uses the original size, so ``reduce_to`` changes no reason.
     """
     if not data:
         raise DecodeError("empty file")
@@ -86,6 +103,12 @@ def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_S
                 raise DecodeError(f"unsupported format: {fmt}")
             if max(img.size) > max_side:
                 raise DecodeError(f"too large: {img.size[0]}x{img.size[1]}")
+            w, h = img.size
+            if w < min_side or h < min_side:
+                raise DecodeError(f"too small: {w}x{h}")
+            if reduce_to and fmt in ("JPEG", "MPO"):
+                img.draft("RGB", (reduce_to, reduce_to))
+            reduced = img.size
             img.load()
             img = ImageOps.exif_transpose(img)
     except DecodeError:
@@ -101,10 +124,15 @@ def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_S
         if "truncated" in msg.lower() or isinstance(e, EOFError) or "broken data stream" in msg.lower():
             raise DecodeError("truncated image") from e
         raise DecodeError(f"undecodable: {msg}"[:200]) from e
-    w, h = img.size
-    if w < min_side or h < min_side:
-        raise DecodeError(f"too small: {w}x{h}")
-    return _to_rgb(img)
+    if img.size != reduced:  # EXIF rotated it by 90 degrees: so is the original
+        w, h = h, w
+    return Decoded(_to_rgb(img), w, h)
+
+
+def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
+                 max_bytes: int | None = None) -> Image.Image:
+    """:func:`decode` at full size, the picture only."""
+    return decode(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes).image
 
 
 def to_uint8_chw(img: Image.Image) -> np.ndarray:
