@@ -16,8 +16,11 @@ pipeline; :func:`score` does both. The pure pieces (:func:`read_object`,
 :func:`preprocess_image`, :func:`load_batch`, :func:`predict`,
 :func:`result_table`, :class:`Predictor`) run without Ray.
 
-Test-only hook: ``MASKMODEL_SCORE_WRITE_DELAY_S`` makes the driver sleep that
-long after each written batch, so a test can kill a run mid-way.
+Progress: a live line in a terminal, a log line every few seconds otherwise
+(:class:`maskmodel.console.Progress`); images, errors by kind and img/s are Ray
+metrics (:mod:`maskmodel.telemetry`). Test-only pause point ``score-batch-<k>``
+(:mod:`maskmodel.testhooks`): the driver waits after writing its k-th batch,
+so a test can kill a run mid-way without racing it.
 """
 
 from __future__ import annotations
@@ -33,18 +36,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, storage
+from maskmodel import results, storage, testhooks
 from maskmodel.config import config_to_dict, field
+from maskmodel.console import Progress, init_ray
 from maskmodel.decode import IMAGE_EXTENSIONS
 from maskmodel.errors import UserError
 from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, load_batch, resolve_precision
 from maskmodel.model import ModelCard, load_model_dir
 from maskmodel.storage import ObjectInfo
+from maskmodel.telemetry import ScoringMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
-DELAY_ENV = "MASKMODEL_SCORE_WRITE_DELAY_S"
 _MAX_INPUT_BLOCKS = 10_000
 
 
@@ -98,6 +102,14 @@ class ScorePlan:
     manifest_columns: tuple[str, ...] = ()
     skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
+    manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
+
+    @property
+    def total(self) -> int | None:
+        """Objects this run will score, when known before it starts (for the progress display)."""
+        if self.objects is not None:
+            return len(self.objects)
+        return self.manifest_rows if not len(self.skip_keys) else None
 
     @property
     def has_work(self) -> bool:
@@ -159,7 +171,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     output that cannot be written, or missing credentials.
     """
     cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
-    objects, manifest, columns = None, None, ()
+    objects, manifest, columns, rows = None, None, (), 0
     if is_manifest(cfg.input):
         columns, rows = _manifest_head(cfg.input)
         if "path" not in columns:
@@ -190,7 +202,8 @@ def prepare(config: ScoreConfig) -> ScorePlan:
             skip = np.empty(0, np.uint64)  # already applied
         else:
             skipped = None
-    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped)
+    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
 
 
 # ----------------------------------------------------------------------------- the Ray pipeline
@@ -263,8 +276,7 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
+    init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
     resources = ray.cluster_resources()
     if cfg.num_gpus:
         gpus = resources.get("GPU", 0)
@@ -329,16 +341,20 @@ def execute(plan: ScorePlan) -> ScoreResult:
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)
-        delay = float(os.environ.get(DELAY_ENV) or 0)
         ds = build_dataset(plan, actors=actors, device=device, precision=precision)
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress = Progress(f"scoring {cfg.run_id}", plan.total)
+        metrics = ScoringMetrics(cfg.run_id)
+        for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
             if first_batch_s is None:  # actor start + model load + the first batch
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
             writer.write(table)
-            images += table.num_rows
-            ok += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
-            if delay:
-                time.sleep(delay)
+            n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            images, ok = images + table.num_rows, ok + n_ok
+            progress.update(table.num_rows, table.num_rows - n_ok)
+            metrics.record(table.num_rows, table.column("error").to_pylist() if n_ok < table.num_rows else (),
+                           images / max(time.monotonic() - t0, 1e-9))
+            testhooks.pause(f"score-batch-{batch_no}")
+        progress.close()
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
     record = results.commit(writer, meta={

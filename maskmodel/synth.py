@@ -184,12 +184,15 @@ def write_dataset(config: DatasetConfig) -> dict:
         storage.delete(storage.join(config.out, name))
     sizes, started, done = split_sizes(config.n_per_class), time.monotonic(), itertools.count(1)
     files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for c in CLASSES for i in range(sizes[s])]
+    last_log = [started]
 
     def make(split: str, label: str, path: str) -> str:
         sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
                                hard_negative_fraction=config.hard_negative_fraction)
         storage.write_bytes(storage.join(config.out, split, label, path[-10:]), sample.jpeg())
-        if (n := next(done)) % max(1, len(files) // 10) == 0:  # count() is atomic under the GIL
+        n, now = next(done), time.monotonic()  # count() is atomic under the GIL
+        if now - last_log[0] >= 5 or n == len(files):  # alive, not chatty
+            last_log[0] = now
             log.info("%d/%d images written", n, len(files))
         return sample.variant
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import inference, results, scoring, storage
+from maskmodel import inference, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -391,6 +391,30 @@ def test_query_summary_over_scored_s3_results(scored):
 
 
 @pytest.mark.ray
+def test_scoring_metrics_reach_rays_metrics_endpoint(scored, ray_local):
+    import re
+    import urllib.request
+
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    result, want = scored["result"], {}
+    images = re.compile(r'^ray_maskmodel_score_images_total\{[^}]*run_id="night-1"[^}]*\} (\S+)$', re.M)
+    errors = re.compile(r'^ray_maskmodel_score_errors_total\{[^}]*reason="([^"]+)"[^}]*run_id="night-1"[^}]*\} (\S+)$',
+                        re.M)
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every 10 s by default
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if (m := images.search(text)) and float(m.group(1)) == result.images:
+            want = {reason: float(n) for reason, n in errors.findall(text)}
+            if sum(want.values()) == result.errors:
+                break
+        time.sleep(1)
+    assert images.search(text) and float(images.search(text).group(1)) == result.images, text[-3000:]
+    kinds = {r["error"].split(":")[0] for r in scored["table"].to_pylist() if r["error"]}
+    assert set(want) == kinds and sum(want.values()) == result.errors, want
+
+
+@pytest.mark.ray
 def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_local):
     images, out, model = f"{s3_root}/inc/images", f"{s3_root}/inc/out", f"{s3_root}/inc/model"
     write_model(model)
@@ -417,6 +441,25 @@ def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_loc
 
 
 @pytest.mark.ray
+def test_job_console_is_quiet_unless_verbose(tmp_path, ray_local):
+    images, model = tmp_path / "images", str(tmp_path / "model")
+    write_model(model)
+    for i in range(6):
+        storage.write_bytes(str(images / f"{i}.jpg"), encode(face(i % 2, i), "JPEG"))
+    storage.write_bytes(str(images / "bad.jpg"), b"oops")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    base = ["--input", str(images), "--model", model, "--output", str(tmp_path / "out")]
+    quiet = _job([*base, "--run-id", "q"], env=env)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout.strip().splitlines()[-1].startswith("7 images: 6 ok, 1 errors")
+    assert "scoring q: 7/7 (100%) images" in quiet.stderr and "| 1 errors |" in quiet.stderr
+    for noise in ("Execution plan", "Starting execution", "core_worker.cc", "Started a local Ray", "INFO "):
+        assert noise not in quiet.stderr.replace("INFO maskmodel", ""), noise
+    loud = _job([*base, "--run-id", "v", "--verbose"], env=env)
+    assert loud.returncode == 0 and "Execution plan" in loud.stderr
+
+
+@pytest.mark.ray
 def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_local):
     images, out, model = tmp_path / "images", str(tmp_path / "out"), str(tmp_path / "model")
     write_model(model)
@@ -425,22 +468,21 @@ def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_
         storage.write_bytes(str(images / f"{i:02d}.jpg"), encode(face(i % 2, i), "JPEG"))
     args = ["--input", str(images), "--model", model, "--output", out, "--run-id", "k",
             "--read-batch", "2", "--batch-size", "2", "--rows-per-file", "2"]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, scoring.DELAY_ENV: "1.5"}
+    # The driver stops after writing its second batch (two closed files) until the test has killed it.
+    pause_dir = str(tmp_path / "pause")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           **testhooks.env("score-batch-2", pause_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_folder = results.run_dir(out, "k")
     try:
-        deadline = time.monotonic() + 90
-        run_folder = results.run_dir(out, "k")
-        while not any(f.uri.endswith(".parquet") for f in _files(run_folder)):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "the job wrote no data file in time"
-            time.sleep(0.2)
+        testhooks.wait_paused("score-batch-2", pause_dir, alive=lambda: proc.poll() is None)
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run, after writing some files
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _files(run_folder)  # partial files are there...
+    assert len([f for f in _files(run_folder) if f.uri.endswith(".parquet")]) == 2  # partial files are there...
     assert results.list_commits(out) == [] and results.read_results(out).num_rows == 0  # ...but invisible
     res = scoring.score(ScoreConfig(input=str(images), model=model, output=out, run_id="k", read_batch=4))
     table = results.read_results(out)
