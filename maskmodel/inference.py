@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, storage
+from maskmodel import results, storage, testhooks
 from maskmodel.decode import DecodeError, decode_image, to_uint8_chw, too_large_bytes
 from maskmodel.errors import UserError
 from maskmodel.model import ModelCard, load_model_dir
@@ -185,8 +185,11 @@ class Predictor:
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.schema = results.results_schema(self.card.classes)
         self.run_id, self.precision = run_id, precision
+        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.calls += 1
+        testhooks.pause(f"score-predict-{self.calls}")  # test-only: lose a node while actors hold work
         ok = np.array([e is None for e in _column(batch, "error", len(batch["path"]))], dtype=bool)
         probs = (predict(self.model, np.ascontiguousarray(batch["pixels"][ok]), device=self.device,
                          precision=self.precision) if ok.any() else np.zeros((0, len(self.card.classes)), np.float32))

@@ -3,10 +3,10 @@
 Fault-injection tests (kill the driver, lose a node, stop and resume) must act
 while a job is at a known point, not race it. With
 ``MASKMODEL_TEST_PAUSE=<point>`` and ``MASKMODEL_TEST_PAUSE_DIR=<uri>`` set,
-:func:`pause` at that point writes ``<uri>/<point>.paused`` and waits until
-``<uri>/<point>.release`` exists (the test writes it once it has done its
-damage, or kills the job). A point pauses once per directory: a restarted
-worker or a re-run passes it. Unset, :func:`pause` costs one dict lookup.
+every process that reaches the point writes ``<uri>/<point>.paused`` and waits
+until ``<uri>/<point>.release`` exists (the test writes it once it has done
+its damage, or kills the job); after that the point lets everyone pass, so a
+restarted worker or a re-run goes on. Unset, :func:`pause` costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def pause(point: str) -> None:
 
     base = os.environ[PAUSE_DIR_ENV]
     paused, release = storage.join(base, f"{point}.paused"), storage.join(base, f"{point}.release")
-    if storage.exists(paused):
+    if storage.exists(release):
         return
     storage.write_text(paused, f"{os.getpid()}\n")
     log.warning("test pause point %s reached; waiting for %s", point, release)
