@@ -50,9 +50,12 @@ def verbose() -> bool:
 def quiet_ray_logging() -> None:
     """In this process: Ray's own INFO logs to its files only, warnings still on the console.
 
-    Safe to call before or after ``import ray``; a no-op when :func:`verbose`.
+    Safe to call before or after ``import ray``; when :func:`verbose`, it only
+    undoes what a quiet parent process passed on in the environment.
     """
     if verbose():
+        if os.environ.get(RAY_DATA_LOGGING_ENV) == RAY_DATA_LOGGING_FILE:
+            del os.environ[RAY_DATA_LOGGING_ENV]
         return
     os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_FILE)
     if "ray.data" in sys.modules:  # already configured from the default: apply ours now

@@ -7,10 +7,11 @@ becomes a row with a reason instead of a crash.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -19,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # previews...) is reported as unsupported rather than guessed at.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+ORIENTATION_TAG = 0x0112  # EXIF
 MIN_SIDE = 8  # pixels; smaller images carry no face to classify
 # Longest side accepted (WebP's own limit). Checked from the header, before
 # decoding, so a 60000x10 strip cannot make a worker allocate a huge resize.
@@ -71,6 +73,63 @@ class Decoded(NamedTuple):
     height: int
 
 
+@contextlib.contextmanager
+def _reasons() -> Iterator[None]:
+    """Turn whatever Pillow raises while opening or decoding into a :class:`DecodeError` with a short reason."""
+    try:
+        with warnings.catch_warnings():
+            # Above MAX_IMAGE_PIXELS Pillow only warns; a scoring service treats
+            # that as a bomb too (Pillow itself raises at twice the limit).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise DecodeError(f"too large: {pixels.group(1) + ' pixels' if pixels else 'image'}, "
+                          f"over the decompression-bomb limit") from e
+    except UnidentifiedImageError as e:
+        raise DecodeError("not an image") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e)
+        if "truncated" in msg.lower() or isinstance(e, EOFError) or "broken data stream" in msg.lower():
+            raise DecodeError("truncated image") from e
+        raise DecodeError(f"undecodable: {msg}"[:200]) from e
+
+
+def _open(data: bytes, *, min_side: int, max_side: int, max_bytes: int | None) -> Image.Image:
+    """Open ``data`` (headers only) and check everything the headers tell; call inside :func:`_reasons`."""
+    if not data:
+        raise DecodeError("empty file")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError(too_large_bytes(len(data), max_bytes))
+    img = Image.open(io.BytesIO(data))
+    if img.format not in SUPPORTED_FORMATS:
+        raise DecodeError(f"unsupported format: {img.format}")
+    w, h = img.size
+    if max(w, h) > max_side:
+        raise DecodeError(f"too large: {w}x{h}")
+    if w < min_side or h < min_side:
+        raise DecodeError(f"too small: {w}x{h}")
+    return img
+
+
+def probe(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
+          max_bytes: int | None = None) -> tuple[str, int, int]:
+    """``(format, width, height)`` from the headers alone (size after EXIF rotation); nothing is decoded.
+
+    Raises :class:`DecodeError` for everything the headers reveal (see
+    :func:`decode`); a file whose pixel data is damaged passes and fails later,
+    when it is decoded.
+    """
+    with _reasons():
+        img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
+        w, h = img.size
+        if img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+            w, h = h, w
+        return str(img.format), w, h
+
+
 def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, max_bytes: int | None = None,
            reduce_to: int | None = None) -> Decoded:
     """Decode ``data`` to an RGB picture with EXIF orientation applied, plus the original's size.
@@ -88,42 +147,14 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
     Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
     Every check uses the original size, so ``reduce_to`` changes no reason.
     """
-    if not data:
-        raise DecodeError("empty file")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise DecodeError(too_large_bytes(len(data), max_bytes))
-    try:
-        with warnings.catch_warnings():
-            # Above MAX_IMAGE_PIXELS Pillow only warns; a scoring service treats
-            # that as a bomb too (Pillow itself raises at twice the limit).
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt not in SUPPORTED_FORMATS:
-                raise DecodeError(f"unsupported format: {fmt}")
-            if max(img.size) > max_side:
-                raise DecodeError(f"too large: {img.size[0]}x{img.size[1]}")
-            w, h = img.size
-            if w < min_side or h < min_side:
-                raise DecodeError(f"too small: {w}x{h}")
-            if reduce_to and fmt in ("JPEG", "MPO"):
-                img.draft("RGB", (reduce_to, reduce_to))
-            reduced = img.size
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except DecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        pixels = re.search(r"\((\d+) pixels\)", str(e))
-        raise DecodeError(f"too large: {pixels.group(1) + ' pixels' if pixels else 'image'}, "
-                          f"over the decompression-bomb limit") from e
-    except UnidentifiedImageError as e:
-        raise DecodeError("not an image") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e)
-        if "truncated" in msg.lower() or isinstance(e, EOFError) or "broken data stream" in msg.lower():
-            raise DecodeError("truncated image") from e
-        raise DecodeError(f"undecodable: {msg}"[:200]) from e
+    with _reasons():
+        img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
+        w, h = img.size
+        if reduce_to and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (reduce_to, reduce_to))
+        reduced = img.size
+        img.load()
+        img = ImageOps.exif_transpose(img)
     if img.size != reduced:  # EXIF rotated it by 90 degrees: so is the original
         w, h = h, w
     return Decoded(_to_rgb(img), w, h)

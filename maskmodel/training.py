@@ -320,17 +320,17 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     from maskmodel.decode import DecodeError
     from maskmodel.model import build_model
     from maskmodel.inference import cpu_has_native_bf16, label_agreement, preprocess_image
-    from maskmodel.transforms import EvalPreset
+    from maskmodel.transforms import EvalCrop
 
     if not cpu_has_native_bf16():
         return None
     data = discover(config.data, val_fraction=config.val_fraction)
     items = (data.splits.get("test") or data.splits["val"])[:limit]
-    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
+    crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
     pixels = []
     for it in items:
         try:
-            pixels.append(preprocess_image(storage.read_bytes(it.uri), preset)[0])
+            pixels.append(preprocess_image(storage.read_bytes(it.uri), crop)[0])
         except (DecodeError, UserError):
             continue  # unreadable images were already counted and skipped during training
     if not pixels:
@@ -338,6 +338,6 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     model = build_model(card.arch, len(card.classes))
     model.load_state_dict(state)
     batches = [np.stack(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
-    agreement = label_agreement(model, batches)
+    agreement = label_agreement(model, batches, mean=card.mean, std=card.std)
     log.info("bf16 gives the fp32 label on %.1f%% of %d held-out images", 100 * agreement, len(pixels))
     return agreement

@@ -133,17 +133,43 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
         got = reasons[storage.join(root, name)]
         assert (got is None) if expected is None else got.startswith(expected), (name, got)
     assert reasons[storage.join(root, "gone.jpg")] == "unreadable: not found"
-    assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.float32
+    assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.uint8  # uint8 crops
     assert (out["width"][:3] == 48).all() and (out["width"][3:] == -1).all()
     assert all(v for v in out["version"][:3])  # versions looked up, as a manifest needs
 
 
-def test_read_object_skips_oversized_objects_unread(tmp_path):
-    uri = str(tmp_path / "big.jpg")
-    storage.write_bytes(uri, b"x" * 100)
-    data, version, size, error = inference.read_object(uri, None, None, max_bytes=10)
-    assert data is None and size == 100 and version and error == "too large: 100 bytes > 10"
-    assert inference.read_object(uri, "v", 100, max_bytes=1000)[0] == b"x" * 100
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_many_reads_in_order_with_listing_versions(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    uris = [storage.join(root, f"{i}.bin") for i in range(5)]
+    for i, u in enumerate(uris):
+        storage.write_bytes(u, bytes([i]) * (10 * i))
+    listed = {o.uri: o for o in storage.list_files(root)}
+    got = storage.read_many([*uris, storage.join(root, "gone.bin")], max_bytes=25, concurrency=3)
+    assert [g.data for g in got[:3]] == [b"", b"\x01" * 10, b"\x02" * 20]
+    assert [(g.data, g.size) for g in got[3:5]] == [(None, 30), (None, 40)]  # over the limit: not downloaded
+    assert [g.version for g in got[:5]] == [listed[u].version for u in uris]  # the version a listing reports
+    assert isinstance(got[5].error, FileNotFoundError) and got[5].data is None
+    heads = storage.read_many(uris, max_bytes=0, head=True)
+    assert [(h.data, h.size, h.version) for h in heads] == [(None, 10 * i, listed[u].version) for i, u in enumerate(uris)]
+
+
+def test_load_batch_reads_concurrently_with_one_get_per_object(s3_bucket, s3_endpoint, monkeypatch):
+    from maskmodel.latency_proxy import LatencyProxy
+
+    uris = [f"{s3_bucket}/m/{i:02d}.jpg" for i in range(24)]
+    datas = [encode(face(i % 2, i), "JPEG") for i in range(24)]
+    for u, d in zip(uris, datas):
+        storage.write_bytes(u, d)
+    card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+    with LatencyProxy(s3_endpoint, latency_s=0.05) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)  # every request now pays 50 ms
+        # Manifest rows: no version, no size. Their versions must come from the GETs themselves.
+        out = inference.load_batch({"path": np.array(uris, dtype=object)}, card=card, max_bytes=1 << 20,
+                                   concurrency=16)
+    assert list(out["error"]) == [None] * 24 and all(out["version"]) and list(out["size"]) == [len(d) for d in datas]
+    assert proxy.requests["GET"] == 24 and proxy.requests["HEAD"] == 0, proxy.requests
+    assert proxy.max_in_flight > 4, proxy.max_in_flight  # concurrent, not one object after another
 
 
 def test_load_batch_drops_already_scored_pairs(tmp_path):
@@ -194,7 +220,8 @@ def test_precision_policy(monkeypatch):
 def test_label_agreement_is_a_share():
     torch.manual_seed(0)
     model = build_model("resnet18", 2)
-    share = inference.label_agreement(model, [np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)])
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
+    share = inference.label_agreement(model, [pixels], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert 0.0 <= share <= 1.0
 
 
