@@ -99,7 +99,7 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
         else:
             try:
                 fmt, w, h = probe(got.data, max_bytes=max_bytes) if gpu_decode else ("", -1, -1)
-                if fmt in GPU_FORMATS:
+                if fmt in GPU_FORMATS and complete_jpeg(got.data):
                     compressed[j], width[j], height[j] = got.data, w, h
                 else:
                     pixels[j], width[j], height[j] = preprocess_image(got.data, crop, max_bytes=max_bytes)
@@ -209,6 +209,8 @@ def decode_on_device(datas: list[bytes], crop: EvalCrop, *, device: torch.device
 
     A batch the decoder rejects as a whole is retried image by image, so one
     bad file costs its own row only; the caller decodes ``None`` ones on the CPU.
+    Images of one size (a camera's frames) are resized and cropped together,
+    in one call per size rather than a few small kernels per image.
     """
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
@@ -220,13 +222,28 @@ def decode_on_device(datas: list[bytes], crop: EvalCrop, *, device: torch.device
                 images.append(decoder([t], device)[0])
             except Exception:  # noqa: BLE001 - this image falls back to the CPU
                 images.append(None)
-    out: list[torch.Tensor | None] = []
-    for img in images:
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        if img is not None and img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8:
+            by_size.setdefault(tuple(img.shape), []).append(i)  # anything else (a grey result...): CPU fallback
+    for idx in by_size.values():
         try:
-            out.append(None if img is None else crop(img))
-        except Exception:  # noqa: BLE001 - an odd shape (e.g. a 1-channel result): CPU fallback
-            out.append(None)
+            cropped = crop(torch.stack([images[i] for i in idx]))
+        except Exception:  # noqa: BLE001 - a size the resize refuses: CPU fallback
+            continue
+        for j, i in enumerate(idx):
+            out[i] = cropped[j]
     return out
+
+
+def complete_jpeg(data: bytes) -> bool:
+    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
+
+    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
+    is not libjpeg's, and a truncated image must get the CPU path's reason.
+    """
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 class Predictor:

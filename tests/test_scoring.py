@@ -203,6 +203,46 @@ def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
     assert rows[5]["label"] is None and rows[5]["p_mask"] is None and rows[5]["width"] is None
 
 
+def test_device_decode_gives_the_cpu_paths_rows_and_falls_back_image_by_image(tmp_path):
+    model_uri = str(tmp_path / "model")
+    card = write_model(model_uri)
+    good = {f"g{i}.jpg": encode(face(i % 2, i), "JPEG", quality=90) for i in range(4)}
+    refused = encode(face(1, 50), "JPEG", quality=75)  # the device decoder will refuse this one
+    objs = {**good, "refused.jpg": refused, "cmyk.jpg": good_images()["no_mask/cmyk.jpg"],
+            "pic.png": encode(face(0, 60), "PNG"), "cut.jpg": good["g0.jpg"][:300], "text.jpg": b"no picture"}
+    paths = []
+    for name, data in objs.items():
+        paths.append(str(tmp_path / name))
+        storage.write_bytes(paths[-1], data)
+    batch = {"path": np.array(paths, dtype=object)}
+    cpu = inference.load_batch(batch, card=card, max_bytes=1 << 20)
+    dev = inference.load_batch(batch, card=card, max_bytes=1 << 20, gpu_decode=True)
+    shipped = {os.path.basename(p) for p, d in zip(dev["path"], dev["data"]) if d is not None}
+    # Complete JPEGs with good headers travel compressed; the PNG, the cut-off JPEG and the text file do not.
+    assert shipped == {*good, "refused.jpg", "cmyk.jpg"}
+    assert not dev["pixels"][[i for i, d in enumerate(dev["data"]) if d is not None]].any()
+
+    calls = []
+
+    def decoder(tensors, device):  # torchvision's decoder on the CPU, refusing one image as nvJPEG might
+        calls.append(len(tensors))
+        if any(len(t) == len(refused) for t in tensors):
+            raise RuntimeError("nvjpeg: unsupported")
+        return inference.torchvision_jpeg_decoder(tensors, device)
+
+    expected = inference.Predictor(model_uri, run_id="r", precision="fp32")(cpu).to_pylist()
+    got = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=decoder)(dev).to_pylist()
+    assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch, then image by image after it was refused
+    exact = ["path", "version", "size", "status", "error", "label", "width", "height"]
+    assert [{k: r[k] for k in exact} for r in got] == [{k: r[k] for k in exact} for r in expected]
+    for a, b in zip(got, expected):
+        if a["status"] == "ok":
+            assert abs(a["p_mask"] - b["p_mask"]) < 1e-2, (a["path"], a["p_mask"], b["p_mask"])
+    reasons = {os.path.basename(r["path"]): r["error"] for r in got}
+    assert reasons["cut.jpg"] == "truncated image" and reasons["text.jpg"] == "not an image"
+    assert reasons["refused.jpg"] is None  # decoded on the CPU instead
+
+
 def test_precision_policy(monkeypatch):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     verified = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37,
