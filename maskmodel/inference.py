@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, storage, testhooks
+from maskmodel import fetch, results, testhooks
 from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
 from maskmodel.model import ModelCard, load_model_dir
 from maskmodel.transforms import EvalCrop, normalize
@@ -77,12 +77,12 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
     keep = list(range(n))
     if skip_keys is not None and len(skip_keys):
         unknown = [i for i in keep if versions[i] is None]
-        for i, got in zip(unknown, storage.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
+        for i, got in zip(unknown, fetch.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
                                                      concurrency=concurrency)):
             versions[i] = got.version
         seen = results.contains(skip_keys, results.object_keys(paths, versions))
         keep = [i for i in keep if versions[i] is None or not seen[i]]
-    fetched = storage.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
+    fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
     crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
     k = len(keep)
     pixels = np.zeros((k, 3, card.input_size, card.input_size), dtype=np.uint8)

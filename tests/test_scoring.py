@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import inference, results, scoring, storage, testhooks
+from maskmodel import fetch, inference, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -145,12 +145,12 @@ def test_read_many_reads_in_order_with_listing_versions(where, tmp_path, request
     for i, u in enumerate(uris):
         storage.write_bytes(u, bytes([i]) * (10 * i))
     listed = {o.uri: o for o in storage.list_files(root)}
-    got = storage.read_many([*uris, storage.join(root, "gone.bin")], max_bytes=25, concurrency=3)
+    got = fetch.read_many([*uris, storage.join(root, "gone.bin")], max_bytes=25, concurrency=3)
     assert [g.data for g in got[:3]] == [b"", b"\x01" * 10, b"\x02" * 20]
     assert [(g.data, g.size) for g in got[3:5]] == [(None, 30), (None, 40)]  # over the limit: not downloaded
     assert [g.version for g in got[:5]] == [listed[u].version for u in uris]  # the version a listing reports
     assert isinstance(got[5].error, FileNotFoundError) and got[5].data is None
-    heads = storage.read_many(uris, max_bytes=0, head=True)
+    heads = fetch.read_many(uris, max_bytes=0, head=True)
     assert [(h.data, h.size, h.version) for h in heads] == [(None, 10 * i, listed[u].version) for i, u in enumerate(uris)]
 
 
