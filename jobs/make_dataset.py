@@ -1,13 +1,16 @@
 """Draw the built-in synthetic face-mask dataset and write it to local disk or object storage.
 
 Writes ``<out>/{train,val,test,scene}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``
-and ``dataset.json`` (see :mod:`maskmodel.synth` for what separates the classes).
-The same ``--seed`` writes byte-identical files.
+and ``dataset.json`` (see :mod:`maskmodel.synth` for what separates the classes);
+with ``--format webdataset``, tar shards ``<out>/<split>/<split>-NNNNNN.tar`` of
+``--shard-size`` images each (``<class>/NNNNNN.jpg`` + ``.cls``), which
+``jobs.score`` reads as they are. The same ``--seed`` writes byte-identical files.
 
 Usage::
 
     python -m jobs.make_dataset --out ./data/faces
     python -m jobs.make_dataset --out ./data/faces --n-per-class 2000 --image-size 64 --seed 1 --overwrite
+    python -m jobs.make_dataset --out ./data/faces-shards --format webdataset --shard-size 1000
     ray job submit --working-dir . -- python -m jobs.make_dataset --out s3://bucket/faces
 
 A target that cannot be written (unknown scheme, missing bucket, no

@@ -16,7 +16,8 @@ tone, hair, eyes, glasses, beard, position, scale, rotation, lighting,
 background, blur, JPEG quality) is drawn from the same distributions for both
 classes, so it carries no label.
 
-Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` with ``train``
+Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset"``, tar shards
+``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
 (``max(2, round(n/4))`` each). ``train``/``val``/``test`` are tight face crops;
 ``scene`` shows a small face (25-45 % of the width) anywhere in a busy picture.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +73,10 @@ class DatasetConfig:
                                                     "paper or scarf")
     workers: int = field(16, help="threads drawing and writing images (writes to object storage are I/O bound)")
     overwrite: bool = field(False, help="replace a dataset already at --out (only its own folders and files)")
+    format: str = field("folders", choices=("folders", "webdataset"),
+                        help="folders: one JPEG per object, <split>/<class>/<index>.jpg; webdataset: tar shards "
+                             "<split>/<split>-NNNNNN.tar holding <class>/<index>.jpg and .cls (the class index)")
+    shard_size: int = field(1000, help="images per tar shard (webdataset)")
 
     def __post_init__(self) -> None:
         if self.n_per_class < 2:
@@ -83,6 +89,8 @@ class DatasetConfig:
             raise ValueError(f"hard_negative_fraction must be between 0 and 1, got {self.hard_negative_fraction}")
         if not 1 <= self.workers <= 256:
             raise ValueError(f"workers must be between 1 and 256, got {self.workers}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
 
 
 def split_sizes(n_per_class: int) -> dict[str, int]:
@@ -168,6 +176,19 @@ def render_photo(label: str, index: int, *, width: int = 1920, height: int = 108
     return buf.getvalue()
 
 
+def _webdataset_tar(samples: list[tuple[str, int, bytes]]) -> bytes:
+    """A WebDataset shard: per sample ``<key>.jpg`` and ``<key>.cls``; fixed metadata, so the bytes are reproducible."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, label, data in samples:
+            key = name.rsplit(".", 1)[0]
+            for member, payload in ((name, data), (f"{key}.cls", f"{label}\n".encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
 def write_dataset(config: DatasetConfig) -> dict:
     """Draw the whole dataset and write it under ``config.out``; returns what ``dataset.json`` holds.
 
@@ -183,29 +204,45 @@ def write_dataset(config: DatasetConfig) -> dict:
     for name in existing:
         storage.delete(storage.join(config.out, name))
     sizes, started, done = split_sizes(config.n_per_class), time.monotonic(), itertools.count(1)
-    files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for c in CLASSES for i in range(sizes[s])]
+    # Classes interleaved, so that every shard holds both.
+    files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for i in range(sizes[s]) for c in CLASSES]
     last_log = [started]
+    shards = config.format == "webdataset"
 
-    def make(split: str, label: str, path: str) -> str:
+    def make(split: str, label: str, path: str) -> tuple[str, bytes]:
         sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
                                hard_negative_fraction=config.hard_negative_fraction)
-        storage.write_bytes(storage.join(config.out, split, label, path[-10:]), sample.jpeg())
+        data = sample.jpeg()
+        if not shards:
+            storage.write_bytes(storage.join(config.out, path), data)
         n, now = next(done), time.monotonic()  # count() is atomic under the GIL
         if now - last_log[0] >= 5 or n == len(files):  # alive, not chatty
             last_log[0] = now
-            log.info("%d/%d images written", n, len(files))
-        return sample.variant
+            log.info("%d/%d images %s", n, len(files), "drawn" if shards else "written")
+        return sample.variant, (data if shards else b"")
 
     # Threads, not processes: object-store writes wait on the network, and
     # Pillow releases the GIL while resizing, blurring and encoding.
+    rows = []
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        futures = [pool.submit(make, *f) for f in files]
-        try:
-            variants = [f.result() for f in futures]
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    rows = [(path, label, split, v) for (split, label, path), v in zip(files, variants)]
+        for split in SPLITS:  # one shard's images in memory at a time
+            todo = [f for f in files if f[0] == split]
+            for k in range(0, len(todo), config.shard_size if shards else len(todo)):
+                chunk = todo[k:k + config.shard_size] if shards else todo
+                futures = [pool.submit(make, *f) for f in chunk]
+                try:
+                    made = [f.result() for f in futures]
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+                if shards:
+                    shard = f"{split}/{split}-{k // config.shard_size:06d}.tar"
+                    storage.write_bytes(storage.join(config.out, shard),
+                                        _webdataset_tar([(p.split("/", 1)[1], CLASSES.index(c), d)
+                                                         for (_, c, p), (_, d) in zip(chunk, made)]))
+                    rows += [(f"{shard}#{p.split('/', 1)[1]}", c, s, v) for (s, c, p), (v, _) in zip(chunk, made)]
+                else:
+                    rows += [(p, c, s, v) for (s, c, p), (v, _) in zip(chunk, made)]
     storage.write_text(storage.join(config.out, "variants.csv"),
                        "path,label,split,variant\n" + "".join(",".join(r) + "\n" for r in rows))
     # Only what decides the pictures: the same seed gives the same file wherever it is written.
@@ -214,7 +251,11 @@ def write_dataset(config: DatasetConfig) -> dict:
               "hard_negative_fraction": config.hard_negative_fraction, "classes": list(CLASSES),
               "splits": {s: {c: sizes[s] for c in CLASSES} for s in SPLITS},
               "variants": {s: dict(sorted(Counter(r[3] for r in rows if r[2] == s).items())) for s in SPLITS},
-              "total": len(rows), "layout": "<split>/<class>/<index:06d>.jpg"}
+              "total": len(rows), "format": config.format,
+              "layout": ("<split>/<split>-<shard:06d>.tar holding <class>/<index:06d>.jpg and .cls" if shards
+                         else "<split>/<class>/<index:06d>.jpg")}
+    if shards:
+        record["shard_size"] = config.shard_size
     storage.write_json(storage.join(config.out, "dataset.json"), record)
     log.info("wrote %d images to %s in %.1f s", len(rows), config.out, time.monotonic() - started)
     return record

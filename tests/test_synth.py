@@ -160,3 +160,29 @@ def test_job_bad_target_is_one_line(target, tmp_path, s3_endpoint):
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+
+
+def test_webdataset_shards_hold_the_same_images(tmp_path):
+    import io
+    import tarfile
+
+    from maskmodel import synth
+
+    kw = dict(n_per_class=6, image_size=40, workers=4)
+    synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "folders"), **kw))
+    record = synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "wds"), format="webdataset", shard_size=5, **kw))
+    assert record["format"] == "webdataset" and record["total"] == 2 * (6 + 3 * 2)
+    shards = sorted(storage.listdir(str(tmp_path / "wds" / "train")))
+    assert shards == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]  # 12 images, 5 per shard
+    seen = {}
+    for shard in shards:
+        with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(str(tmp_path / "wds" / "train" / shard)))) as tar:
+            for m in tar.getmembers():
+                seen[m.name] = tar.extractfile(m).read()
+    assert len([n for n in seen if n.endswith(".jpg")]) == 12 and {seen["mask/000003.cls"], seen["no_mask/000003.cls"]} == {
+        b"0\n", b"1\n"}
+    for name in ("mask/000003.jpg", "no_mask/000005.jpg"):
+        assert seen[name] == storage.read_bytes(str(tmp_path / "folders" / "train" / name))
+    again = synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "wds2"), format="webdataset", shard_size=5, **kw))
+    assert again == record and storage.read_bytes(str(tmp_path / "wds2" / "train" / shards[1])) == storage.read_bytes(
+        str(tmp_path / "wds" / "train" / shards[1]))
