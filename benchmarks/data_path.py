@@ -39,7 +39,7 @@ import uuid
 import numpy as np
 import torch
 
-from maskmodel import inference, storage, synth
+from maskmodel import inference, loading, storage, synth
 from maskmodel.decode import decode, to_uint8_chw
 from maskmodel.latency_proxy import LatencyProxy
 from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
@@ -135,7 +135,7 @@ def load_step_cpu_ms(photos: list[bytes], card: ModelCard) -> tuple[float, float
         return (time.process_time() - c0) / len(photos) * 1e3
 
     ms_old = timed(lambda p: old(torch.from_numpy(to_uint8_chw(decode(p).image))).numpy())
-    ms_new = timed(lambda p: inference.preprocess_image(p, crop))
+    ms_new = timed(lambda p: loading.preprocess_image(p, crop))
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     return ms_old, ms_new
 
@@ -188,7 +188,7 @@ def main() -> None:
         card = ModelCard(arch=args.arch, classes=("mask", "no_mask"), input_size=args.size,
                          resize_size=resize_for(args.size))
         crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
-        crops = np.stack([inference.preprocess_image(x, crop)[0] for x in photos])
+        crops = np.stack([loading.preprocess_image(x, crop)[0] for x in photos])
         agreement = inference.label_agreement(model, [crops[i:i + 32] for i in range(0, len(crops), 32)],
                                               mean=card.mean, std=card.std)
         card = ModelCard(**{**card.__dict__, "metrics": {inference.BF16_AGREEMENT_KEY: agreement}})
@@ -197,9 +197,9 @@ def main() -> None:
         del model
 
         ms_old, ms_new = load_step_cpu_ms(photos, card)
-        batch = inference.load_batch({"path": np.array([f"{small}/{i:05d}.jpg" for i in range(args.n)], object)},
+        batch = loading.load_batch({"path": np.array([f"{small}/{i:05d}.jpg" for i in range(args.n)], object)},
                                      card=card, max_bytes=64 << 20)
-        gpu_batch = inference.load_batch({"path": batch["path"]}, card=card, max_bytes=64 << 20, gpu_decode=True)
+        gpu_batch = loading.load_batch({"path": batch["path"]}, card=card, max_bytes=64 << 20, gpu_decode=True)
         bytes_new = batch["pixels"].nbytes / args.n
         bytes_gpu = sum(len(d) for d in gpu_batch["data"]) / args.n
         bytes_old = 3 * args.size * args.size * 4

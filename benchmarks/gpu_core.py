@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from maskmodel import synth
-from maskmodel.inference import decode_on_device, preprocess_image
+from maskmodel.inference import decode_on_device
+from maskmodel.loading import preprocess_image
 from maskmodel.model import build_model
 from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, normalize, resize_for
 

@@ -1,14 +1,10 @@
-"""Scoring one batch at a time, without Ray: load (read, decode, crop), predict, rows.
+"""The predict step of scoring, on the model's device, without Ray: load-step batches in, result rows out.
 
-The steps of the scoring pipeline that are plain functions. :func:`load_batch`
-reads a batch's objects concurrently (one request each), decodes JPEGs at the
-reduced size the model needs and crops them to ``uint8 (N, 3, S, S)``, or,
-for GPU decoding, checks their headers and passes the compressed bytes on;
-every failure is a reason in its row. :class:`Predictor` finishes on its
-device: GPU JPEG decoding with a per-image CPU fallback, normalisation, the
-model, and rows of the results schema. :mod:`maskmodel.scoring` wraps them in
-Ray Data tasks and an actor pool; the training job uses
-:func:`label_agreement` to record whether bf16 is safe.
+:class:`Predictor` finishes what :mod:`maskmodel.loading` started: GPU JPEG
+decoding (batched, with a per-image CPU fallback that keeps the CPU path's
+reasons), normalisation on the device, the model, and rows of the results
+schema. :mod:`maskmodel.scoring` runs it in a Ray Data actor pool; the training
+job uses :func:`label_agreement` to record whether bf16 is safe.
 """
 
 from __future__ import annotations
@@ -21,101 +17,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import fetch, results, testhooks
-from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
+from maskmodel import results, testhooks
+from maskmodel.decode import DecodeError
+from maskmodel.loading import column, preprocess_image
 from maskmodel.model import ModelCard, load_model_dir
 from maskmodel.transforms import EvalCrop, normalize
 
 #: ``model.json`` metric: share of held-out images where bf16 gives the fp32 label (see :func:`label_agreement`).
 BF16_AGREEMENT_KEY = "bf16_label_agreement"
-#: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
-GPU_FORMATS = ("JPEG",)
-
-
-def _reason(error: BaseException) -> str:
-    """The ``unreadable: ...`` reason of a failed read."""
-    if isinstance(error, FileNotFoundError):
-        return "unreadable: not found"
-    if isinstance(error, PermissionError):
-        return "unreadable: permission denied"
-    return f"unreadable: {type(error).__name__}"
-
-
-def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
-    """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
-
-    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
-    """
-    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
-    return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
-
-
-def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
-    """A column as a list with None for missing values; Ray may hand an all-null column over as NaN floats."""
-    if name not in batch:
-        return [None] * n
-    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in batch[name]]
-
-
-def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_keys: np.ndarray | None = None,
-               gpu_decode: bool = False, concurrency: int = 32) -> dict[str, np.ndarray]:
-    """Read, decode and crop a batch of objects (columns ``path`` [, ``version``, ``size``]).
-
-    Returns columns ``path, version, size, error, width, height, pixels``
-    (``uint8 (N, 3, S, S)``) and, with ``gpu_decode``, ``data``: the
-    compressed bytes of JPEGs whose headers check out, left for the
-    predictor to decode on its GPU (their ``pixels`` stay zero). A failing
-    object keeps its row with ``error`` set (zero pixels, width -1). Objects
-    are read ``concurrency`` at a time, one request each; the row's version
-    and size come from that read. Objects whose ``(path, version)`` is in
-    ``skip_keys`` are dropped (for objects of unknown version, one HEAD
-    each first, so a skipped object is never downloaded).
-    """
-    paths = [str(p) for p in batch["path"]]
-    n = len(paths)
-    versions, sizes = _column(batch, "version", n), _column(batch, "size", n)
-    keep = list(range(n))
-    if skip_keys is not None and len(skip_keys):
-        unknown = [i for i in keep if versions[i] is None]
-        for i, got in zip(unknown, fetch.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
-                                                     concurrency=concurrency)):
-            versions[i] = got.version
-        seen = results.contains(skip_keys, results.object_keys(paths, versions))
-        keep = [i for i in keep if versions[i] is None or not seen[i]]
-    fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
-    crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
-    k = len(keep)
-    pixels = np.zeros((k, 3, card.input_size, card.input_size), dtype=np.uint8)
-    width, height = np.full(k, -1, np.int32), np.full(k, -1, np.int32)
-    errors: list[str | None] = [None] * k
-    compressed: list[bytes | None] = [None] * k
-    for j, (i, got) in enumerate(zip(keep, fetched)):
-        versions[i] = got.version or versions[i]
-        sizes[i] = got.size if got.size is not None else sizes[i]
-        if got.error is not None:
-            errors[j] = _reason(got.error)
-        elif got.data is None:
-            errors[j] = too_large_bytes(int(got.size or 0), max_bytes)
-        else:
-            try:
-                fmt, w, h = probe(got.data, max_bytes=max_bytes) if gpu_decode else ("", -1, -1)
-                if fmt in GPU_FORMATS and complete_jpeg(got.data):
-                    compressed[j], width[j], height[j] = got.data, w, h
-                else:
-                    pixels[j], width[j], height[j] = preprocess_image(got.data, crop, max_bytes=max_bytes)
-            except DecodeError as e:
-                errors[j] = str(e)
-            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
-                errors[j] = f"undecodable: {type(e).__name__}"
-    out = {"path": np.array([paths[i] for i in keep], dtype=object),
-           "version": np.array([versions[i] for i in keep], dtype=object),
-           "size": np.array([sizes[i] for i in keep], dtype=object),
-           "error": np.array(errors, dtype=object), "width": width, "height": height, "pixels": pixels}
-    if gpu_decode:
-        out["data"] = np.array(compressed, dtype=object)
-    return out
-
-
 def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
@@ -168,7 +77,7 @@ def result_table(batch: dict[str, Any], probs: np.ndarray, *, schema: pa.Schema,
                  model_id: str, run_id: str, scored_at: Any) -> pa.Table:
     """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order)."""
     n = len(batch["path"])
-    errors, versions, sizes = (_column(batch, c, n) for c in ("error", "version", "size"))
+    errors, versions, sizes = (column(batch, c, n) for c in ("error", "version", "size"))
     ok = np.array([e is None for e in errors], dtype=bool)
     full = np.zeros((len(errors), len(classes)), dtype=np.float32)
     full[ok] = probs
@@ -237,15 +146,6 @@ def decode_on_device(datas: list[bytes], crop: EvalCrop, *, device: torch.device
     return out
 
 
-def complete_jpeg(data: bytes) -> bool:
-    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
-
-    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
-    is not libjpeg's, and a truncated image must get the CPU path's reason.
-    """
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
-
-
 class Predictor:
     """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows.
 
@@ -295,7 +195,7 @@ class Predictor:
         self.calls += 1
         testhooks.pause(f"score-predict-{self.calls}")  # test-only: lose a node while actors hold work
         n = len(batch["path"])
-        errors = _column(batch, "error", n)
+        errors = column(batch, "error", n)
         on_device = self._device_rows(batch, errors)
         batch["error"] = np.array(errors, dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)

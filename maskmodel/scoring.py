@@ -41,7 +41,8 @@ from maskmodel.config import config_to_dict, field
 from maskmodel.console import Progress, init_ray
 from maskmodel.decode import IMAGE_EXTENSIONS
 from maskmodel.errors import UserError
-from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, load_batch, resolve_precision
+from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, resolve_precision
+from maskmodel.loading import load_batch
 from maskmodel.model import ModelCard, load_model_dir
 from maskmodel.storage import ObjectInfo
 from maskmodel.telemetry import ScoringMetrics

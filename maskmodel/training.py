@@ -319,7 +319,8 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     from maskmodel.data import discover
     from maskmodel.decode import DecodeError
     from maskmodel.model import build_model
-    from maskmodel.inference import cpu_has_native_bf16, label_agreement, preprocess_image
+    from maskmodel.inference import cpu_has_native_bf16, label_agreement
+    from maskmodel.loading import preprocess_image
     from maskmodel.transforms import EvalCrop
 
     if not cpu_has_native_bf16():

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import fetch, inference, results, scoring, storage, testhooks
+from maskmodel import fetch, inference, loading, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -127,7 +127,7 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
         storage.write_bytes(storage.join(root, name), data)
     paths = [storage.join(root, n) for n in objs] + [storage.join(root, "gone.jpg")]
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
-    out = inference.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20)
+    out = loading.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20)
     reasons = dict(zip(out["path"], out["error"]))
     for name, (_, expected) in objs.items():
         got = reasons[storage.join(root, name)]
@@ -165,7 +165,7 @@ def test_load_batch_reads_concurrently_with_one_get_per_object(s3_bucket, s3_end
     with LatencyProxy(s3_endpoint, latency_s=0.05) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)  # every request now pays 50 ms
         # Manifest rows: no version, no size. Their versions must come from the GETs themselves.
-        out = inference.load_batch({"path": np.array(uris, dtype=object)}, card=card, max_bytes=1 << 20,
+        out = loading.load_batch({"path": np.array(uris, dtype=object)}, card=card, max_bytes=1 << 20,
                                    concurrency=16)
     assert list(out["error"]) == [None] * 24 and all(out["version"]) and list(out["size"]) == [len(d) for d in datas]
     assert proxy.requests["GET"] == 24 and proxy.requests["HEAD"] == 0, proxy.requests
@@ -179,8 +179,8 @@ def test_load_batch_drops_already_scored_pairs(tmp_path):
     batch = {"path": np.array([uri], dtype=object)}
     version = storage.info(uri).version
     skip = np.sort(results.object_keys([uri], [version]))
-    assert len(inference.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
-    assert len(inference.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
+    assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
+    assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
 
 
 def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
@@ -189,7 +189,7 @@ def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
     datas = [encode(face(i % 2, i), "JPEG") for i in range(5)] + [b""]
     for i, d in enumerate(datas):
         storage.write_bytes(str(tmp_path / f"{i}.jpg"), d)
-    batch = inference.load_batch({"path": np.array([str(tmp_path / f"{i}.jpg") for i in range(6)], dtype=object)},
+    batch = loading.load_batch({"path": np.array([str(tmp_path / f"{i}.jpg") for i in range(6)], dtype=object)},
                                card=card, max_bytes=1 << 20)
     table = inference.Predictor(model_uri, run_id="r", precision="fp32")(batch)
     assert table.schema == results.results_schema(CLASSES)
@@ -215,8 +215,8 @@ def test_device_decode_gives_the_cpu_paths_rows_and_falls_back_image_by_image(tm
         paths.append(str(tmp_path / name))
         storage.write_bytes(paths[-1], data)
     batch = {"path": np.array(paths, dtype=object)}
-    cpu = inference.load_batch(batch, card=card, max_bytes=1 << 20)
-    dev = inference.load_batch(batch, card=card, max_bytes=1 << 20, gpu_decode=True)
+    cpu = loading.load_batch(batch, card=card, max_bytes=1 << 20)
+    dev = loading.load_batch(batch, card=card, max_bytes=1 << 20, gpu_decode=True)
     shipped = {os.path.basename(p) for p, d in zip(dev["path"], dev["data"]) if d is not None}
     # Complete JPEGs with good headers travel compressed; the PNG, the cut-off JPEG and the text file do not.
     assert shipped == {*good, "refused.jpg", "cmyk.jpg"}

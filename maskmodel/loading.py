@@ -1,0 +1,224 @@
+"""The load step of scoring, on CPUs: objects and archive members in, uint8 crops (or JPEG bytes) out.
+
+Plain functions, no Ray. :func:`load_batch` reads a batch of loose objects
+concurrently (one request each, the version from the response), decodes JPEGs
+at the reduced size the model needs and crops them to ``uint8 (N, 3, S, S)``;
+with GPU decoding it checks JPEG headers and passes the compressed bytes on.
+:func:`load_archive` streams one tar, or reads a range of one zip's members,
+and yields the same columns for every image member. Every failure is a reason
+in its row: nothing is dropped, and one bad object never stops the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from maskmodel import archives, fetch, results
+from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
+from maskmodel.errors import UserError
+from maskmodel.model import ModelCard
+from maskmodel.transforms import EvalCrop
+
+#: The columns every load batch has (``data`` too, with GPU decoding), whatever it read.
+COLUMNS = ("path", "version", "size", "error", "width", "height", "pixels", "archive", "member")
+ZIP_MEMBERS_PER_TASK = 256  # a zip's central-directory entries per load task: big zips spread over the cluster
+
+
+#: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
+GPU_FORMATS = ("JPEG",)
+
+
+def _reason(error: BaseException) -> str:
+    """The ``unreadable: ...`` reason of a failed read."""
+    if isinstance(error, FileNotFoundError):
+        return "unreadable: not found"
+    if isinstance(error, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {type(error).__name__}"
+
+
+def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
+
+    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
+    """
+    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
+    return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
+
+
+def column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
+    """A column as a list with None for missing values; Ray may hand an all-null column over as NaN floats."""
+    if name not in batch:
+        return [None] * n
+    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in batch[name]]
+
+
+class _Rows:
+    """Load-step rows as they are made: each object or member decoded and cropped (or checked for the GPU) on add."""
+
+    def __init__(self, card: ModelCard, *, max_bytes: int, gpu_decode: bool) -> None:
+        self.crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
+        self.max_bytes, self.gpu_decode = max_bytes, gpu_decode
+        self.zero = np.zeros((3, card.input_size, card.input_size), dtype=np.uint8)
+        self.cols: dict[str, list[Any]] = {c: [] for c in (*COLUMNS, "data")}
+
+    def __len__(self) -> int:
+        return len(self.cols["path"])
+
+    def add(self, path: str, version: str | None, size: int | None, *, data: bytes | None = None,
+            error: str | None = None, archive: str | None = None, member: str | None = None) -> None:
+        pixels, width, height, compressed = self.zero, -1, -1, None
+        if error is None and data is not None:
+            try:
+                fmt, w, h = probe(data, max_bytes=self.max_bytes) if self.gpu_decode else ("", -1, -1)
+                if fmt in GPU_FORMATS and complete_jpeg(data):
+                    compressed, width, height = data, w, h
+                else:
+                    pixels, width, height = preprocess_image(data, self.crop, max_bytes=self.max_bytes)
+            except DecodeError as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
+                error = f"undecodable: {type(e).__name__}"
+        for name, value in (("path", path), ("version", version), ("size", size), ("error", error),
+                            ("width", width), ("height", height), ("pixels", pixels), ("archive", archive),
+                            ("member", member), ("data", compressed)):
+            self.cols[name].append(value)
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The rows so far as a batch (and start over)."""
+        c, k = self.cols, len(self)
+        out = {name: np.array(c[name], dtype=object) for name in ("path", "version", "size", "error", "archive",
+                                                                 "member")}
+        out["width"], out["height"] = np.array(c["width"], np.int32), np.array(c["height"], np.int32)
+        out["pixels"] = np.stack(c["pixels"]) if k else np.zeros((0, *self.zero.shape), np.uint8)
+        if self.gpu_decode:
+            out["data"] = np.array(c["data"], dtype=object)
+        self.cols = {name: [] for name in self.cols}
+        return out
+
+
+def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_keys: np.ndarray | None = None,
+               gpu_decode: bool = False, concurrency: int = 32) -> dict[str, np.ndarray]:
+    """Read, decode and crop a batch of loose objects (columns ``path`` [, ``version``, ``size``]).
+
+    Returns :data:`COLUMNS` (``pixels`` is ``uint8 (N, 3, S, S)``; ``archive``
+    and ``member`` are empty for loose objects) and, with ``gpu_decode``,
+    ``data``: the compressed bytes of JPEGs whose headers check out, left for
+    the predictor to decode on its GPU (their ``pixels`` stay zero). A failing
+    object keeps its row with ``error`` set (zero pixels, width -1). Objects
+    are read ``concurrency`` at a time, one request each; the row's version
+    and size come from that read. Objects whose ``(path, version)`` is in
+    ``skip_keys`` are dropped (for objects of unknown version, one HEAD
+    each first, so a skipped object is never downloaded).
+    """
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    versions, sizes = column(batch, "version", n), column(batch, "size", n)
+    keep = list(range(n))
+    if skip_keys is not None and len(skip_keys):
+        unknown = [i for i in keep if versions[i] is None]
+        for i, got in zip(unknown, fetch.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
+                                                   concurrency=concurrency)):
+            versions[i] = got.version
+        seen = results.contains(skip_keys, results.object_keys(paths, versions))
+        keep = [i for i in keep if versions[i] is None or not seen[i]]
+    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
+    for i, got in zip(keep, fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)):
+        version, size = got.version or versions[i], got.size if got.size is not None else sizes[i]
+        if got.error is not None:
+            rows.add(paths[i], version, size, error=_reason(got.error))
+        elif got.data is None:
+            rows.add(paths[i], version, size, error=too_large_bytes(int(got.size or 0), max_bytes))
+        else:
+            rows.add(paths[i], version, size, data=got.data)
+    return rows.take()
+
+
+def zip_ranges(batch: dict[str, Any], *, per_task: int = ZIP_MEMBERS_PER_TASK) -> dict[str, np.ndarray]:
+    """Archive rows to load tasks: each zip becomes ranges of ``per_task`` central-directory entries; a tar stays whole.
+
+    Adds ``first`` and ``count`` (``-1``: to the end). A zip whose directory
+    cannot be read stays one row; loading it then reports why.
+    """
+    out: dict[str, list[Any]] = {"path": [], "version": [], "size": [], "first": [], "count": []}
+    n = len(batch["path"])
+    versions, sizes = column(batch, "version", n), column(batch, "size", n)
+    for path, version, size in zip((str(p) for p in batch["path"]), versions, sizes):
+        spans = [(0, -1)]
+        if archives.archive_kind(path) == "zip":
+            try:
+                f, size, version = fetch.open_ranged(path, block_size=1 << 20)
+                with f:
+                    entries = len(archives.zip_index(f))
+                spans = [(k, per_task) for k in range(0, max(entries, 1), per_task)]
+            except (UserError, ValueError):
+                pass
+        for first, count in spans:
+            for name, value in (("path", path), ("version", version), ("size", size), ("first", first),
+                                ("count", count)):
+                out[name].append(value)
+    return {k: np.array(v, dtype=np.int64 if k in ("first", "count") else object) for k, v in out.items()}
+
+
+def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, extensions: Sequence[str],
+                 skip_keys: np.ndarray | None = None, gpu_decode: bool = False, rows_per_batch: int = 32,
+                 max_ratio: float = archives.DEFAULT_MAX_RATIO) -> Iterator[dict[str, np.ndarray]]:
+    """Rows for the image members of each archive (or zip range) in ``batch``, ``rows_per_batch`` at a time.
+
+    A member's row: ``path`` ``<archive>#<member>``, the archive's version, the
+    member's size, ``archive`` and ``member``. A tar is read front to back
+    through one request; a zip range by ranged reads in large blocks. An
+    archive that breaks part-way gets one more row, for the archive itself,
+    with the reason; one that cannot be read at all gets that row only. A
+    whole archive whose ``(archive, version)`` is in ``skip_keys`` is skipped,
+    as is each member whose ``(path, version)`` is.
+    """
+    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
+    n = len(batch["path"])
+    firsts, counts = column(batch, "first", n), column(batch, "count", n)
+    for path, first, count in zip((str(p) for p in batch["path"]), firsts, counts):
+        kind = archives.archive_kind(path)
+        try:
+            f, size, version = (fetch.open_stream(path) if kind == "tar" else
+                                fetch.open_ranged(path))
+        except UserError as e:
+            rows.add(path, None, None, error=_reason(e.__cause__ or e), archive=path)
+            continue
+        has = (lambda key_paths: results.contains(skip_keys, results.object_keys(key_paths, [version] * len(key_paths)))
+               ) if skip_keys is not None and len(skip_keys) else None
+        if has is not None and has([path])[0]:
+            f.close()
+            continue
+
+        def skip(name: str) -> bool:
+            return has is not None and bool(has([archives.member_uri(path, name)])[0])
+
+        with f:
+            common = dict(extensions=extensions, max_bytes=max_bytes, max_ratio=max_ratio, skip=skip)
+            items = (archives.iter_tar(f, **common) if kind == "tar" else
+                     archives.iter_zip(f, first=int(first or 0), count=None if count in (None, -1) else int(count),
+                                       **common))
+            for item in items:
+                if isinstance(item, archives.Damage):
+                    rows.add(path, version, size, error=item.reason, archive=path)
+                else:
+                    rows.add(archives.member_uri(path, item.name), version, item.size, data=item.data,
+                             error=item.error, archive=path, member=item.name)
+                if len(rows) >= rows_per_batch:
+                    yield rows.take()
+    if len(rows):
+        yield rows.take()
+
+
+def complete_jpeg(data: bytes) -> bool:
+    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
+
+    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
+    is not libjpeg's, and a truncated image must get the CPU path's reason.
+    """
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
