@@ -64,7 +64,8 @@ class AblationConfig:
     image_size: int = field(224, help="input edge in pixels")
     num_workers: int = field(1, help="Ray Train workers per trial")
     gpu: bool = field(False, help="train each trial's workers on GPUs")
-    cpus_per_worker: float = field(1.0, help="CPUs reserved per training worker")
+    cpus_per_worker: float = field(0.0, help="CPUs reserved per training worker; 0 = 1 each if one trial then "
+                                             "leaves a CPU free for reading and decoding images, else less")
     torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
     trial_cpus: float = field(0.01, help="CPUs Tune reserves for each trial's driver, which only starts the "
                                          "Train run (its workers reserve their own)")
@@ -104,8 +105,11 @@ def _weights(w: str) -> str:
     return w if w in ("imagenet", "none") else _absolute(w)
 
 
-def trial_specs(config: AblationConfig) -> list[dict[str, Any]]:
-    """One spec per grid point (lr x augment x weights, in that nesting order): index, name, TrainConfig fields."""
+def trial_specs(config: AblationConfig, *, cpus_per_worker: float | None = None) -> list[dict[str, Any]]:
+    """One spec per grid point (lr x augment x weights, in that nesting order): index, name, TrainConfig fields.
+
+    ``cpus_per_worker``: the value the trials' workers reserve, resolved against the cluster by the caller.
+    """
     from maskmodel.training import TrainConfig
 
     out, data, output = [], _absolute(config.data), _absolute(config.output)
@@ -116,7 +120,8 @@ def trial_specs(config: AblationConfig) -> list[dict[str, Any]]:
             data=data, output=storage.join(output, "trials", name), arch=config.arch, weights=_weights(w),
             epochs=config.epochs, batch_size=config.batch_size, lr=lr,
             image_size=config.image_size, augment=aug == "on", num_workers=config.num_workers, gpu=config.gpu,
-            cpus_per_worker=config.cpus_per_worker, torch_threads=config.torch_threads,
+            cpus_per_worker=config.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
+            torch_threads=config.torch_threads,
             max_failures=config.max_failures, seed=config.seed)
         out.append({"index": i, "name": name, "lr": lr, "augment": aug, "weights": w,
                     "train": config_to_dict(train)})
@@ -141,18 +146,28 @@ def _trial(param: dict[str, Any]) -> None:
     export(config, trainer.fit(), classes)
 
 
-def _concurrency(config: AblationConfig, trials: int) -> int:
+def _plan_cpus(config: AblationConfig, trials: int) -> tuple[float, int]:
+    """``(CPUs per training worker, trials at once)`` that leave one CPU for Ray Data; :class:`UserError` if none do.
+
+    Ray Data's read and decode tasks need a whole free CPU; trials that reserve every CPU would wait forever.
+    """
     import ray
 
-    if config.max_concurrent_trials:
-        return config.max_concurrent_trials
+    from maskmodel.resources import DATA_CPUS, cpus_per_worker
+
     res = ray.cluster_resources()
-    per_trial = config.trial_cpus + config.num_workers * config.cpus_per_worker
-    # Ray Data's decode/augment tasks need a whole free CPU; trials that reserve every CPU would wait forever.
-    n = math.floor((res.get("CPU", 1.0) - 1.0) / per_trial + 1e-9)
+    cpus = float(res.get("CPU", 0.0))
+    kw = dict(what="trial worker", extra_cpus=config.trial_cpus)
+    if config.max_concurrent_trials:  # the user's number of trials at once must fit as a whole
+        n = min(config.max_concurrent_trials, trials)
+        return cpus_per_worker(config.cpus_per_worker, config.num_workers, cpus, groups=n,
+                               count_flag="--max-concurrent-trials", **kw), config.max_concurrent_trials
+    per_worker = cpus_per_worker(config.cpus_per_worker, config.num_workers, cpus, **kw)  # one trial at least
+    per_trial = config.trial_cpus + config.num_workers * per_worker
+    n = math.floor((cpus - DATA_CPUS) / per_trial + 1e-9)
     if config.gpu:
         n = min(n, int(res.get("GPU", 0) // config.num_workers))
-    return max(1, min(n, trials))
+    return per_worker, max(1, min(n, trials))
 
 
 def _history(result) -> list[dict[str, float]]:
@@ -265,14 +280,14 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     data = discover(config.data)
     for w in config.weights:  # a bad --weights fails here, once, not in every trial
         init_weights(build_model(config.arch, len(data.classes)), config.arch, _weights(w))
-    specs = trial_specs(config)
-    fail = os.environ.get(FAIL_TRIAL_ENV)
-    for s in specs:
-        s["inject_failure"] = fail is not None and int(fail) == s["index"]
     from maskmodel.console import init_ray
 
     init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
-    concurrent = _concurrency(config, len(specs))
+    worker_cpus, concurrent = _plan_cpus(config, len(trial_specs(config)))
+    specs = trial_specs(config, cpus_per_worker=worker_cpus)
+    fail = os.environ.get(FAIL_TRIAL_ENV)
+    for s in specs:
+        s["inject_failure"] = fail is not None and int(fail) == s["index"]
     log.info("%d trial(s), %d at a time: %s", len(specs), concurrent, ", ".join(s["name"] for s in specs))
     fs, path = storage.pyarrow_filesystem(_absolute(config.output))
     tuner = tune.Tuner(

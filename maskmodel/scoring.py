@@ -44,6 +44,7 @@ from maskmodel.errors import UserError
 from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, resolve_precision
 from maskmodel.loading import load_batch
 from maskmodel.model import ModelCard, load_model_dir
+from maskmodel.resources import autoscaler_max, check_actor_cpus
 from maskmodel.storage import ObjectInfo
 from maskmodel.telemetry import ScoringMetrics
 
@@ -254,22 +255,6 @@ def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
 
 
-def _autoscaler_max(resource: str) -> float | None:
-    """The most of ``resource`` (``GPU``, ``CPU``) the cluster's autoscaler may bring up; ``None``: no limits published.
-
-    An autoscaler may publish its node groups (min/max nodes, resources per node)
-    to the GCS; Ray Train and Ray Data read the same record to tell an autoscaling
-    cluster from a fixed one. Without it, ``--actors`` is how a user says "wait".
-    """
-    try:
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - private API; without it we cannot tell, so behave as a fixed cluster
-        return None
-    return None if limits is None else float(limits.get(resource, 0))
-
-
 def _started_local_ray() -> bool:
     """Whether ``ray.init`` in this process started its own Ray instance (rather than joining a cluster)."""
     import ray
@@ -293,9 +278,9 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
         gpus = resources.get("GPU", 0)
         if gpus >= cfg.num_gpus:
             actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
-            _check_cpus(resources, actors, load_tasks=True)
+            check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=True)
             return actors, "cuda"
-        most = _autoscaler_max("GPU")
+        most = autoscaler_max("GPU")
         if most is not None and most < cfg.num_gpus:
             raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
                             f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
@@ -313,22 +298,8 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
         return actors, "cuda"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
     actors = cfg.actors or max(1, len(nodes))
-    _check_cpus(resources, actors, load_tasks=cfg.load_tasks)
+    check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=cfg.load_tasks)
     return actors, "cpu"
-
-
-def _check_cpus(resources: dict, actors: int, *, load_tasks: bool) -> None:
-    """Fail in one sentence when predictor actors (1 CPU each) would leave no CPU for the load step.
-
-    Otherwise the run would wait forever: actors or load tasks that never get a CPU. An
-    autoscaler that can add CPUs is trusted to do so.
-    """
-    cpus, need = resources.get("CPU", 0), actors + (1 if load_tasks else 0)
-    if need <= cpus or (_autoscaler_max("CPU") or 0) >= need:
-        return
-    what = "and one for the load step " if load_tasks else ""
-    raise UserError(f"{actors} predictor actor(s) need {actors} CPU(s) {what}but the Ray cluster has {cpus:g}; "
-                    f"pass fewer --actors, or add CPUs to the cluster.")
 
 
 def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):

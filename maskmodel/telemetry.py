@@ -41,3 +41,29 @@ class ScoringMetrics:
         for kind, n in Tally(error_kind(e) for e in errors if e).items():
             self.errors.inc(n, tags={**self.tags, "reason": kind})
         self.rate.set(rate, tags=self.tags)
+
+
+TRAIN_GAUGES = {
+    "maskmodel_train_epoch": ("epoch", "the last finished epoch (counting from 1)"),
+    "maskmodel_train_loss": ("train_loss", "mean training loss of the last epoch"),
+    "maskmodel_train_accuracy": ("train_acc", "training accuracy of the last epoch"),
+    "maskmodel_val_loss": ("val_loss", "validation loss of the last epoch"),
+    "maskmodel_val_accuracy": ("val_acc", "validation accuracy of the last epoch"),
+    "maskmodel_train_images_per_second": ("images_per_s", "training images per second in the last epoch"),
+}
+
+
+class TrainingMetrics:
+    """Per-epoch training gauges, set by rank 0; tag ``run`` is the run's ``--output``."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: (key, Gauge(name, description=text, tag_keys=("run",)))
+                       for name, (key, text) in TRAIN_GAUGES.items()}
+
+    def record(self, row: dict) -> None:
+        for key, gauge in self.gauges.values():
+            value = row[key] + 1 if key == "epoch" else row[key]
+            gauge.set(float(value), tags=self.tags)

@@ -2,16 +2,20 @@
 
 Kept short on purpose: restore → for each epoch (train, evaluate, report with
 a checkpoint). Everything it needs comes in ``loop_config`` from
-:mod:`maskmodel.training`; metrics are summed across workers with
-``torch.distributed`` so every number counts each image exactly once.
+:mod:`maskmodel.training` (which this module never imports); metrics are
+summed on the device and across workers with ``torch.distributed``, once per
+epoch, so every number counts each image exactly once. Images arrive as uint8
+crops and are augmented and normalised here, on the worker's device.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -19,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 from maskmodel import testhooks
+from maskmodel.console import fmt_seconds
+from maskmodel.telemetry import TrainingMetrics
+from maskmodel.train_outputs import META_FILE, STATE_FILE, write_epoch_outputs, write_samples_grid
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 # Test-only fault injection: the driver forwards these (and testhooks' pause variables) to the workers.
 FAIL_AT_EPOCH_ENV = "MASKMODEL_TEST_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "MASKMODEL_TEST_FAIL_MARKER"
@@ -67,23 +73,74 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _run_epoch(model, shard, *, device, batch_size, optimizer=None, precision="fp32",
-               num_classes=2, channels_last=False, on_first_batch=None) -> dict[str, Any]:
-    """One pass over ``shard``; trains when ``optimizer`` is given. Returns globally summed counts."""
+class Watchdog:
+    """Says plainly, in the worker's log, when no batch has arrived for ``stall_s`` seconds.
+
+    A data pipeline with no CPU to run on waits forever without a word; this
+    names the likely cause. :meth:`beat` on every batch; checks run on a daemon thread.
+    """
+
+    def __init__(self, stall_s: float, *, rank: int, clock=time.monotonic) -> None:
+        self.stall_s, self.rank, self.clock = stall_s, rank, clock
+        self.last = clock()
+        self.warned = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self.last = self.clock()
+        self.warned = False
+
+    def check(self) -> bool:
+        """Log once per stall; true when it did."""
+        idle = self.clock() - self.last
+        if idle < self.stall_s or self.warned:
+            return False
+        self.warned = True
+        log.warning("worker rank %d has had no batch for %s: the data pipeline may have no CPU left to read and "
+                    "decode images (see `ray status`); lower --cpus-per-worker or --num-workers, or add CPUs",
+                    self.rank, fmt_seconds(idle))
+        return True
+
+    def __enter__(self) -> "Watchdog":
+        self.beat()
+        if self.stall_s > 0:
+            self._thread = threading.Thread(target=self._run, name="maskmodel-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(10.0, self.stall_s / 4)):
+            self.check()
+
+
+def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, precision="fp32", num_classes=2,
+               channels_last=False, on_first_batch=None, watchdog: Watchdog | None = None) -> dict[str, Any]:
+    """One pass over ``shard``; trains when ``optimizer`` is given. Returns globally summed counts.
+
+    Batches arrive as uint8 crops (pinned, copied asynchronously to a GPU);
+    ``prepare`` turns them into the model's input on the device (augmentation
+    and normalisation). Sums stay on the device and are synchronised once, at
+    the end, with the other workers'.
+    """
     training = optimizer is not None
     model.train(training)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.float64)
-    seen = torch.zeros((), dtype=torch.float64)
-    cm = torch.zeros((num_classes, num_classes), dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, seen
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     batches = shard.iter_torch_batches(
-        batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64}, device=device,
-        local_shuffle_buffer_size=(max(256, 8 * batch_size) if training else None), prefetch_batches=2,
+        batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
+        pin_memory=device.type == "cuda", prefetch_batches=2,
+        local_shuffle_buffer_size=(max(256, 8 * batch_size) if training else None),
     )
     start = time.perf_counter()
     for i, batch in enumerate(batches):
-        images, labels = batch["image"], batch["label"]
+        if watchdog is not None:
+            watchdog.beat()
+        images, labels = prepare(batch["image"]), batch["label"]
         if on_first_batch is not None and i == 0:
             on_first_batch(images, labels)
         if channels_last:
@@ -95,18 +152,31 @@ def _run_epoch(model, shard, *, device, batch_size, optimizer=None, precision="f
             optimizer.zero_grad(set_to_none=True)
             (loss / labels.shape[0]).backward()
             optimizer.step()
-        preds = logits.argmax(dim=1)
-        loss_sum += loss.detach().double().cpu()
-        correct += (preds == labels).sum().double().cpu()
-        seen += labels.shape[0]
+        preds = logits.detach().argmax(dim=1)
+        sums += torch.stack([loss.detach().double(), (preds == labels).sum().double(),
+                             torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device)])
         if not training:
-            idx = (labels * num_classes + preds).cpu()
-            cm += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).double()
+            cm += torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).double()
     elapsed = time.perf_counter() - start
-    totals = _all_reduce(torch.cat([torch.stack([loss_sum, correct, seen]), cm.flatten()]))
+    totals = _all_reduce(torch.cat([sums, cm]))
     n = max(float(totals[2]), 1.0)
     return {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "images": int(totals[2]),
             "seconds": elapsed, "cm": totals[3:].view(num_classes, num_classes).long().tolist()}
+
+
+def _schedule(optimizer, cfg: dict[str, Any]):
+    """Per-epoch learning rate: optional linear warm-up (for large global batches), then constant or cosine."""
+    warmup, epochs = int(cfg.get("warmup_epochs") or 0), cfg["epochs"]
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if cfg["lr_schedule"] == "cosine":
+            span = max(1, epochs - warmup)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / span))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -114,9 +184,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
+    from maskmodel.augment import DeviceAugment
     from maskmodel.model import build_model, unwrap
-    from maskmodel.training import write_epoch_outputs, write_samples_grid
+    from maskmodel.transforms import normalize
 
     _worker_logging()
     ctx = ray.train.get_context()
@@ -126,21 +198,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg["seed"] + rank)
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
+    if use_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     precision = cfg["precision"]
     if precision == "auto":
         precision = "bf16" if use_gpu else "fp32"
+    mean, std = cfg["mean"], cfg["std"]
+    augment = DeviceAugment(rotation_degrees=cfg["rotation_degrees"], jitter=cfg["jitter"], mean=mean, std=std) \
+        if cfg["augment"] else None
 
     model = build_model(cfg["arch"], len(cfg["classes"]))
     model.load_state_dict(ray.get(cfg["initial_state_ref"]))
     if use_gpu:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    if cfg.get("compile"):
+        model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
-    if cfg["lr_schedule"] == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scheduler = _schedule(optimizer, cfg)
 
     start_epoch, history, attempt = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
@@ -157,22 +233,30 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg["batch_size"] // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    metrics_out = TrainingMetrics(cfg["output"]) if rank == 0 else None
     run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg["epochs"]):
         _maybe_inject_failure(epoch)
         epoch_start = time.perf_counter()
         grab = None
         if rank == 0 and epoch == 0 and not history:
-            grab = lambda imgs, labels: write_samples_grid(cfg["output"], imgs, labels, cfg["classes"])  # noqa: E731
-        tr = _run_epoch(model, train_shard, device=device, batch_size=per_worker_batch, optimizer=optimizer,
-                        precision=precision, num_classes=len(cfg["classes"]), channels_last=use_gpu,
-                        on_first_batch=grab)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        # Evaluate the plain module: DDP's forward syncs buffers collectively, which would
-        # deadlock when workers hold different numbers of val batches (exact, unequal shards).
-        va = _run_epoch(unwrap(model), val_shard, device=device, batch_size=per_worker_batch, precision=precision,
-                        num_classes=len(cfg["classes"]), channels_last=use_gpu)
+            def grab(imgs, labels):  # noqa: E306 - exactly what the model is about to see
+                write_samples_grid(cfg["output"], imgs, labels, cfg["classes"], mean=mean, std=std)
+        # Each worker and epoch draws its own augmentation, reproducibly from the seed.
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 100_003 + epoch * 1_009 + rank)
+        train_prep = ((lambda x: augment(x, gen)) if augment is not None else
+                      (lambda x: normalize(x, mean=mean, std=std)))
+        with Watchdog(cfg["stall_s"], rank=rank) as watchdog:
+            tr = _run_epoch(model, train_shard, device=device, batch_size=per_worker_batch, optimizer=optimizer,
+                            prepare=train_prep, precision=precision, num_classes=len(cfg["classes"]),
+                            channels_last=use_gpu, on_first_batch=grab, watchdog=watchdog)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            # Evaluate the plain module: DDP's forward syncs buffers collectively, which would
+            # deadlock when workers hold different numbers of val batches (exact, unequal shards).
+            va = _run_epoch(unwrap(model), val_shard, device=device, batch_size=per_worker_batch,
+                            prepare=lambda x: normalize(x, mean=mean, std=std), precision=precision,
+                            num_classes=len(cfg["classes"]), channels_last=use_gpu, watchdog=watchdog)
         seconds = time.perf_counter() - epoch_start
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "train_images": tr["images"], "val_images": va["images"],
@@ -186,22 +270,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             eta = (time.perf_counter() - run_start) / done * (cfg["epochs"] - epoch - 1)
             log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s | ETA %s",
                      epoch + 1, cfg["epochs"], tr["loss"], tr["acc"], va["loss"], va["acc"],
-                     row["images_per_s"], _fmt_seconds(eta))
+                     row["images_per_s"], fmt_seconds(eta))
+            metrics_out.record(row)
             write_epoch_outputs(cfg["output"], history)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": {k: v.cpu() for k, v in unwrap(model).state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch, "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+            # Ray Train uploads the checkpoint in the background (and then deletes this folder):
+            # the next epoch starts without waiting for object storage.
+            d = tempfile.mkdtemp(prefix="maskmodel-ckpt-")
+            torch.save({"model": {k: v.cpu() for k, v in unwrap(model).state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "epoch": epoch, "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
+            with open(os.path.join(d, META_FILE), "w") as f:
+                json.dump(cfg["meta"], f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}",
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
             testhooks.pause(f"train-epoch-{epoch}")  # test-only: stop/kill here, not at a random time
         else:
             ray.train.report(metrics, checkpoint=None)
-
-
-def _fmt_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-

@@ -1,15 +1,16 @@
 """The training job: configuration, data preparation on the driver, Ray Train, and the outputs.
 
 :func:`train` checks everything a user can get wrong (data layout, classes,
-weights, output storage) before any worker starts, streams the images through
-Ray Data (fetched once per job, decoded and augmented every epoch), runs
+weights, output storage, a checkpoint of another run, CPUs left for data)
+before any worker starts, streams the images through Ray Data (reduced-size
+decode + random crop and flip on CPUs, uint8 through the object store;
+rotation, colour jitter and normalisation on the workers' devices), runs
 :func:`maskmodel.train_loop.train_loop_per_worker` on ``num_workers`` Ray
 Train workers, and exports the best model with its reports to ``output``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import logging
@@ -24,10 +25,11 @@ from maskmodel import reports, storage
 from maskmodel.config import config_to_dict, field
 from maskmodel.errors import UserError
 from maskmodel.model import ARCHITECTURES
+from maskmodel.train_outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-RUN_NAME = "train"  # fixed, so re-submitting with the same --output resumes the run
+RUN_NAME = CHECKPOINTS[1]  # fixed, so re-submitting with the same --output resumes the run
 
 
 @dataclass(frozen=True)
@@ -41,21 +43,33 @@ class TrainConfig:
     weights: str = field("imagenet", help="initial weights: imagenet (torchvision download), none, or a URI "
                                           "of a saved state dict")
     epochs: int = field(50, help="number of epochs")
-    batch_size: int = field(64, help="global batch size, split evenly across workers")
+    batch_size: int = field(64, help="global batch size, split evenly across workers (per-GPU batch = "
+                                     "batch size / workers)")
     lr: float = field(0.005, help="SGD learning rate (for the reference batch of 64)")
-    lr_scaling: str = field("none", help="'linear' multiplies lr by batch_size/64", choices=("none", "linear"))
+    lr_scaling: str = field("none", help="'linear' multiplies lr by batch_size/64 (use with --warmup-epochs "
+                                         "for large global batches)", choices=("none", "linear"))
     lr_schedule: str = field("constant", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
+    warmup_epochs: int = field(0, help="epochs over which the learning rate rises linearly to --lr")
     momentum: float = field(0.9, help="SGD momentum")
     weight_decay: float = field(0.0, help="SGD weight decay")
     image_size: int = field(224, help="input edge in pixels (random-resized / centre crop size)")
-    augment: bool = field(True, help="random resized crop, flip, rotation and colour jitter during training")
+    augment: bool = field(True, help="random resized crop and flip (CPU), rotation and colour jitter (on the "
+                                     "worker's device) during training")
+    rotation_degrees: float = field(15.0, help="random rotation range, +/- degrees")
+    jitter: float = field(0.2, help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
     val_fraction: float = field(0.2, help="share of images held out by path hash when the data has no val split")
     num_workers: int = field(1, help="Ray Train workers (one per GPU with --gpu)")
     gpu: bool = field(False, help="train on GPUs: DDP over NCCL, bf16 autocast, channels_last")
-    cpus_per_worker: float = field(1.0, help="CPUs reserved per training worker; the rest decode and augment")
+    cpus_per_worker: float = field(0.0, help="CPUs reserved per training worker; the rest read and decode images. "
+                                             "0 = 1 each if that leaves a CPU free, else an even share of all "
+                                             "CPUs but one")
     torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
     precision: str = field("auto", help="auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    max_failures: int = field(1, help="worker failures to recover from (from the latest checkpoint); -1 = always")
+    compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
+    max_failures: int = field(3, help="worker failures to recover from, from the latest checkpoint (an error that "
+                                      "fails every attempt stops after this many); spot preemptions and lost "
+                                      "nodes are counted apart and always retried")
+    stall_minutes: float = field(10.0, help="log a warning when a worker has had no batch for this long (0: never)")
     cache_raw: str = field("auto", help="keep the raw image bytes in Ray's object store so each object is "
                                         "fetched once per job: auto = when they fit in 30%% of it",
                            choices=("auto", "on", "off"))
@@ -75,6 +89,8 @@ class TrainConfig:
             raise ValueError("--image-size must be between 16 and 1024")
         if not 0 < self.val_fraction < 1:
             raise ValueError("--val-fraction must be between 0 and 1")
+        if self.max_failures < 0 or self.warmup_epochs < 0 or self.cpus_per_worker < 0 or self.stall_minutes < 0:
+            raise ValueError("--max-failures, --warmup-epochs, --cpus-per-worker and --stall-minutes must be >= 0")
 
     @property
     def effective_lr(self) -> float:
@@ -90,38 +106,6 @@ class TrainOutputs:
     model_id: str
     val_acc: float
     epochs_run: int
-
-
-# --- outputs written while training (rank 0) and at the end (driver) ---
-
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_seconds", "train_images", "val_images", "skipped_train", "skipped_val", "attempt")
-
-
-def metrics_csv(history: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow(row)
-    return buf.getvalue()
-
-
-def write_epoch_outputs(output: str, history: list[dict[str, Any]]) -> None:
-    """Refresh ``metrics.csv`` and ``curves.png`` so a running job can be watched."""
-    storage.write_text(storage.join(output, "metrics.csv"), metrics_csv(history))
-    storage.write_bytes(storage.join(output, "curves.png"), reports.curves_png(history))
-
-
-def write_samples_grid(output: str, images, labels, classes) -> None:
-    """``augmented_samples.png``: the first training batch exactly as the model sees it, de-normalised."""
-    from maskmodel.transforms import denormalize
-
-    n = min(32, images.shape[0])
-    pics = denormalize(images[:n].detach().float().cpu()).permute(0, 2, 3, 1).numpy()
-    titles = [classes[int(i)] for i in labels[:n].cpu()]
-    storage.write_bytes(storage.join(output, "augmented_samples.png"),
-                        reports.image_grid_png(pics, titles, suptitle="First training batch after augmentation"))
 
 
 # --- driver side ---
@@ -143,25 +127,34 @@ def _initial_state(config: TrainConfig, num_classes: int) -> dict:
     return model.state_dict()
 
 
-def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transform, shuffle: bool):
-    """Raw bytes (fetched once) → unreadable images counted and dropped → decode + transform per epoch."""
+def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, reduce_to: int, shuffle: bool):
+    """Raw bytes checked once (unreadable images counted and dropped) → reduced decode + uint8 crop per epoch.
+
+    Streaming (``cache`` off): each epoch reads the objects again, in a new
+    block order: the shuffle is over the list of objects, before any byte is
+    read, so the first batch is on its way after the first block, not after the
+    whole split. Cached: the bytes are kept in Ray's object store, materialised
+    once; each epoch reorders references to those blocks and copies nothing.
+    Either way a local shuffle buffer in the training loop mixes across blocks.
+    """
     import ray
     from ray.data.expressions import col
 
-    from maskmodel.data import DecodeTransform, fetch_and_check
+    from maskmodel.data import DecodeCrop, fetch_and_check
 
     rows = [{"uri": it.uri, "label": it.label} for it in items]
     if shuffle:
         # Listings come sorted, i.e. grouped by class; a shuffle buffer alone would still feed
         # single-class batches. Shuffle once here, then reorder blocks every epoch below.
         random.Random(config.seed).shuffle(rows)
-    raw = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200))).map_batches(
-        fetch_and_check, batch_size=64)
+
+    def listing(rows):
+        return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200)))
+
+    raw = listing(rows).map_batches(fetch_and_check, batch_size=64)
     if cache:
-        raw = raw.materialize()
-        errors = raw.filter(expr=col("error") != "").select_columns(["uri", "error"])
-    else:
-        errors = raw.select_columns(["uri", "error"]).filter(expr=col("error") != "").materialize()
+        raw = raw.materialize()  # the only copy: bad rows hold no bytes, and the decode step drops them
+    errors = raw.select_columns(["uri", "error"]).filter(expr=col("error") != "").materialize()
     bad = errors.count()
     if bad:
         examples = "; ".join(f"{r['uri']} ({r['error']})" for r in errors.take(3))
@@ -170,17 +163,21 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, transf
                             f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
     if cache:
-        good = raw.filter(expr=col("error") == "")
+        good = raw.randomize_block_order() if shuffle else raw  # unseeded: a new order on every epoch's pass
     else:
-        # Streaming: the check pass already found the unreadable objects, so each epoch re-reads
-        # only the good ones and decodes them once (in DecodeTransform), not twice.
+        # The check pass found the unreadable objects: each epoch re-reads only the good ones and decodes
+        # each once (in DecodeCrop). The block order is randomised over the listing, before the reads.
         skip = {r["uri"] for r in errors.iter_rows()}
-        kept = [r for r in rows if r["uri"] not in skip]
-        good = ray.data.from_items(kept, override_num_blocks=max(1, min(len(kept) // 64, 200))).map_batches(
+        source = listing([r for r in rows if r["uri"] not in skip])
+        good = (source.randomize_block_order() if shuffle else source).map_batches(
             fetch_and_check, batch_size=64, fn_kwargs={"check": False})
-    if shuffle:
-        good = good.randomize_block_order()  # unseeded: a new block order on every epoch's pass
-    return good.map_batches(DecodeTransform(transform), batch_size=32), bad
+    return good.map_batches(DecodeCrop(crop, reduce_to=reduce_to), batch_size=32), bad
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def _object_store_bytes() -> float:
@@ -210,43 +207,54 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     from maskmodel.console import train_logging_config
     from maskmodel.data import discover
     from maskmodel.sharding import ExactEvalDataConfig
+    from maskmodel.resources import cpus_per_worker
     from maskmodel.train_loop import TEST_ENV, train_loop_per_worker
-    from maskmodel.transforms import EvalPreset, TrainPreset
+    from maskmodel.train_outputs import check_resumable, run_meta
+    from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
 
     storage.check_writable(config.output)
     data = discover(config.data, val_fraction=config.val_fraction)
     counts = data.counts()
+    meta = run_meta(config.arch, data.classes, config.image_size)
+    check_resumable(config.output, meta)  # a different run's checkpoints are refused here, not in a worker
     log.info("data %s: classes %s; %s", config.data, list(data.classes),
              ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()))
     initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
 
     _init_ray()
+    worker_cpus = cpus_per_worker(config.cpus_per_worker, config.num_workers, _cluster_cpus())
     cache = config.cache_raw == "on" or (
         config.cache_raw == "auto" and data.total_bytes < 0.3 * _object_store_bytes())
+    # The CPU side of augmentation is crop + flip; everything else happens on the worker's device.
+    evaluate = EvalCrop(crop_size=config.image_size)
+    train_crop = TrainCrop(crop_size=config.image_size) if config.augment else evaluate
     train_ds, bad_train = _prepare_split(data.splits["train"], name="train", config=config, cache=cache,
-                                         transform=TrainPreset(crop_size=config.image_size, augment=config.augment),
-                                         shuffle=True)
-    val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache,
-                                     transform=EvalPreset(crop_size=config.image_size), shuffle=False)
+                                         crop=train_crop, shuffle=True,
+                                         reduce_to=getattr(train_crop, "decode_side", evaluate.resize_size))
+    val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache, crop=evaluate,
+                                     reduce_to=evaluate.resize_size, shuffle=False)
     storage.write_json(storage.join(config.output, "train_config.json"),
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
 
     env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
     env.update(worker_env or {})
-    fs, path = storage.pyarrow_filesystem(storage.join(config.output, "checkpoints"))
+    fs, path = storage.pyarrow_filesystem(storage.join(config.output, CHECKPOINTS[0]))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "classes": list(data.classes), "arch": config.arch, "epochs": config.epochs,
             "batch_size": config.batch_size, "lr": config.effective_lr, "momentum": config.momentum,
             "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
-            "precision": config.precision, "output": config.output,
-            "torch_threads": config.torch_threads or max(1, int(config.cpus_per_worker)),
+            "precision": config.precision, "output": config.output, "compile": config.compile,
+            "warmup_epochs": config.warmup_epochs, "augment": config.augment,
+            "rotation_degrees": config.rotation_degrees, "jitter": config.jitter,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "meta": meta, "stall_s": 60 * config.stall_minutes,
+            "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.gpu else {})}),
+            resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if config.gpu else {})}),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -268,7 +276,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
 
     from maskmodel.metrics import classification_report
     from maskmodel.model import ModelCard, save_model_dir
-    from maskmodel.train_loop import STATE_FILE
+    from maskmodel.train_outputs import STATE_FILE, write_epoch_outputs
     from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
 
     def load(ckpt) -> dict:

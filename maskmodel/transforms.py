@@ -1,14 +1,18 @@
 """Training and evaluation transforms as small keyword-only callables.
 
-The presets take a ``uint8`` tensor ``(3, H, W)`` (what :mod:`maskmodel.decode`
-yields) and return a normalised ``float32`` tensor ``(3, S, S)``. Evaluation is
-split in two: :class:`EvalCrop` (resize + crop, uint8, on the CPU next to the
-decoder) and :func:`normalize` (batched, on the model's device). Built on
+Preprocessing is split in two. Next to the decoder, on CPUs, ``uint8 (3, H, W)``
+(what :mod:`maskmodel.decode` yields) becomes a ``uint8 (3, S, S)`` crop:
+:class:`EvalCrop` (resize + centre crop) or :class:`TrainCrop` (random resized
+crop + flip); that is what crosses Ray's object store, a quarter of float32's
+bytes. On the model's device, whole batches become normalised floats:
+:func:`normalize`, or for training :class:`maskmodel.augment.DeviceAugment`.
+:class:`EvalPreset` chains the halves for one image. Built on
 ``torchvision.transforms.v2``; no Ray.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -24,29 +28,25 @@ def resize_for(crop_size: int) -> int:
     return int(round(crop_size / 0.875))
 
 
-class TrainPreset:
-    """Random resized crop, horizontal flip, rotation and mild colour jitter, then normalise.
+class TrainCrop:
+    """The CPU half of training augmentation: random resized crop and horizontal flip, ``uint8`` in and out.
 
-    The original study's augmentation (flip, rotation, crop) plus a light
-    colour jitter; ``augment=False`` gives the eval transform instead, which
-    is what ``--no-augment`` trains with.
+    The original study's augmentation is flip, rotation and crop (plus, here,
+    a light colour jitter). Crop and flip need the whole decoded picture, so
+    they run next to the decoder; rotation, jitter and normalisation run on
+    the worker's device on whole batches (:class:`maskmodel.augment.DeviceAugment`).
     """
 
-    def __init__(self, *, crop_size: int, augment: bool = True, hflip_prob: float = 0.5,
-                 rotation_degrees: float = 15.0, scale: tuple[float, float] = (0.5, 1.0),
-                 jitter: float = 0.2, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
-        if not augment:
-            self._t = EvalPreset(crop_size=crop_size, mean=mean, std=std)
-            return
-        self._t = v2.Compose([
-            v2.RandomResizedCrop(crop_size, scale=scale, antialias=True),
-            v2.RandomHorizontalFlip(hflip_prob),
-            v2.RandomRotation(rotation_degrees),
-            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+    def __init__(self, *, crop_size: int, hflip_prob: float = 0.5, scale: tuple[float, float] = (0.5, 1.0)) -> None:
+        self.crop_size, self.scale = crop_size, scale
+        self._t = v2.Compose([v2.RandomResizedCrop(crop_size, scale=scale, antialias=True),
+                              v2.RandomHorizontalFlip(hflip_prob)])
+
+    @property
+    def decode_side(self) -> int:
+        """The short side a JPEG must keep when decoded at reduced size, so that even the smallest random
+        crop (``scale[0]`` of the area) still has ``crop_size`` pixels across: ``crop_size / sqrt(scale[0])``."""
+        return math.ceil(self.crop_size / math.sqrt(self.scale[0]))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self._t(img)

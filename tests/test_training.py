@@ -111,3 +111,47 @@ def test_stopped_run_resubmitted_resumes(tmp_path):
     rows = _metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(done_before + 1))
     assert int(rows[0]["attempt"]) == 0 and int(rows[-1]["attempt"]) >= 1
+
+
+STREAMING_SCRIPT = """
+import sys
+import ray
+from maskmodel import testhooks
+from maskmodel.data import discover
+from maskmodel.training import TrainConfig, _prepare_split
+from maskmodel.transforms import TrainCrop
+
+data, pause = sys.argv[1], sys.argv[2]
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+config = TrainConfig(data=data, output=pause, cache_raw="off")
+crop = TrainCrop(crop_size=32)
+ds, bad = _prepare_split(discover(data).splits["train"], name="train", config=config, cache=False, crop=crop,
+                         reduce_to=crop.decode_side, shuffle=True)
+rows = 0
+for i, batch in enumerate(ds.iter_batches(batch_size=4)):
+    if i == 0:
+        # held.jpg cannot have been read yet: its read waits for this release.
+        print("first batch before the whole split was read", flush=True)
+        testhooks.release("fetch-held.jpg", pause)
+    rows += len(batch["label"])
+print("rows", rows, flush=True)
+"""
+
+
+@pytest.mark.ray
+def test_streaming_epoch_delivers_a_batch_before_the_whole_split_is_read(tmp_path):
+    # One object (of 193, in 3 blocks) is held back in its epoch read until the first batch has arrived. With an
+    # all-to-all shuffle after the reads (a barrier over every read), no batch could come first: the
+    # script would wait for the release forever (the pause gives up after 10 minutes; the test after 5).
+    data, pause = str(tmp_path / "data"), str(tmp_path / "pause")
+    write_tiny_tree(data, splits=(("train", 96), ("val", 4)), size=24)  # 193 images: 3 blocks of listing
+    storage.write_bytes(storage.join(data, "train", "mask", "held.jpg"),
+                        storage.read_bytes(storage.join(data, "train", "mask", "000.jpg")))
+    script = tmp_path / "stream.py"
+    script.write_text(STREAMING_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(testhooks.env("fetch-held.jpg", pause))
+    res = subprocess.run([sys.executable, str(script), data, pause], env=env, capture_output=True, text=True,
+                         timeout=180, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "first batch before the whole split was read" in res.stdout and "rows 193" in res.stdout, res.stdout

@@ -11,7 +11,7 @@ from maskmodel import storage
 from maskmodel.errors import UserError
 from maskmodel.model import (ModelCard, build_model, init_weights, load_card, load_model_dir, save_model_dir,
                              state_dict_bytes)
-from maskmodel.transforms import EvalPreset, TrainPreset, denormalize
+from maskmodel.transforms import EvalCrop, EvalPreset, TrainCrop, denormalize, normalize
 
 
 def _img(h=60, w=80, seed=0):
@@ -20,19 +20,20 @@ def _img(h=60, w=80, seed=0):
 
 
 def test_shapes_and_dtype():
-    for t in (TrainPreset(crop_size=32), EvalPreset(crop_size=32), TrainPreset(crop_size=32, augment=False)):
+    assert EvalPreset(crop_size=32)(_img()).shape == (3, 32, 32) and EvalPreset(crop_size=32)(_img()).dtype == torch.float32
+    for t in (TrainCrop(crop_size=32), EvalCrop(crop_size=32)):
         out = t(_img())
-        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8  # what crosses the object store
 
 
-def test_eval_is_deterministic_and_train_without_augment_equals_eval():
+def test_eval_is_deterministic_and_equals_crop_then_normalize():
     img = _img()
     assert torch.equal(EvalPreset(crop_size=32)(img), EvalPreset(crop_size=32)(img))
-    assert torch.equal(TrainPreset(crop_size=32, augment=False)(img), EvalPreset(crop_size=32)(img))
+    assert torch.equal(EvalPreset(crop_size=32)(img), normalize(EvalCrop(crop_size=32)(img)[None])[0])
 
 
-def test_augmentation_varies_and_is_reproducible_under_a_seed():
-    img, t = _img(), TrainPreset(crop_size=32)
+def test_train_crop_varies_and_is_reproducible_under_a_seed():
+    img, t = _img(), TrainCrop(crop_size=32)
     torch.manual_seed(1)
     a = t(img)
     b = t(img)
@@ -40,6 +41,43 @@ def test_augmentation_varies_and_is_reproducible_under_a_seed():
     a2 = t(img)
     assert not torch.equal(a, b)
     assert torch.equal(a, a2)
+    # The decoded side keeps the smallest crop (half the area) at full resolution: 32 / sqrt(0.5).
+    assert t.decode_side == 46
+
+
+def test_device_augment_draws_per_image_and_keeps_order():
+    from maskmodel.augment import DeviceAugment
+
+    batch = torch.stack([_img(32, 32, seed=s) for s in range(8)])
+    aug = DeviceAugment()
+    g = torch.Generator().manual_seed(0)
+    p = aug.params(8, batch.device, torch.Generator().manual_seed(0))
+    assert all(len(set(v.tolist())) == 8 for v in p.values())  # every image its own angle and factors
+    assert p["angle"].abs().max() <= 15 and ((p["brightness"] >= 0.8) & (p["brightness"] <= 1.2)).all()
+    out = aug(batch, g)
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+    # Image i of the output comes from image i of the input (labels stay with their images): flat grey
+    # pictures (no rotation, whose black corners would move their mean) keep their colour, times their
+    # own brightness factor: contrast and saturation leave a flat grey as it is.
+    grey = torch.stack([torch.full((3, 32, 32), 25 * i + 10, dtype=torch.uint8) for i in range(8)])
+    jitter_only = DeviceAugment(rotation_degrees=0)
+    q = jitter_only.params(8, grey.device, torch.Generator().manual_seed(5))
+    centre = jitter_only(grey, torch.Generator().manual_seed(5))[:, :, 16, 16]
+    expected = normalize((((25 * torch.arange(8) + 10) / 255 * q["brightness"]).clamp(0, 1) * 255)
+                         .view(8, 1, 1, 1).expand(8, 3, 1, 1))[:, :, 0, 0]
+    assert torch.allclose(centre, expected, atol=1e-4)
+    # Reproducible with a seeded generator; nothing random when the strengths are 0.
+    assert torch.equal(aug(batch, torch.Generator().manual_seed(0)), out)
+    assert torch.equal(DeviceAugment(rotation_degrees=0, jitter=0)(batch), normalize(batch))
+
+
+def test_device_rotation_turns_the_picture():
+    from maskmodel.augment import rotate
+
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 6:] = 1  # a bar to the right of the centre
+    turned = rotate(x, torch.tensor([90.0]))
+    assert turned[0, 0, 4, 6:].sum() < 0.5 and (turned[0, 0, 6:, 4].sum() > 2 or turned[0, 0, :3, 4].sum() > 2)
 
 
 def test_denormalize_inverts_normalize():

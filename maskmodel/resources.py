@@ -1,0 +1,84 @@
+"""CPU budgets: no default may wait forever for a CPU that workers or actors have already taken.
+
+Ray Data's read and decode tasks need a whole CPU each. Training workers,
+Tune trials and scoring's predictor actors reserve CPUs too; if they take
+every CPU of a fixed cluster the data pipeline never runs and the job waits
+without a word. These checks run on the driver before anything starts: they
+pick a default that leaves a CPU free, or stop with one sentence naming the fix.
+An autoscaler that can add CPUs is trusted to do so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from maskmodel.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DATA_CPUS = 1.0  # what the data pipeline needs at least: one task at a time
+MIN_WORKER_CPUS = 0.1  # below this a worker's share of a CPU is not a plan
+
+
+def autoscaler_max(resource: str) -> float | None:
+    """The most of ``resource`` (``GPU``, ``CPU``) the cluster's autoscaler may bring up; ``None``: no limits published.
+
+    An autoscaler may publish its node groups (min/max nodes, resources per node)
+    to the GCS; Ray Train and Ray Data read the same record to tell an autoscaling
+    cluster from a fixed one.
+    """
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - private API; without it we cannot tell, so behave as a fixed cluster
+        return None
+    return None if limits is None else float(limits.get(resource, 0))
+
+
+def _can_grow_to(cpus_needed: float) -> bool:
+    return (autoscaler_max("CPU") or 0.0) >= cpus_needed
+
+
+def cpus_per_worker(requested: float, workers: int, cluster_cpus: float, *, what: str = "training worker",
+                    flag: str = "--cpus-per-worker", count_flag: str = "--num-workers", groups: int = 1,
+                    extra_cpus: float = 0.0) -> float:
+    """The CPUs each of ``groups * workers`` workers reserves, leaving :data:`DATA_CPUS` for the data pipeline.
+
+    ``requested`` 0 means choose: 1 CPU each when that leaves a CPU free,
+    else an even share of all but one CPU (logged). An explicit value, or a
+    share under :data:`MIN_WORKER_CPUS`, that leaves no CPU free raises
+    :class:`UserError`. ``extra_cpus`` (per group) is reserved besides the
+    workers (a Tune trial's driver).
+    """
+    n = groups * workers
+    reserved = groups * extra_cpus
+    if requested > 0:
+        left = cluster_cpus - reserved - n * requested
+        if left >= DATA_CPUS or _can_grow_to(reserved + n * requested + DATA_CPUS):
+            return requested
+        fit = math.floor((cluster_cpus - reserved - DATA_CPUS) / n * 100) / 100
+        fix = f"pass {flag} {fit:g} or use fewer {count_flag}" if fit >= MIN_WORKER_CPUS else f"use fewer {count_flag}"
+        raise UserError(f"{n} {what}(s) x {requested:g} CPU leave {max(left, 0):g} of the Ray cluster's "
+                        f"{cluster_cpus:g} CPUs for reading and decoding images, which needs {DATA_CPUS:g}; "
+                        f"{fix}, or add CPUs.")
+    if cluster_cpus - reserved - n >= DATA_CPUS or _can_grow_to(reserved + n + DATA_CPUS):
+        return 1.0
+    share = math.floor((cluster_cpus - reserved - DATA_CPUS) / n * 100) / 100
+    if share < MIN_WORKER_CPUS:
+        raise UserError(f"{n} {what}(s) cannot share the Ray cluster's {cluster_cpus:g} CPUs and leave "
+                        f"{DATA_CPUS:g} for reading and decoding images; use fewer {count_flag}, or add CPUs.")
+    log.info("%s auto: %g CPU each, so that %d %s(s) leave %g of %g CPUs for reading and decoding images",
+             flag, share, n, what, cluster_cpus - reserved - n * share, cluster_cpus)
+    return share
+
+
+def check_actor_cpus(cluster_cpus: float, actors: int, *, load_tasks: bool) -> None:
+    """Fail in one sentence when predictor actors (1 CPU each) would leave no CPU for the load step."""
+    need = actors + (DATA_CPUS if load_tasks else 0)
+    if need <= cluster_cpus or _can_grow_to(need):
+        return
+    what = "and one for the load step " if load_tasks else ""
+    raise UserError(f"{actors} predictor actor(s) need {actors} CPU(s) {what}but the Ray cluster has "
+                    f"{cluster_cpus:g}; pass fewer --actors, or add CPUs to the cluster.")
