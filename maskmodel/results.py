@@ -404,12 +404,14 @@ def read_results(output_uri: str, run_ids: Iterable[str] | None = None, *,
 # ----------------------------------------------------------------------------- incremental runs
 
 def object_keys(paths: Sequence[str | None], versions: Sequence[str | None]) -> np.ndarray:
-    """64-bit keys of ``(path, version)`` pairs, as used by :func:`committed_keys`."""
-    out = np.empty(len(paths), dtype=np.uint64)
-    for i, (p, v) in enumerate(zip(paths, versions)):
-        digest = hashlib.blake2b(f"{p}\0{v or ''}".encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "little")
-    return out
+    """64-bit keys of ``(path, version)`` pairs, as used by :func:`committed_keys`.
+
+    The key is the little-endian 8-byte BLAKE2b digest of ``path NUL version``.
+    """
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(f"{p}\0{v or ''}".encode(), digest_size=8).digest()
+                        for p, v in zip(paths, versions)])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.ndarray:
@@ -432,7 +434,9 @@ def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.
     with storage.storage_errors(output_uri, "read"):
         for batch in dataset.to_batches(columns=["path", "version"], filter=keep):
             parts.append(object_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-    return np.unique(np.concatenate(parts))
+    keys = np.sort(np.concatenate(parts))
+    # Not np.unique: on uint64 it is ~15x slower than a sort (numpy 2.4), seconds at millions of rows.
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
 
 
 def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
