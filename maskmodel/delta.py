@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import logging
 import math
+import posixpath
 import random
 import time
 from dataclasses import dataclass
@@ -156,12 +157,16 @@ def ensure_table(uri: str, schema: pa.Schema, *, partition_by: Sequence[str], de
     table = open_table(uri)
     if table is not None:
         return table
+    from deltalake.exceptions import CommitFailedError
+
     table_uri, options = storage.delta_location(uri)
     with storage.storage_errors(uri, "create the Delta table"):
-        # mode="ignore": a concurrent creator that wins version 0 is fine; both then commit on top of it.
-        DeltaTable.create(table_uri, schema, mode="ignore", partition_by=list(partition_by),
-                          description=description, configuration=TABLE_CONFIGURATION, storage_options=options)
-    log.info("created the Delta table %s", uri)
+        try:
+            DeltaTable.create(table_uri, schema, mode="ignore", partition_by=list(partition_by),
+                              description=description, configuration=TABLE_CONFIGURATION, storage_options=options)
+            log.info("created the Delta table %s", uri)
+        except CommitFailedError:  # a concurrent creator won version 0: commit on top of its table
+            log.info("the Delta table %s was created concurrently", uri)
     return open_table(uri)
 
 
@@ -254,16 +259,22 @@ def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False) -> list[str
 
     Only files older than ``retention_hours`` go: that keeps time travel over
     the period working and spares a still-running attempt's files, so the
-    retention must exceed the longest scoring run. Returns the paths deleted
-    (or, with ``dry_run``, that would be).
+    retention must exceed the longest scoring run. Returns the paths (relative
+    to the table) deleted, or with ``dry_run`` those that would be.
     """
     table = open_table(uri)
     if table is None:
         return []
+    root = storage.delta_location(uri)[0].rstrip("/") + "/"
     with storage.storage_errors(uri, "vacuum"):
+        # delta-rs also names removed files it deleted before: report only the files still there.
+        present = {posixpath.relpath(f.uri, uri) if "://" not in uri else f.uri[len(uri.rstrip("/")) + 1:]
+                   for f in storage.list_files(uri)}
         # full=True: files of attempts that never committed are in no log entry; only a full listing finds them.
-        return sorted(table.vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                   enforce_retention_duration=False, full=True))
+        gone = table.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False,
+                            full=True)
+    rel = (p.removeprefix("file://").removeprefix(root) for p in gone)
+    return sorted(p for p in rel if p in present)
 
 
 def compact(uri: str, *, target_bytes: int | None = None) -> dict[str, Any]:
