@@ -1,4 +1,4 @@
-"""Delta Lake plumbing for the results table: open, commit, history, per-file statistics, vacuum, compaction.
+"""Delta Lake plumbing for the results table: open, commit, history, per-file statistics, vacuum.
 
 Everything here goes through the ``deltalake`` package (delta-rs: no JVM, no
 catalog) with the locations and storage options of
@@ -15,7 +15,9 @@ Promises kept here:
   concurrent commit added files to a partition being overwritten (two commits
   of one run id could both land); two ``txn`` actions with the same app id do
   conflict, so the later commit fails, re-reads the table and replaces the
-  earlier one. Commits of different partitions never conflict.
+  earlier one. Commits of different partitions never conflict. Maintenance
+  rewrites a partition the same way (:func:`rewrite_partition`); delta-rs's
+  own ``optimize`` cannot carry an app transaction, so it is not used.
 - The table keeps its whole log (``delta.enableExpiredLogCleanup = false``,
   a long ``delta.logRetentionDuration``): run metadata lives in the commits'
   ``commitInfo`` and must outlive checkpoints. Data files are still vacuumed.
@@ -185,10 +187,10 @@ def commit_partition(uri: str, *, column: str, value: str, files: Sequence[FileE
     table state; raises :class:`UserError` when it keeps losing.
     """
     from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import AddAction, CommitProperties, Transaction
+    from deltalake.transaction import AddAction, CommitProperties
 
     adds = [AddAction(f.path, f.bytes, {column: value}, f.modified_ms, True, f.stats) for f in files]
-    app_id = f"maskmodel:{column}={value}"
+    app_id = _app_id(column, value)
     for attempt in range(1, max_attempts + 1):
         with storage.storage_errors(uri, "commit to"):
             table = ensure_table(uri, merge_schema(None), partition_by=[column], description=description)
@@ -196,7 +198,7 @@ def commit_partition(uri: str, *, column: str, value: str, files: Sequence[FileE
             schema = merge_schema(current)  # equal to ``current`` unless the run brings new columns
             before = table.version()
             props = CommitProperties(custom_metadata={RUN_KEY: metadata, "userMetadata": summary},
-                                     app_transactions=[Transaction(app_id, (table.transaction_version(app_id) or 0) + 1)])
+                                     app_transactions=[_next_txn(table, app_id)])
             try:
                 table.create_write_transaction(adds, "overwrite", schema, partition_by=[column],
                                                partition_filters=[(column, "=", value)], commit_properties=props)
@@ -210,6 +212,43 @@ def commit_partition(uri: str, *, column: str, value: str, files: Sequence[FileE
                 continue
             return _version_of(uri, metadata["attempt"], before)
     raise AssertionError("unreachable")
+
+
+def rewrite_partition(table, uri: str, *, column: str, value: str, files: Sequence[FileEntry],
+                      operation: str) -> bool:
+    """Replace partition ``column = value`` of ``table``'s snapshot with ``files`` holding the same rows.
+
+    For maintenance (``operation`` names it in the commit): no run metadata, and
+    the commit is made on the snapshot the rows were read from. Returns
+    ``False``, committing nothing, when a commit of the same partition landed
+    since that snapshot: its rows would otherwise show twice.
+    """
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import AddAction, CommitProperties
+
+    adds = [AddAction(f.path, f.bytes, {column: value}, f.modified_ms, False, f.stats) for f in files]
+    props = CommitProperties(custom_metadata={"maskmodel.maintenance": operation},
+                             app_transactions=[_next_txn(table, _app_id(column, value))])
+    with storage.storage_errors(uri, operation):
+        try:
+            table.create_write_transaction(adds, "overwrite", arrow_schema(table), partition_by=[column],
+                                           partition_filters=[(column, "=", value)], commit_properties=props)
+        except CommitFailedError as e:
+            log.warning("%s of %s=%s in %s skipped: a concurrent commit of it won (%s)", operation, column, value,
+                        uri, str(e).splitlines()[0])
+            return False
+    return True
+
+
+def _app_id(column: str, value: str) -> str:
+    """The Delta app id that every commit rewriting partition ``column = value`` carries (see the module docstring)."""
+    return f"maskmodel:{column}={value}"
+
+
+def _next_txn(table, app_id: str):
+    from deltalake.transaction import Transaction
+
+    return Transaction(app_id, (table.transaction_version(app_id) or 0) + 1)
 
 
 def _version_of(uri: str, attempt: str, before: int) -> int:
@@ -226,7 +265,7 @@ def run_commits(uri: str, version: int | None = None) -> list[dict[str, Any]]:
     """The ``commitInfo`` of every commit with run metadata up to ``version`` (default: latest), oldest first.
 
     Each dict has the commit's ``version`` and ``timestamp`` (ms) and its run
-    metadata under :data:`RUN_KEY`. Maintenance commits (optimize, vacuum) carry
+    metadata under :data:`RUN_KEY`. Maintenance commits (compaction, vacuum) carry
     none and are left out.
     """
     # History is always read from the latest table: delta-rs 1.6 numbers the
@@ -275,25 +314,3 @@ def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False) -> list[str
                             full=True)
     rel = (p.removeprefix("file://").removeprefix(root) for p in gone)
     return sorted(p for p in rel if p in present)
-
-
-def compact(uri: str, *, target_bytes: int | None = None) -> dict[str, Any]:
-    """Rewrite each partition's small files into fewer large ones (one ``OPTIMIZE`` commit); returns delta-rs's metrics.
-
-    The rows do not change; readers of an older version keep the old files until
-    vacuumed. A compaction that loses a race with a scoring commit is skipped
-    (``{}``, logged): the next run of maintenance does it.
-    """
-    from deltalake import WriterProperties
-    from deltalake.exceptions import CommitFailedError
-
-    table = open_table(uri)
-    if table is None:
-        return {}
-    with storage.storage_errors(uri, "compact"):
-        try:
-            return table.optimize.compact(target_size=target_bytes,
-                                          writer_properties=WriterProperties(compression="ZSTD"))
-        except CommitFailedError as e:
-            log.warning("compaction of %s skipped: a concurrent commit won (%s)", uri, str(e).splitlines()[0])
-            return {}

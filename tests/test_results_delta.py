@@ -21,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 
 from maskmodel import delta, query, results, storage
-from maskmodel.maintenance import MaintainConfig, maintain
+from maskmodel.maintenance import MaintainConfig, compact_run, maintain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("mask", "no_mask")
@@ -76,6 +76,8 @@ def test_every_delta_reader_counts_only_committed_rows(crashed_night):
 def test_concurrent_commits_on_s3(s3_bucket):
     """Different run ids committing at once all land; one run id committed four times at once shows once."""
     out = s3_bucket + "/scores"
+    for i in range(4):  # r0..r3 exist: the concurrent commits replace them (and remove files: a harder race)
+        results.commit(writer(out, f"r{i}", [f"s3://in/old-r{i}.jpg"]), meta={})
     writers = [writer(out, f"r{i}", [f"s3://in/r{i}-{j}.jpg" for j in range(3)]) for i in range(4)]
     writers += [writer(out, "same", [f"s3://in/same-w{i}-{j}.jpg" for j in range(i + 1)]) for i in range(4)]
     for w in writers:  # the data files are written; what races is the commit
@@ -99,6 +101,7 @@ def test_concurrent_commits_on_s3(s3_bucket):
     counts = {r["run_id"]: r["n"] for r in pa.TableGroupBy(table, "run_id").aggregate([("path", "count")])
               .rename_columns(["run_id", "n"]).to_pylist()}
     assert {k: counts[k] for k in ("r0", "r1", "r2", "r3")} == {f"r{i}": 3 for i in range(4)}
+    assert not [p for p in table.column("path").to_pylist() if "old-" in p]
     same = sorted(p for p, r in zip(table.column("path").to_pylist(), table.column("run_id").to_pylist())
                   if r == "same")
     winners = {p.split("-")[1] for p in same}
@@ -116,14 +119,32 @@ def test_maintenance_compacts_and_vacuums_without_changing_rows_or_runs(crashed_
     before = query.query(out, "SELECT * EXCLUDE (files) FROM runs ORDER BY run_id")
     rows_before = query.query(out, "SELECT * FROM predictions ORDER BY path")
     result = maintain(MaintainConfig(results=out, retention_hours=0))
-    assert result.compacted["numFilesRemoved"] == 8 and result.compacted["numFilesAdded"] == 2  # 3+5 -> 1+1
+    assert [(c.run_id, c.files_before, c.files_after, c.committed) for c in result.compacted] == [
+        ("night-1", 3, 1, True), ("night-3", 5, 1, True)]
     assert len(result.vacuumed) == 2 + 8  # the killed run's files, then the compacted ones (retention 0)
     assert query.query(out, "SELECT * EXCLUDE (files) FROM runs ORDER BY run_id") == before
     assert query.query(out, "SELECT files FROM runs ORDER BY run_id").column("files").to_pylist() == [1, 1]
     assert query.query(out, "SELECT * FROM predictions ORDER BY path") == rows_before
     files = sorted(f.uri for f in storage.list_files(out) if "_delta_log" not in f.uri)
     assert files == sorted(storage.join(out, f.path) for r in results.list_commits(out) for f in r.files)
-    assert maintain(MaintainConfig(results=out, retention_hours=0)).vacuumed == ()
+    again = maintain(MaintainConfig(results=out, retention_hours=0))
+    assert again.compacted == () and again.vacuumed == ()
+
+
+def test_compaction_never_shows_a_run_twice_when_the_run_is_rescored_meanwhile(tmp_path):
+    out = str(tmp_path / "scores")
+    results.commit(writer(out, "r", [f"old-{i}" for i in range(6)], rows_per_file=2), meta={})
+    snapshot = delta.open_table(out)  # compaction reads this snapshot...
+    results.commit(writer(out, "r", ["new-0"]), meta={})  # ...the run is re-scored before it commits
+    done = compact_run(snapshot, out, "r", target_bytes=1 << 20)
+    assert (done.files_before, done.files_after, done.committed) == (3, 1, False)
+    assert results.read_results(out).column("path").to_pylist() == ["new-0"]
+    # Without a race it commits, and a later re-score replaces the compacted files.
+    results.commit(writer(out, "r", [f"old-{i}" for i in range(6)], rows_per_file=2), meta={})
+    assert compact_run(delta.open_table(out), out, "r", target_bytes=1 << 20).committed
+    assert [len(r.files) for r in results.list_commits(out)] == [1] and results.read_results(out).num_rows == 6
+    results.commit(writer(out, "r", ["new-1"]), meta={})
+    assert results.read_results(out).column("path").to_pylist() == ["new-1"]
 
 
 def test_jobs_maintain_cli(crashed_night, tmp_path):
