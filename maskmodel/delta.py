@@ -15,9 +15,11 @@ Promises kept here:
   concurrent commit added files to a partition being overwritten (two commits
   of one run id could both land); two ``txn`` actions with the same app id do
   conflict, so the later commit fails, re-reads the table and replaces the
-  earlier one. Commits of different partitions never conflict. Maintenance
-  rewrites a partition the same way (:func:`rewrite_partition`); delta-rs's
-  own ``optimize`` cannot carry an app transaction, so it is not used.
+  earlier one. Commits of different partitions may still fail (delta-rs takes
+  any file removed since the snapshot for a conflict); they are retried on the
+  new table state, so all of them land. Maintenance rewrites a partition the
+  same way (:func:`rewrite_partition`); delta-rs's own ``optimize`` cannot
+  carry an app transaction, so it is not used.
 - The table keeps its whole log (``delta.enableExpiredLogCleanup = false``,
   a long ``delta.logRetentionDuration``): run metadata lives in the commits'
   ``commitInfo`` and must outlive checkpoints. Data files are still vacuumed.
