@@ -83,7 +83,7 @@ RUNS_SCHEMA = pa.schema([
     ("files", pa.int64()), ("rows", pa.int64()), ("precision", pa.string()), ("actors", pa.int64()),
     ("elapsed_s", pa.float64()), ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")), ("committed_at", pa.timestamp("us", tz="UTC")),
-    ("version", pa.int64()), ("attempt", pa.string()), ("config", pa.string()),
+    ("version", pa.int64()), ("attempt", pa.string()), ("config", pa.string()), ("metadata", pa.string()),
 ])
 
 
@@ -91,7 +91,8 @@ def runs_table(records: Iterable[results.CommitRecord]) -> pa.Table:
     """One row per committed run (:data:`RUNS_SCHEMA`), from the metadata of its Delta commit.
 
     ``files`` and ``rows`` are the run's data in the snapshot read (compaction
-    changes ``files``); ``config`` is the run's resolved config as JSON.
+    changes ``files``); ``config`` is the run's resolved config and ``metadata``
+    everything its commit holds (timings such as ``first_batch_s`` included), as JSON.
     """
     rows = []
     for r in records:
@@ -103,7 +104,8 @@ def runs_table(records: Iterable[results.CommitRecord]) -> pa.Table:
                      "elapsed_s": m.get("elapsed_s"), "started_at": _ts(m.get("started_at")),
                      "finished_at": _ts(m.get("finished_at")), "committed_at": _ts(r.committed_at),
                      "version": r.version, "attempt": r.attempt,
-                     "config": json.dumps(m["config"], sort_keys=True) if "config" in m else None})
+                     "config": json.dumps(m["config"], sort_keys=True) if "config" in m else None,
+                     "metadata": json.dumps(m, sort_keys=True, default=str)})
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 

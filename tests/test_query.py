@@ -136,6 +136,8 @@ def test_time_travel_and_a_replaced_run_in_runs(s3_results):
     runs = query.query(s3_results, "SELECT run_id, images, files, rows, version, config FROM runs ORDER BY run_id")
     assert runs.to_pylist()[0] == {"run_id": "d1", "images": 1, "files": 1, "rows": 1, "version": before + 1,
                                    "config": '{"run_id": "d1"}'}  # only the latest commit of d1
+    meta = json.loads(query.query(s3_results, "SELECT metadata FROM runs WHERE run_id = 'd1'").column(0)[0].as_py())
+    assert meta["elapsed_s"] == 1.23 and meta["counts"] == {"images": 1} and meta["format_version"] == 2
     assert query.query(s3_results, "SELECT count(*) AS n FROM predictions").to_pylist() == [{"n": 4}]
     old = {r["run_id"]: r for r in query.summary(s3_results, version=before).to_pylist()}
     assert (old["d1"]["images"], old["d1"]["version"]) == (4, 1)  # the table as it was: rows and metadata
