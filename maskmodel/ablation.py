@@ -269,8 +269,9 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     fail = os.environ.get(FAIL_TRIAL_ENV)
     for s in specs:
         s["inject_failure"] = fail is not None and int(fail) == s["index"]
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
+    from maskmodel.console import init_ray
+
+    init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
     concurrent = _concurrency(config, len(specs))
     log.info("%d trial(s), %d at a time: %s", len(specs), concurrent, ", ".join(s["name"] for s in specs))
     fs, path = storage.pyarrow_filesystem(_absolute(config.output))

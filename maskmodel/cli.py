@@ -7,16 +7,21 @@ import os
 import sys
 from typing import Callable
 
+from maskmodel.console import LOG_LEVEL_ENV, filter_stderr
 from maskmodel.errors import UserError
 
 log = logging.getLogger("maskmodel")
 
 EXIT_USER_ERROR = 2
+VERBOSE_FLAG = "--verbose"
 
 
 def configure_logging(level: str | None = None) -> None:
-    """One concise format for all maskmodel loggers; ``MASKMODEL_LOG_LEVEL`` overrides the level."""
-    level = level or os.environ.get("MASKMODEL_LOG_LEVEL", "INFO")
+    """One concise format for all maskmodel loggers; ``MASKMODEL_LOG_LEVEL`` overrides the level.
+
+    Ray's own INFO logs stay off the console unless the level is DEBUG (see :mod:`maskmodel.console`).
+    """
+    level = level or os.environ.get(LOG_LEVEL_ENV, "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     # botocore announces where it found credentials at INFO; that is noise before a one-line error.
@@ -25,7 +30,14 @@ def configure_logging(level: str | None = None) -> None:
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run ``main`` and exit: a :class:`UserError` becomes one line on stderr and exit code 2."""
+    """Run ``main`` and exit: a :class:`UserError` becomes one line on stderr and exit code 2.
+
+    ``--verbose`` (every job's parser accepts it) sets ``MASKMODEL_LOG_LEVEL=DEBUG`` first, so the
+    job, its Ray workers and any job it starts show Ray's own INFO logs again.
+    """
+    if VERBOSE_FLAG in sys.argv[1:]:
+        os.environ[LOG_LEVEL_ENV] = "DEBUG"
+    filter_stderr()
     configure_logging()
     try:
         code = main()

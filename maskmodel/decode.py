@@ -7,9 +7,11 @@ becomes a row with a reason instead of a crash.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
+from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -18,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # previews...) is reported as unsupported rather than guessed at.
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+ORIENTATION_TAG = 0x0112  # EXIF
 MIN_SIDE = 8  # pixels; smaller images carry no face to classify
 # Longest side accepted (WebP's own limit). Checked from the header, before
 # decoding, so a 60000x10 strip cannot make a worker allocate a huge resize.
@@ -62,32 +65,23 @@ def too_large_bytes(size: int, max_bytes: int) -> str:
     return f"too large: {size} bytes > {max_bytes}"
 
 
-def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
-                 max_bytes: int | None = None) -> Image.Image:
-    """Decode ``data`` to an RGB :class:`PIL.Image.Image` with EXIF orientation applied.
+class Decoded(NamedTuple):
+    """A decoded picture and the size of the original (after EXIF rotation), which ``reduce_to`` may exceed."""
 
-    Raises :class:`DecodeError` with a short reason: ``empty file``,
-    ``not an image``, ``unsupported format: X``, ``truncated image``,
-    ``too large: ...`` (over ``max_bytes``, a side over ``max_side``, or
-    Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
-    """
-    if not data:
-        raise DecodeError("empty file")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise DecodeError(too_large_bytes(len(data), max_bytes))
+    image: Image.Image
+    width: int
+    height: int
+
+
+@contextlib.contextmanager
+def _reasons() -> Iterator[None]:
+    """Turn whatever Pillow raises while opening or decoding into a :class:`DecodeError` with a short reason."""
     try:
         with warnings.catch_warnings():
             # Above MAX_IMAGE_PIXELS Pillow only warns; a scoring service treats
             # that as a bomb too (Pillow itself raises at twice the limit).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt not in SUPPORTED_FORMATS:
-                raise DecodeError(f"unsupported format: {fmt}")
-            if max(img.size) > max_side:
-                raise DecodeError(f"too large: {img.size[0]}x{img.size[1]}")
-            img.load()
-            img = ImageOps.exif_transpose(img)
+            yield
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -101,10 +95,75 @@ def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_S
         if "truncated" in msg.lower() or isinstance(e, EOFError) or "broken data stream" in msg.lower():
             raise DecodeError("truncated image") from e
         raise DecodeError(f"undecodable: {msg}"[:200]) from e
+
+
+def _open(data: bytes, *, min_side: int, max_side: int, max_bytes: int | None) -> Image.Image:
+    """Open ``data`` (headers only) and check everything the headers tell; call inside :func:`_reasons`."""
+    if not data:
+        raise DecodeError("empty file")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError(too_large_bytes(len(data), max_bytes))
+    img = Image.open(io.BytesIO(data))
+    if img.format not in SUPPORTED_FORMATS:
+        raise DecodeError(f"unsupported format: {img.format}")
     w, h = img.size
+    if max(w, h) > max_side:
+        raise DecodeError(f"too large: {w}x{h}")
     if w < min_side or h < min_side:
         raise DecodeError(f"too small: {w}x{h}")
-    return _to_rgb(img)
+    return img
+
+
+def probe(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
+          max_bytes: int | None = None) -> tuple[str, int, int]:
+    """``(format, width, height)`` from the headers alone (size after EXIF rotation); nothing is decoded.
+
+    Raises :class:`DecodeError` for everything the headers reveal (see
+    :func:`decode`); a file whose pixel data is damaged passes and fails later,
+    when it is decoded.
+    """
+    with _reasons():
+        img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
+        w, h = img.size
+        if img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+            w, h = h, w
+        return str(img.format), w, h
+
+
+def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, max_bytes: int | None = None,
+           reduce_to: int | None = None) -> Decoded:
+    """Decode ``data`` to an RGB picture with EXIF orientation applied, plus the original's size.
+
+    ``reduce_to``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or
+    1/8 of each side, done inside libjpeg, so the skipped pixels are never
+    computed) whose sides are both still at least ``reduce_to`` pixels; other
+    formats decode at full size. A camera's 1920x1080 frame needed at a short
+    side of 256 decodes at 480x270: 1/16 of the pixels. The caller resizes to
+    the exact size it needs; ``width``/``height`` are always the original's.
+
+    Raises :class:`DecodeError` with a short reason: ``empty file``,
+    ``not an image``, ``unsupported format: X``, ``truncated image``,
+    ``too large: ...`` (over ``max_bytes``, a side over ``max_side``, or
+    Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
+    Every check uses the original size, so ``reduce_to`` changes no reason.
+    """
+    with _reasons():
+        img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
+        w, h = img.size
+        if reduce_to and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (reduce_to, reduce_to))
+        reduced = img.size
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.size != reduced:  # EXIF rotated it by 90 degrees: so is the original
+        w, h = h, w
+    return Decoded(_to_rgb(img), w, h)
+
+
+def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
+                 max_bytes: int | None = None) -> Image.Image:
+    """:func:`decode` at full size, the picture only."""
+    return decode(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes).image
 
 
 def to_uint8_chw(img: Image.Image) -> np.ndarray:

@@ -1,68 +1,53 @@
-"""Scoring one image at a time, and one batch at a time, without Ray.
+"""Scoring one batch at a time, without Ray: load (read, decode, crop), predict, rows.
 
-The steps of the scoring pipeline that are plain functions: read an object
-(its own try/except, so a missing or oversized object becomes a reason),
-decode and preprocess it exactly as ``model.json`` says, run the model, and
-turn predictions into rows of the results schema. :mod:`maskmodel.scoring`
-wraps them in Ray Data tasks and the :class:`Predictor` actor pool; the
-training job uses :func:`label_agreement` to record whether bf16 is safe.
+The steps of the scoring pipeline that are plain functions. :func:`load_batch`
+reads a batch's objects concurrently (one request each), decodes JPEGs at the
+reduced size the model needs and crops them to ``uint8 (N, 3, S, S)``, or,
+for GPU decoding, checks their headers and passes the compressed bytes on;
+every failure is a reason in its row. :class:`Predictor` finishes on its
+device: GPU JPEG decoding with a per-image CPU fallback, normalisation, the
+model, and rows of the results schema. :mod:`maskmodel.scoring` wraps them in
+Ray Data tasks and an actor pool; the training job uses
+:func:`label_agreement` to record whether bf16 is safe.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, storage
-from maskmodel.decode import DecodeError, decode_image, to_uint8_chw, too_large_bytes
-from maskmodel.errors import UserError
+from maskmodel import results, storage, testhooks
+from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
 from maskmodel.model import ModelCard, load_model_dir
-from maskmodel.transforms import EvalPreset
+from maskmodel.transforms import EvalCrop, normalize
 
 #: ``model.json`` metric: share of held-out images where bf16 gives the fp32 label (see :func:`label_agreement`).
 BF16_AGREEMENT_KEY = "bf16_label_agreement"
+#: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
+GPU_FORMATS = ("JPEG",)
 
 
-def _reason(e: UserError) -> str:
-    cause = e.__cause__
-    if isinstance(cause, FileNotFoundError):
+def _reason(error: BaseException) -> str:
+    """The ``unreadable: ...`` reason of a failed read."""
+    if isinstance(error, FileNotFoundError):
         return "unreadable: not found"
-    if isinstance(cause, PermissionError):
+    if isinstance(error, PermissionError):
         return "unreadable: permission denied"
-    return f"unreadable: {type(cause or e).__name__}"
+    return f"unreadable: {type(error).__name__}"
 
 
-def read_object(uri: str, version: str | None, size: int | None, *, max_bytes: int,
-                skip_keys: np.ndarray | None = None) -> tuple[bytes | None, str | None, int | None, str | None] | None:
-    """``(data, version, size, error)`` for one object, or ``None`` if ``(uri, version)`` is in ``skip_keys``.
+def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
 
-    Never raises for a storage failure. An unknown version or size (manifest
-    input) is looked up first; an object over ``max_bytes`` is not downloaded.
-    Errors: ``unreadable: ...`` or ``too large: ...``.
+    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
     """
-    try:
-        if version is None or size is None:
-            found = storage.info(uri)
-            version, size = found.version, found.size
-        if skip_keys is not None and len(skip_keys) and results.contains(
-                skip_keys, results.object_keys([uri], [version]))[0]:
-            return None
-        if size > max_bytes:
-            return None, version, size, too_large_bytes(size, max_bytes)
-        return storage.read_bytes(uri), version, size, None
-    except UserError as e:
-        return None, version, size, _reason(e)
-
-
-def preprocess_image(data: bytes, preset: EvalPreset, *, max_bytes: int | None = None
-                     ) -> tuple[np.ndarray, int, int]:
-    """Decode and preprocess one image: ``(float32 (3, S, S), width, height)``; :class:`DecodeError` if unusable."""
-    img = decode_image(data, max_bytes=max_bytes)
-    return preset(torch.from_numpy(to_uint8_chw(img))).numpy(), img.width, img.height
+    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
+    return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
 
 
 def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
@@ -72,40 +57,63 @@ def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
     return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in batch[name]]
 
 
-def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int,
-               skip_keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Read, decode and preprocess a batch of objects (columns ``path`` [, ``version``, ``size``]).
+def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_keys: np.ndarray | None = None,
+               gpu_decode: bool = False, concurrency: int = 32) -> dict[str, np.ndarray]:
+    """Read, decode and crop a batch of objects (columns ``path`` [, ``version``, ``size``]).
 
-    Returns columns ``path, version, size, error, width, height, pixels``; a
-    failing object keeps its row with ``error`` set (zero pixels, width -1).
-    Objects whose ``(path, version)`` is in ``skip_keys`` are dropped. One
-    object's bytes are held at a time.
+    Returns columns ``path, version, size, error, width, height, pixels``
+    (``uint8 (N, 3, S, S)``) and, with ``gpu_decode``, ``data``: the
+    compressed bytes of JPEGs whose headers check out, left for the
+    predictor to decode on its GPU (their ``pixels`` stay zero). A failing
+    object keeps its row with ``error`` set (zero pixels, width -1). Objects
+    are read ``concurrency`` at a time, one request each; the row's version
+    and size come from that read. Objects whose ``(path, version)`` is in
+    ``skip_keys`` are dropped (for objects of unknown version, one HEAD
+    each first, so a skipped object is never downloaded).
     """
-    n = len(batch["path"])
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
     versions, sizes = _column(batch, "version", n), _column(batch, "size", n)
-    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
-    pixels = np.zeros((n, 3, card.input_size, card.input_size), dtype=np.float32)
-    width, height = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
-    rows: list[tuple[str, str | None, int | None, str | None]] = []
-    for i, path in enumerate(str(p) for p in batch["path"]):
-        got = read_object(path, versions[i], None if sizes[i] is None else int(sizes[i]),
-                          max_bytes=max_bytes, skip_keys=skip_keys)
-        if got is None:
-            continue
-        data, version, size, error = got
-        j = len(rows)
-        if error is None:
+    keep = list(range(n))
+    if skip_keys is not None and len(skip_keys):
+        unknown = [i for i in keep if versions[i] is None]
+        for i, got in zip(unknown, storage.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
+                                                     concurrency=concurrency)):
+            versions[i] = got.version
+        seen = results.contains(skip_keys, results.object_keys(paths, versions))
+        keep = [i for i in keep if versions[i] is None or not seen[i]]
+    fetched = storage.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
+    crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
+    k = len(keep)
+    pixels = np.zeros((k, 3, card.input_size, card.input_size), dtype=np.uint8)
+    width, height = np.full(k, -1, np.int32), np.full(k, -1, np.int32)
+    errors: list[str | None] = [None] * k
+    compressed: list[bytes | None] = [None] * k
+    for j, (i, got) in enumerate(zip(keep, fetched)):
+        versions[i] = got.version or versions[i]
+        sizes[i] = got.size if got.size is not None else sizes[i]
+        if got.error is not None:
+            errors[j] = _reason(got.error)
+        elif got.data is None:
+            errors[j] = too_large_bytes(int(got.size or 0), max_bytes)
+        else:
             try:
-                pixels[j], width[j], height[j] = preprocess_image(data, preset, max_bytes=max_bytes)
+                fmt, w, h = probe(got.data, max_bytes=max_bytes) if gpu_decode else ("", -1, -1)
+                if fmt in GPU_FORMATS and complete_jpeg(got.data):
+                    compressed[j], width[j], height[j] = got.data, w, h
+                else:
+                    pixels[j], width[j], height[j] = preprocess_image(got.data, crop, max_bytes=max_bytes)
             except DecodeError as e:
-                error = str(e)
+                errors[j] = str(e)
             except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
-                error = f"undecodable: {type(e).__name__}"
-        rows.append((path, version, size, error))
-    k = len(rows)
-    cols = [np.array(c, dtype=object) for c in zip(*rows)] if rows else [np.empty(0, object)] * 4
-    return {"path": cols[0], "version": cols[1], "size": cols[2], "error": cols[3],
-            "width": width[:k], "height": height[:k], "pixels": pixels[:k]}
+                errors[j] = f"undecodable: {type(e).__name__}"
+    out = {"path": np.array([paths[i] for i in keep], dtype=object),
+           "version": np.array([versions[i] for i in keep], dtype=object),
+           "size": np.array([sizes[i] for i in keep], dtype=object),
+           "error": np.array(errors, dtype=object), "width": width, "height": height, "pixels": pixels}
+    if gpu_decode:
+        out["data"] = np.array(compressed, dtype=object)
+    return out
 
 
 def cpu_has_native_bf16() -> bool:
@@ -121,27 +129,37 @@ def resolve_precision(precision: str, *, device: str, card: ModelCard) -> str:
     return "bf16" if cpu_has_native_bf16() and card.metrics.get(BF16_AGREEMENT_KEY) == 1.0 else "fp32"
 
 
-def predict(model: torch.nn.Module, pixels: np.ndarray, *, device: torch.device | str = "cpu",
-            precision: str = "fp32") -> np.ndarray:
-    """Class probabilities ``float32 (N, C)`` of preprocessed ``pixels (N, 3, S, S)``; channels_last, no grad."""
+def predict(model: torch.nn.Module, pixels: np.ndarray | torch.Tensor, *, mean: Sequence[float],
+            std: Sequence[float], device: torch.device | str = "cpu", precision: str = "fp32") -> np.ndarray:
+    """Class probabilities ``float32 (N, C)`` of cropped ``uint8 pixels (N, 3, S, S)``.
+
+    The pixels cross to ``device`` as uint8 (pinned, asynchronously, for a
+    GPU) and are normalised there; channels_last, no grad.
+    """
     device = torch.device(device)
-    x = torch.from_numpy(pixels) if pixels.flags.writeable else torch.tensor(pixels)
-    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels)
+    if x.device != device:
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
+    x = normalize(x, mean=mean, std=std).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = model(x)
     return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
-def label_agreement(model: torch.nn.Module, batches: Sequence[np.ndarray], *, device: str = "cpu") -> float:
-    """Share of images whose bf16 label equals the fp32 label; 1.0 lets ``--precision auto`` use bf16 on CPU.
+def label_agreement(model: torch.nn.Module, batches: Sequence[np.ndarray], *, mean: Sequence[float],
+                    std: Sequence[float], device: str = "cpu") -> float:
+    """Share of images (cropped uint8 batches) whose bf16 label equals the fp32 label.
 
-    The training job records it in ``model.json`` metrics as :data:`BF16_AGREEMENT_KEY`.
+    1.0 lets ``--precision auto`` use bf16 on CPU; the training job records it
+    in ``model.json`` metrics as :data:`BF16_AGREEMENT_KEY`.
     """
     model = model.to(device, memory_format=torch.channels_last).eval()
     same = total = 0
     for b in batches:
-        a = predict(model, b, device=device).argmax(1)
-        same += int((predict(model, b, device=device, precision="bf16").argmax(1) == a).sum())
+        a = predict(model, b, mean=mean, std=std, device=device).argmax(1)
+        same += int((predict(model, b, mean=mean, std=std, device=device, precision="bf16").argmax(1) == a).sum())
         total += len(a)
     return same / total if total else 0.0
 
@@ -174,21 +192,127 @@ def result_table(batch: dict[str, Any], probs: np.ndarray, *, schema: pa.Schema,
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
-class Predictor:
-    """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows."""
+# A batched JPEG decoder: compressed bytes as 1-D uint8 tensors in, (3, H, W) uint8 images on `device` out.
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
-    def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0) -> None:
+
+def torchvision_jpeg_decoder(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA), RGB, EXIF orientation applied."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+def decode_on_device(datas: list[bytes], crop: EvalCrop, *, device: torch.device,
+                     decoder: JpegDecoder = torchvision_jpeg_decoder) -> list[torch.Tensor | None]:
+    """Decode and crop JPEGs on ``device`` in one batch: ``uint8 (3, S, S)`` each, ``None`` where it failed.
+
+    A batch the decoder rejects as a whole is retried image by image, so one
+    bad file costs its own row only; the caller decodes ``None`` ones on the CPU.
+    Images of one size (a camera's frames) are resized and cropped together,
+    in one call per size rather than a few small kernels per image.
+    """
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        images: list[torch.Tensor | None] = list(decoder(tensors, device))
+    except Exception:  # noqa: BLE001 - nvJPEG refuses a whole batch for one odd image
+        images = []
+        for t in tensors:
+            try:
+                images.append(decoder([t], device)[0])
+            except Exception:  # noqa: BLE001 - this image falls back to the CPU
+                images.append(None)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        if img is not None and img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8:
+            by_size.setdefault(tuple(img.shape), []).append(i)  # anything else (a grey result...): CPU fallback
+    for idx in by_size.values():
+        try:
+            cropped = crop(torch.stack([images[i] for i in idx]))
+        except Exception:  # noqa: BLE001 - a size the resize refuses: CPU fallback
+            continue
+        for j, i in enumerate(idx):
+            out[i] = cropped[j]
+    return out
+
+
+def complete_jpeg(data: bytes) -> bool:
+    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
+
+    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
+    is not libjpeg's, and a truncated image must get the CPU path's reason.
+    """
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+class Predictor:
+    """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows.
+
+    Rows that arrive with compressed ``data`` are decoded on the predictor's
+    device (:func:`decode_on_device`); an image the device cannot decode is
+    decoded on the CPU here, and one that fails there too gets the CPU
+    path's reason, exactly as if it had never been sent to the GPU.
+    """
+
+    def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
+                 decoder: JpegDecoder = torchvision_jpeg_decoder) -> None:
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        else:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         self.device = torch.device(device)
         model, self.card = load_model_dir(model_uri)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.schema = results.results_schema(self.card.classes)
-        self.run_id, self.precision = run_id, precision
+        self.crop = EvalCrop(crop_size=self.card.input_size, resize_size=self.card.resize_size)
+        self.run_id, self.precision, self.decoder = run_id, precision, decoder
+        self.calls = 0
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        ok = np.array([e is None for e in _column(batch, "error", len(batch["path"]))], dtype=bool)
-        probs = (predict(self.model, np.ascontiguousarray(batch["pixels"][ok]), device=self.device,
-                         precision=self.precision) if ok.any() else np.zeros((0, len(self.card.classes)), np.float32))
-        return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
-                            model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+    def _device_rows(self, batch: dict[str, Any], errors: list[str | None]) -> dict[int, torch.Tensor]:
+        """Decode the batch's compressed rows; rows that fail on the device take the CPU path in place."""
+        idx = [i for i, d in enumerate(batch.get("data", ())) if d is not None and errors[i] is None]
+        if not idx:
+            return {}
+        decoded = decode_on_device([batch["data"][i] for i in idx], self.crop, device=self.device,
+                                   decoder=self.decoder)
+        on_device = {}
+        if not batch["pixels"].flags.writeable and any(img is None for img in decoded):
+            batch["pixels"] = batch["pixels"].copy()  # the CPU fallback writes its crops in place
+        for i, img in zip(idx, decoded):
+            if img is not None:
+                on_device[i] = img
+                continue
+            try:  # the CPU path, with its reasons
+                batch["pixels"][i] = preprocess_image(batch["data"][i], self.crop)[0]
+            except DecodeError as e:
+                errors[i] = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
+                errors[i] = f"undecodable: {type(e).__name__}"
+        return on_device
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        self.calls += 1
+        testhooks.pause(f"score-predict-{self.calls}")  # test-only: lose a node while actors hold work
+        n = len(batch["path"])
+        errors = _column(batch, "error", n)
+        on_device = self._device_rows(batch, errors)
+        batch["error"] = np.array(errors, dtype=object)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        classes = self.card.classes
+        if not ok.any():
+            probs = np.zeros((0, len(classes)), np.float32)
+        else:
+            pixels = batch["pixels"]
+            with warnings.catch_warnings():  # Ray hands Arrow-backed, read-only arrays over; nothing writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.from_numpy(pixels if ok.all() else pixels[ok])  # no copy when every row is ok
+            if on_device:  # place the device-decoded crops among the CPU-decoded ones, on the device
+                x = x.to(self.device, non_blocking=True) if x.device != self.device else x.clone()
+                rank = np.cumsum(ok) - 1
+                for i, img in on_device.items():
+                    x[rank[i]] = img
+            probs = predict(self.model, x, mean=self.card.mean, std=self.card.std, device=self.device,
+                            precision=self.precision)
+        return result_table(batch, probs, schema=self.schema, classes=classes, model_id=self.card.model_id,
+                            run_id=self.run_id, scored_at=results.utc_now())

@@ -16,8 +16,11 @@ pipeline; :func:`score` does both. The pure pieces (:func:`read_object`,
 :func:`preprocess_image`, :func:`load_batch`, :func:`predict`,
 :func:`result_table`, :class:`Predictor`) run without Ray.
 
-Test-only hook: ``MASKMODEL_SCORE_WRITE_DELAY_S`` makes the driver sleep that
-long after each written batch, so a test can kill a run mid-way.
+Progress: a live line in a terminal, a log line every few seconds otherwise
+(:class:`maskmodel.console.Progress`); images, errors by kind and img/s are Ray
+metrics (:mod:`maskmodel.telemetry`). Test-only pause point ``score-batch-<k>``
+(:mod:`maskmodel.testhooks`): the driver waits after writing its k-th batch,
+so a test can kill a run mid-way without racing it.
 """
 
 from __future__ import annotations
@@ -33,18 +36,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, storage
+from maskmodel import results, storage, testhooks
 from maskmodel.config import config_to_dict, field
+from maskmodel.console import Progress, init_ray
 from maskmodel.decode import IMAGE_EXTENSIONS
 from maskmodel.errors import UserError
 from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, load_batch, resolve_precision
 from maskmodel.model import ModelCard, load_model_dir
 from maskmodel.storage import ObjectInfo
+from maskmodel.telemetry import ScoringMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
-DELAY_ENV = "MASKMODEL_SCORE_WRITE_DELAY_S"
 _MAX_INPUT_BLOCKS = 10_000
 
 
@@ -66,7 +70,15 @@ class ScoreConfig:
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
     extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix, any case")
     batch_size: int = field(0, help="images per model call (0: 64 on CPU, 512 on GPU)")
-    read_batch: int = field(32, help="images per read+decode task batch")
+    read_batch: int = field(32, help="images per load batch (read, decode, crop)")
+    read_concurrency: int = field(32, help="object reads in flight per load batch (object stores reward "
+                                           "concurrency: 30 ms per request one at a time is 33 images/s)")
+    decode: str = field("auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu = nvJPEG in the predictor (the load step only checks "
+                             "headers and ships the compressed bytes; other formats and failures on the GPU "
+                             "decode on the CPU); auto = gpu when predictors have a GPU")
+    load_tasks: bool = field(False, help="on CPU, run the load step in tasks of its own instead of inside the "
+                                         "predictor actors (with GPUs it always runs in CPU tasks)")
     num_gpus: float = field(0.0, help="GPUs per predictor actor; 0 scores on CPU")
     actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
     threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
@@ -79,8 +91,10 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if self.run_id:
             results.validate_run_id(self.run_id)
+        if self.decode == "gpu" and not self.num_gpus:
+            raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
         at_least = {"read_batch": 1, "max_image_bytes": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
-                    "threads": 0, "num_gpus": 0}
+                    "threads": 0, "num_gpus": 0, "read_concurrency": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
@@ -98,6 +112,14 @@ class ScorePlan:
     manifest_columns: tuple[str, ...] = ()
     skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
+    manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
+
+    @property
+    def total(self) -> int | None:
+        """Objects this run will score, when known before it starts (for the progress display)."""
+        if self.objects is not None:
+            return len(self.objects)
+        return self.manifest_rows if not len(self.skip_keys) else None
 
     @property
     def has_work(self) -> bool:
@@ -159,7 +181,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     output that cannot be written, or missing credentials.
     """
     cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
-    objects, manifest, columns = None, None, ()
+    objects, manifest, columns, rows = None, None, (), 0
     if is_manifest(cfg.input):
         columns, rows = _manifest_head(cfg.input)
         if "path" not in columns:
@@ -191,7 +213,8 @@ def prepare(config: ScoreConfig) -> ScorePlan:
             skip = np.empty(0, np.uint64)  # already applied
         else:
             skipped = None
-    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped)
+    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
 
 
 # ----------------------------------------------------------------------------- the Ray pipeline
@@ -231,8 +254,8 @@ def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
 
 
-def _autoscaler_max_gpus() -> float | None:
-    """The most GPUs the cluster's autoscaler may bring up, or ``None`` when it publishes no limits.
+def _autoscaler_max(resource: str) -> float | None:
+    """The most of ``resource`` (``GPU``, ``CPU``) the cluster's autoscaler may bring up; ``None``: no limits published.
 
     An autoscaler may publish its node groups (min/max nodes, resources per node)
     to the GCS; Ray Train and Ray Data read the same record to tell an autoscaling
@@ -244,7 +267,7 @@ def _autoscaler_max_gpus() -> float | None:
         limits = state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - private API; without it we cannot tell, so behave as a fixed cluster
         return None
-    return None if limits is None else float(limits.get("GPU", 0))
+    return None if limits is None else float(limits.get(resource, 0))
 
 
 def _started_local_ray() -> bool:
@@ -264,14 +287,15 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
+    init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
     resources = ray.cluster_resources()
     if cfg.num_gpus:
         gpus = resources.get("GPU", 0)
         if gpus >= cfg.num_gpus:
-            return cfg.actors or max(1, int(gpus // cfg.num_gpus)), "cuda"
-        most = _autoscaler_max_gpus()
+            actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
+            _check_cpus(resources, actors, load_tasks=True)
+            return actors, "cuda"
+        most = _autoscaler_max("GPU")
         if most is not None and most < cfg.num_gpus:
             raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
                             f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
@@ -288,7 +312,23 @@ def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
                  "actor(s) of %g GPU", gpus, actors, cfg.num_gpus)
         return actors, "cuda"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
-    return cfg.actors or max(1, len(nodes)), "cpu"
+    actors = cfg.actors or max(1, len(nodes))
+    _check_cpus(resources, actors, load_tasks=cfg.load_tasks)
+    return actors, "cpu"
+
+
+def _check_cpus(resources: dict, actors: int, *, load_tasks: bool) -> None:
+    """Fail in one sentence when predictor actors (1 CPU each) would leave no CPU for the load step.
+
+    Otherwise the run would wait forever: actors or load tasks that never get a CPU. An
+    autoscaler that can add CPUs is trusted to do so.
+    """
+    cpus, need = resources.get("CPU", 0), actors + (1 if load_tasks else 0)
+    if need <= cpus or (_autoscaler_max("CPU") or 0) >= need:
+        return
+    what = "and one for the load step " if load_tasks else ""
+    raise UserError(f"{actors} predictor actor(s) need {actors} CPU(s) {what}but the Ray cluster has {cpus:g}; "
+                    f"pass fewer --actors, or add CPUs to the cluster.")
 
 
 def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
@@ -296,21 +336,30 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     import ray
 
     cfg = plan.config
+    gpu = device == "cuda"
+    # On CPU both steps ask for one CPU, so Ray fuses the load step into the actor: loading runs
+    # between forward passes, never competes with torch's threads (which use every core), and no
+    # pixels cross the object store (measured against separate tasks: benchmarks/README.md). With
+    # GPUs the resources differ, so the load step runs in CPU tasks on every core, feeding the GPU
+    # actors uint8 crops, or, with GPU decoding, the compressed bytes. --load-tasks on CPU keeps
+    # the steps apart: Ray Data never fuses an operator that has a ray_remote_args_fn.
+    separate = cfg.load_tasks and not gpu
     ds = _source(plan).map_batches(
         load_batch, batch_size=cfg.read_batch, batch_format="numpy",
-        fn_kwargs={"card": plan.card, "max_bytes": cfg.max_image_bytes,
-                   "skip_keys": plan.skip_keys if len(plan.skip_keys) else None})
-    gpu = device == "cuda"
+        fn_kwargs={"card": plan.card, "max_bytes": cfg.max_image_bytes, "concurrency": cfg.read_concurrency,
+                   "gpu_decode": gpu and cfg.decode != "cpu",
+                   "skip_keys": plan.skip_keys if len(plan.skip_keys) else None},
+        num_cpus=1, **({"ray_remote_args_fn": _one_cpu} if separate else {}))
     return ds.map_batches(
         Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
                                "device": device, "threads": cfg.threads},
-        # On CPU both steps ask for one CPU, so Ray fuses the load step into the actor: decoding
-        # runs between forward passes and never competes with torch's threads (which use every
-        # core), and the float pixels never cross the object store. With GPUs the resources
-        # differ, so the load step stays in CPU tasks on all cores, feeding the GPU actors.
         num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+
+
+def _one_cpu() -> dict:
+    return {"num_cpus": 1}
 
 
 def execute(plan: ScorePlan) -> ScoreResult:
@@ -330,16 +379,20 @@ def execute(plan: ScorePlan) -> ScoreResult:
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)
-        delay = float(os.environ.get(DELAY_ENV) or 0)
         ds = build_dataset(plan, actors=actors, device=device, precision=precision)
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress = Progress(f"scoring {cfg.run_id}", plan.total)
+        metrics = ScoringMetrics(cfg.run_id)
+        for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
             if first_batch_s is None:  # actor start + model load + the first batch
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
             writer.write(table)
-            images += table.num_rows
-            ok += pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
-            if delay:
-                time.sleep(delay)
+            n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            images, ok = images + table.num_rows, ok + n_ok
+            progress.update(table.num_rows, table.num_rows - n_ok)
+            metrics.record(table.num_rows, table.column("error").to_pylist() if n_ok < table.num_rows else (),
+                           images / max(time.monotonic() - t0, 1e-9))
+            testhooks.pause(f"score-batch-{batch_no}")
+        progress.close()
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
     record = results.commit(writer, meta={

@@ -29,6 +29,7 @@ from maskmodel.errors import UserError
 log = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
+MAX_CONCURRENT_READS = 128  # per process; object stores reward concurrency, not round trips
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -75,8 +76,10 @@ def _remote_filesystem(scheme: str, endpoint_url: str | None) -> fsspec.Abstract
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
         # Listings are not cached: an incremental run must see objects that
-        # arrived since the last listing in this process.
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False)
+        # arrived since the last listing in this process. The connection pool
+        # is as large as the most reads :func:`read_many` keeps in flight.
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs, use_listings_cache=False,
+                                 config_kwargs={"max_pool_connections": MAX_CONCURRENT_READS})
     if scheme in ("gs", "gcs"):
         try:
             return fsspec.filesystem("gcs")
@@ -321,3 +324,94 @@ def listdir(uri: str) -> list[str]:
         return []
     with storage_errors(uri, "list"):
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+# ----------------------------------------------------------------------------- many objects at once
+
+@dataclass(frozen=True)
+class Fetched:
+    """One object read by :func:`read_many`: its bytes (``None`` when over the limit or unreadable), size,
+    version (ETag, else size+mtime, as a listing reports it) and the exception that stopped the read, if any."""
+
+    data: bytes | None
+    size: int | None
+    version: str | None
+    error: BaseException | None = None
+
+
+def read_many(uris: list[str], *, max_bytes: int, concurrency: int = 32, head: bool = False) -> list[Fetched]:
+    """Read ``uris`` with up to ``concurrency`` requests in flight; one :class:`Fetched` per URI, in order.
+
+    One request per object: on S3 a single GET whose response carries the
+    size and ETag (no HEAD first); an object larger than ``max_bytes`` is
+    not downloaded (its GET is closed after the headers). ``head``: sizes
+    and versions only (a HEAD each), no data. Never raises for one object's
+    failure (missing, forbidden, unreachable): it is that object's
+    ``error``. All URIs must share one scheme.
+    """
+    if head:
+        max_bytes = -1
+    if not uris:
+        return []
+    concurrency = max(1, min(concurrency, MAX_CONCURRENT_READS, len(uris)))
+    scheme = split_uri(uris[0])[0]
+    fs, _ = filesystem(uris[0])
+    paths = [filesystem(u)[1] for u in uris]
+    if scheme == "s3":
+        return _read_many_s3(fs, paths, max_bytes, concurrency, head)
+    import concurrent.futures
+
+    one = _read_local if scheme == "file" else (lambda p, m: _read_generic(fs, p, m))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda p: one(p, max_bytes), paths))
+
+
+def _read_local(path: str, max_bytes: int) -> Fetched:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            version = _version({"size": st.st_size, "mtime": st.st_mtime})
+            if st.st_size > max_bytes:
+                return Fetched(None, st.st_size, version)
+            return Fetched(f.read(), st.st_size, version)
+    except OSError as e:
+        return Fetched(None, None, None, e)
+
+
+def _read_generic(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int) -> Fetched:
+    try:
+        i = fs.info(path)
+        size, version = int(i.get("size") or 0), _version(i)
+        return Fetched(None if size > max_bytes else fs.cat_file(path), size, version)
+    except Exception as e:  # noqa: BLE001 - one object's failure is its own result
+        return Fetched(None, None, None, e)
+
+
+def _read_many_s3(fs: fsspec.AbstractFileSystem, paths: list[str], max_bytes: int, concurrency: int,
+                  head: bool) -> list[Fetched]:
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def one(path: str, gate: asyncio.Semaphore) -> Fetched:
+        async with gate:
+            try:
+                bucket, key, version_id = fs.split_path(path)
+                resp = await fs._call_s3("head_object" if head else "get_object", Bucket=bucket, Key=key,
+                                         **({"VersionId": version_id} if version_id else {}))
+                if head:
+                    return Fetched(None, int(resp.get("ContentLength") or 0), _version(resp))
+                body = resp["Body"]
+                try:
+                    size, version = int(resp.get("ContentLength") or 0), _version(resp)
+                    return Fetched(None if size > max_bytes else await body.read(), size, version)
+                finally:
+                    body.close()
+            except Exception as e:  # noqa: BLE001 - s3fs raises FileNotFoundError / PermissionError / OSError
+                return Fetched(None, None, None, e)
+
+    async def every() -> list[Fetched]:
+        gate = asyncio.Semaphore(concurrency)
+        return list(await asyncio.gather(*(one(p, gate) for p in paths)))
+
+    return sync(fs.loop, every)

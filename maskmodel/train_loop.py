@@ -18,12 +18,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from maskmodel import testhooks
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-# Test-only fault injection: the driver forwards these to the workers.
+# Test-only fault injection: the driver forwards these (and testhooks' pause variables) to the workers.
 FAIL_AT_EPOCH_ENV = "MASKMODEL_TEST_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "MASKMODEL_TEST_FAIL_MARKER"
+TEST_ENV = (FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, testhooks.PAUSE_ENV, testhooks.PAUSE_DIR_ENV)
 
 
 def _worker_logging() -> None:
@@ -191,6 +194,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                             "epoch": epoch, "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
+            testhooks.pause(f"train-epoch-{epoch}")  # test-only: stop/kill here, not at a random time
         else:
             ray.train.report(metrics, checkpoint=None)
 

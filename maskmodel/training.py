@@ -127,11 +127,9 @@ def write_samples_grid(output: str, images, labels, classes) -> None:
 # --- driver side ---
 
 def _init_ray() -> None:
-    import ray
+    from maskmodel.console import init_ray
 
-    if not ray.is_initialized():
-        # Connects to RAY_ADDRESS under `ray job submit`, else starts a local instance.
-        ray.init(log_to_driver=True)
+    init_ray()  # connects to RAY_ADDRESS under `ray job submit`, else starts a local instance
 
 
 def _initial_state(config: TrainConfig, num_classes: int) -> dict:
@@ -209,9 +207,10 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from maskmodel.console import train_logging_config
     from maskmodel.data import discover
     from maskmodel.sharding import ExactEvalDataConfig
-    from maskmodel.train_loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV, train_loop_per_worker
+    from maskmodel.train_loop import TEST_ENV, train_loop_per_worker
     from maskmodel.transforms import EvalPreset, TrainPreset
 
     storage.check_writable(config.output)
@@ -232,7 +231,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     storage.write_json(storage.join(config.output, "train_config.json"),
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
 
-    env = {k: os.environ[k] for k in (FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV) if k in os.environ}
+    env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
     env.update(worker_env or {})
     fs, path = storage.pyarrow_filesystem(storage.join(config.output, "checkpoints"))
     trainer = TorchTrainer(
@@ -255,6 +254,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
                 num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=list(callbacks) or None,
+            logging_config=train_logging_config(),
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ExactEvalDataConfig(exact=("val",)),
@@ -320,17 +320,17 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     from maskmodel.decode import DecodeError
     from maskmodel.model import build_model
     from maskmodel.inference import cpu_has_native_bf16, label_agreement, preprocess_image
-    from maskmodel.transforms import EvalPreset
+    from maskmodel.transforms import EvalCrop
 
     if not cpu_has_native_bf16():
         return None
     data = discover(config.data, val_fraction=config.val_fraction)
     items = (data.splits.get("test") or data.splits["val"])[:limit]
-    preset = EvalPreset(crop_size=card.input_size, resize_size=card.resize_size, mean=card.mean, std=card.std)
+    crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
     pixels = []
     for it in items:
         try:
-            pixels.append(preprocess_image(storage.read_bytes(it.uri), preset)[0])
+            pixels.append(preprocess_image(storage.read_bytes(it.uri), crop)[0])
         except (DecodeError, UserError):
             continue  # unreadable images were already counted and skipped during training
     if not pixels:
@@ -338,6 +338,6 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     model = build_model(card.arch, len(card.classes))
     model.load_state_dict(state)
     batches = [np.stack(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
-    agreement = label_agreement(model, batches)
+    agreement = label_agreement(model, batches, mean=card.mean, std=card.std)
     log.info("bf16 gives the fp32 label on %.1f%% of %d held-out images", 100 * agreement, len(pixels))
     return agreement

@@ -28,6 +28,22 @@ S3_ENV = {
 }
 
 
+def _own_ray_token() -> None:
+    """Ray 2.60's local ``ray.init`` turns token auth on and keeps the token in ``~/.ray``; tests use their own."""
+    import secrets
+    import tempfile
+
+    if os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="mm-token-"), "auth_token")
+    with open(path, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path  # inherited by the jobs and Ray processes tests start
+
+
+_own_ray_token()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

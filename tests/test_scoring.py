@@ -22,7 +22,7 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import delta, inference, results, scoring, storage
+from maskmodel import delta, inference, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -134,17 +134,43 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
         got = reasons[storage.join(root, name)]
         assert (got is None) if expected is None else got.startswith(expected), (name, got)
     assert reasons[storage.join(root, "gone.jpg")] == "unreadable: not found"
-    assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.float32
+    assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.uint8  # uint8 crops
     assert (out["width"][:3] == 48).all() and (out["width"][3:] == -1).all()
     assert all(v for v in out["version"][:3])  # versions looked up, as a manifest needs
 
 
-def test_read_object_skips_oversized_objects_unread(tmp_path):
-    uri = str(tmp_path / "big.jpg")
-    storage.write_bytes(uri, b"x" * 100)
-    data, version, size, error = inference.read_object(uri, None, None, max_bytes=10)
-    assert data is None and size == 100 and version and error == "too large: 100 bytes > 10"
-    assert inference.read_object(uri, "v", 100, max_bytes=1000)[0] == b"x" * 100
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_many_reads_in_order_with_listing_versions(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    uris = [storage.join(root, f"{i}.bin") for i in range(5)]
+    for i, u in enumerate(uris):
+        storage.write_bytes(u, bytes([i]) * (10 * i))
+    listed = {o.uri: o for o in storage.list_files(root)}
+    got = storage.read_many([*uris, storage.join(root, "gone.bin")], max_bytes=25, concurrency=3)
+    assert [g.data for g in got[:3]] == [b"", b"\x01" * 10, b"\x02" * 20]
+    assert [(g.data, g.size) for g in got[3:5]] == [(None, 30), (None, 40)]  # over the limit: not downloaded
+    assert [g.version for g in got[:5]] == [listed[u].version for u in uris]  # the version a listing reports
+    assert isinstance(got[5].error, FileNotFoundError) and got[5].data is None
+    heads = storage.read_many(uris, max_bytes=0, head=True)
+    assert [(h.data, h.size, h.version) for h in heads] == [(None, 10 * i, listed[u].version) for i, u in enumerate(uris)]
+
+
+def test_load_batch_reads_concurrently_with_one_get_per_object(s3_bucket, s3_endpoint, monkeypatch):
+    from maskmodel.latency_proxy import LatencyProxy
+
+    uris = [f"{s3_bucket}/m/{i:02d}.jpg" for i in range(24)]
+    datas = [encode(face(i % 2, i), "JPEG") for i in range(24)]
+    for u, d in zip(uris, datas):
+        storage.write_bytes(u, d)
+    card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+    with LatencyProxy(s3_endpoint, latency_s=0.05) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)  # every request now pays 50 ms
+        # Manifest rows: no version, no size. Their versions must come from the GETs themselves.
+        out = inference.load_batch({"path": np.array(uris, dtype=object)}, card=card, max_bytes=1 << 20,
+                                   concurrency=16)
+    assert list(out["error"]) == [None] * 24 and all(out["version"]) and list(out["size"]) == [len(d) for d in datas]
+    assert proxy.requests["GET"] == 24 and proxy.requests["HEAD"] == 0, proxy.requests
+    assert proxy.max_in_flight > 4, proxy.max_in_flight  # concurrent, not one object after another
 
 
 def test_load_batch_drops_already_scored_pairs(tmp_path):
@@ -178,6 +204,46 @@ def test_predictor_in_process_matches_the_model_and_the_schema(tmp_path):
     assert rows[5]["label"] is None and rows[5]["p_mask"] is None and rows[5]["width"] is None
 
 
+def test_device_decode_gives_the_cpu_paths_rows_and_falls_back_image_by_image(tmp_path):
+    model_uri = str(tmp_path / "model")
+    card = write_model(model_uri)
+    good = {f"g{i}.jpg": encode(face(i % 2, i), "JPEG", quality=90) for i in range(4)}
+    refused = encode(face(1, 50), "JPEG", quality=75)  # the device decoder will refuse this one
+    objs = {**good, "refused.jpg": refused, "cmyk.jpg": good_images()["no_mask/cmyk.jpg"],
+            "pic.png": encode(face(0, 60), "PNG"), "cut.jpg": good["g0.jpg"][:300], "text.jpg": b"no picture"}
+    paths = []
+    for name, data in objs.items():
+        paths.append(str(tmp_path / name))
+        storage.write_bytes(paths[-1], data)
+    batch = {"path": np.array(paths, dtype=object)}
+    cpu = inference.load_batch(batch, card=card, max_bytes=1 << 20)
+    dev = inference.load_batch(batch, card=card, max_bytes=1 << 20, gpu_decode=True)
+    shipped = {os.path.basename(p) for p, d in zip(dev["path"], dev["data"]) if d is not None}
+    # Complete JPEGs with good headers travel compressed; the PNG, the cut-off JPEG and the text file do not.
+    assert shipped == {*good, "refused.jpg", "cmyk.jpg"}
+    assert not dev["pixels"][[i for i, d in enumerate(dev["data"]) if d is not None]].any()
+
+    calls = []
+
+    def decoder(tensors, device):  # torchvision's decoder on the CPU, refusing one image as nvJPEG might
+        calls.append(len(tensors))
+        if any(len(t) == len(refused) for t in tensors):
+            raise RuntimeError("nvjpeg: unsupported")
+        return inference.torchvision_jpeg_decoder(tensors, device)
+
+    expected = inference.Predictor(model_uri, run_id="r", precision="fp32")(cpu).to_pylist()
+    got = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=decoder)(dev).to_pylist()
+    assert calls == [6, 1, 1, 1, 1, 1, 1]  # the batch, then image by image after it was refused
+    exact = ["path", "version", "size", "status", "error", "label", "width", "height"]
+    assert [{k: r[k] for k in exact} for r in got] == [{k: r[k] for k in exact} for r in expected]
+    for a, b in zip(got, expected):
+        if a["status"] == "ok":
+            assert abs(a["p_mask"] - b["p_mask"]) < 1e-2, (a["path"], a["p_mask"], b["p_mask"])
+    reasons = {os.path.basename(r["path"]): r["error"] for r in got}
+    assert reasons["cut.jpg"] == "truncated image" and reasons["text.jpg"] == "not an image"
+    assert reasons["refused.jpg"] is None  # decoded on the CPU instead
+
+
 def test_precision_policy(monkeypatch):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     verified = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37,
@@ -195,7 +261,8 @@ def test_precision_policy(monkeypatch):
 def test_label_agreement_is_a_share():
     torch.manual_seed(0)
     model = build_model("resnet18", 2)
-    share = inference.label_agreement(model, [np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)])
+    pixels = np.random.default_rng(0).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
+    share = inference.label_agreement(model, [pixels], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert 0.0 <= share <= 1.0
 
 
@@ -392,6 +459,30 @@ def test_query_summary_over_scored_s3_results(scored):
 
 
 @pytest.mark.ray
+def test_scoring_metrics_reach_rays_metrics_endpoint(scored, ray_local):
+    import re
+    import urllib.request
+
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    result, want = scored["result"], {}
+    images = re.compile(r'^ray_maskmodel_score_images_total\{[^}]*run_id="night-1"[^}]*\} (\S+)$', re.M)
+    errors = re.compile(r'^ray_maskmodel_score_errors_total\{[^}]*reason="([^"]+)"[^}]*run_id="night-1"[^}]*\} (\S+)$',
+                        re.M)
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every 10 s by default
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if (m := images.search(text)) and float(m.group(1)) == result.images:
+            want = {reason: float(n) for reason, n in errors.findall(text)}
+            if sum(want.values()) == result.errors:
+                break
+        time.sleep(1)
+    assert images.search(text) and float(images.search(text).group(1)) == result.images, text[-3000:]
+    kinds = {r["error"].split(":")[0] for r in scored["table"].to_pylist() if r["error"]}
+    assert set(want) == kinds and sum(want.values()) == result.errors, want
+
+
+@pytest.mark.ray
 def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_local):
     images, out, model = f"{s3_root}/inc/images", f"{s3_root}/inc/out", f"{s3_root}/inc/model"
     write_model(model)
@@ -419,6 +510,25 @@ def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_loc
 
 
 @pytest.mark.ray
+def test_job_console_is_quiet_unless_verbose(tmp_path, ray_local):
+    images, model = tmp_path / "images", str(tmp_path / "model")
+    write_model(model)
+    for i in range(6):
+        storage.write_bytes(str(images / f"{i}.jpg"), encode(face(i % 2, i), "JPEG"))
+    storage.write_bytes(str(images / "bad.jpg"), b"oops")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    base = ["--input", str(images), "--model", model, "--output", str(tmp_path / "out")]
+    quiet = _job([*base, "--run-id", "q"], env=env)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert quiet.stdout.strip().splitlines()[-1].startswith("7 images: 6 ok, 1 errors")
+    assert "scoring q: 7/7 (100%) images" in quiet.stderr and "| 1 errors |" in quiet.stderr
+    for noise in ("Execution plan", "Starting execution", "core_worker.cc", "Started a local Ray", "INFO "):
+        assert noise not in quiet.stderr.replace("INFO maskmodel", ""), noise
+    loud = _job([*base, "--run-id", "v", "--verbose"], env=env)
+    assert loud.returncode == 0 and "Execution plan" in loud.stderr
+
+
+@pytest.mark.ray
 def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_local):
     images, out, model = tmp_path / "images", str(tmp_path / "out"), str(tmp_path / "model")
     write_model(model)
@@ -427,23 +537,22 @@ def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_
         storage.write_bytes(str(images / f"{i:02d}.jpg"), encode(face(i % 2, i), "JPEG"))
     args = ["--input", str(images), "--model", model, "--output", out, "--run-id", "k",
             "--read-batch", "2", "--batch-size", "2", "--rows-per-file", "2"]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, scoring.DELAY_ENV: "1.5"}
+    # The driver stops after writing its second batch (two closed files) until the test has killed it.
+    pause_dir = str(tmp_path / "pause")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           **testhooks.env("score-batch-2", pause_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_folder = results.run_dir(out, "k")
     try:
-        deadline = time.monotonic() + 90
-        run_folder = results.run_dir(out, "k")
-        while not any(f.uri.endswith(".parquet") for f in _files(run_folder)):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "the job wrote no data file in time"
-            time.sleep(0.2)
+        testhooks.wait_paused("score-batch-2", pause_dir, alive=lambda: proc.poll() is None)
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run, after writing some files
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     killed = {f.uri for f in _files(run_folder)}
-    assert killed  # partial files are there...
+    assert len([u for u in killed if u.endswith(".parquet")]) == 2  # partial files are there...
     assert results.list_commits(out) == [] and results.read_results(out).num_rows == 0  # ...but invisible
     assert not delta.has_log(out)  # the run died before its commit: for Delta readers there is no table yet
     res = scoring.score(ScoreConfig(input=str(images), model=model, output=out, run_id="k", read_batch=4))

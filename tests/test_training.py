@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from maskmodel import storage
+from maskmodel import storage, testhooks
 from maskmodel.model import load_model_dir
 from maskmodel.train_loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
 from maskmodel.training import TrainConfig, train
@@ -81,28 +81,33 @@ def _train_cmd(data: str, out: str, epochs: int) -> list[str]:
 
 
 def test_stopped_run_resubmitted_resumes(tmp_path):
-    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    data, out, pause_dir = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "pause")
     write_tiny_tree(data, splits=(("train", 24), ("val", 6)))
     cmd = _train_cmd(data, out, epochs=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
+    # Rank 0 waits after reporting epoch 1 (2 epochs done) until the job is stopped: no race with training.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **testhooks.env("train-epoch-1", pause_dir)})
     try:
-        while time.monotonic() < deadline:
-            # Stop only once Ray Train has registered a checkpoint (its snapshot is written after the
-            # report is processed, which can lag the epoch's metrics.csv by a poll interval).
-            snapshot = os.path.join(out, "checkpoints", "train", "checkpoint_manager_snapshot.json")
-            if storage.exists(snapshot) and len(_metrics(out)) >= 2:
-                break
-            assert proc.poll() is None, "training exited early"
-            time.sleep(0.5)
-        else:
-            pytest.fail("no epoch finished in time")
+        testhooks.wait_paused("train-epoch-1", pause_dir, alive=lambda: proc.poll() is None)
+        # Ray Train's controller registers the reported checkpoint (and writes this snapshot) on its own
+        # schedule; the paused run cannot end or report again meanwhile, so this wait cannot race.
+        snapshot = os.path.join(out, "checkpoints", "train", "checkpoint_manager_snapshot.json")
+        deadline = time.monotonic() + 120
+        while not (storage.exists(snapshot) and "epoch_0001" in storage.read_text(snapshot)):
+            assert time.monotonic() < deadline, "Ray Train did not register the epoch 1 checkpoint"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the user stops the job
         proc.wait(timeout=60)
     done_before = len(_metrics(out))
+    assert done_before == 2
     # The same command again, with fewer epochs left to keep the test short: it must continue, not restart.
-    subprocess.run(_train_cmd(data, out, epochs=done_before + 1), check=True, capture_output=True, timeout=300)
+    rerun = subprocess.run(_train_cmd(data, out, epochs=done_before + 1), check=True, capture_output=True,
+                           text=True, timeout=300)
+    # The console: one line per epoch run, none of Ray's internals.
+    assert "epoch 3/3" in rerun.stderr and "epoch 1/3" not in rerun.stderr
+    for noise in ("Execution plan", "TrainingReport(", "Checkpoint successfully created", "core_worker.cc"):
+        assert noise not in rerun.stderr, noise
     rows = _metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(done_before + 1))
     assert int(rows[0]["attempt"]) == 0 and int(rows[-1]["attempt"]) >= 1

@@ -1,0 +1,145 @@
+"""Reading images out of tar and zip archives: members, reasons, damage, bombs. Pure, no Ray."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import tarfile
+import zipfile
+
+import pytest
+
+from maskmodel.archives import (Damage, Member, archive_kind, iter_tar, iter_zip, member_uri, split_member_uri,
+                                zip_index)
+
+EXT = ("jpg", "png")
+
+
+def _tar(members: dict[str, bytes], *, gz: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes], **kw) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", **kw) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _rows(items):
+    return [(m.name, m.data, m.error) if isinstance(m, Member) else ("DAMAGE", m.reason) for m in items]
+
+
+def test_member_paths_parse_back():
+    assert member_uri("s3://b/d/x.tar", "cam3/1.jpg") == "s3://b/d/x.tar#cam3/1.jpg"
+    assert split_member_uri("s3://b/d/x.tar#cam3/1.jpg") == ("s3://b/d/x.tar", "cam3/1.jpg")
+    assert split_member_uri("s3://b/odd#name/x.TGZ#a#b.jpg") == ("s3://b/odd#name/x.TGZ", "a#b.jpg")
+    assert split_member_uri("s3://b/photo#1.jpg") == ("s3://b/photo#1.jpg", None)
+    assert [archive_kind(u) for u in ("a.tar", "a.TAR.GZ", "a.tgz", "a.zip", "a.jpg")] == ["tar", "tar", "tar", "zip", None]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_tar_members_in_order_non_images_ignored(gz):
+    data = _tar({"a/1.jpg": b"one", "a/notes.txt": b"x", "a/2.PNG": b"two", "../up.jpg": b"u", "/abs.jpg": b"a"},
+                gz=gz)
+    rows = _rows(iter_tar(io.BytesIO(data), extensions=EXT, max_bytes=100))
+    assert rows == [("a/1.jpg", b"one", None), ("a/2.PNG", b"two", None),
+                    ("../up.jpg", None, "unsafe member path: '..'"), ("/abs.jpg", None, "unsafe member path: absolute")]
+
+
+def test_tar_limits_skip_and_links():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in {"big.jpg": b"x" * 50, "ok.jpg": b"fine", "done.jpg": b"seen"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "ok.jpg"
+        tar.addfile(link)
+    rows = _rows(iter_tar(io.BytesIO(buf.getvalue()), extensions=EXT, max_bytes=10, skip=lambda n: n == "done.jpg"))
+    assert rows == [("big.jpg", None, "too large: 50 bytes > 10"), ("ok.jpg", b"fine", None),
+                    ("link.jpg", None, "unsupported member: link or device")]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("cut", [0.4, 0.66, 0.8])
+def test_truncated_tar_keeps_the_members_before_the_damage(gz, cut):
+    members = {f"{i}.jpg": random.Random(i).randbytes(3000) for i in range(6)}
+    data = _tar(members, gz=gz)
+    content = len(data) if gz else 6 * (512 + 3072)  # the members, without the zero padding a plain tar ends with
+    rows = _rows(iter_tar(io.BytesIO(data[: int(content * cut)]), extensions=EXT, max_bytes=10_000))
+    assert rows[-1] == ("DAMAGE", "truncated archive")
+    assert 1 <= len(rows) - 1 < 6 and all(r[2] is None and r[1] == members[r[0]] for r in rows[:-1])
+
+
+def test_tar_cut_between_members_is_truncated_too():
+    one, two = _tar({"a.jpg": b"A" * 512}), _tar({"a.jpg": b"A" * 512, "b.jpg": b"B" * 512})
+    assert _rows(iter_tar(io.BytesIO(one), extensions=EXT, max_bytes=10_000)) == [("a.jpg", b"A" * 512, None)]
+    cut = two[:1024]  # a's header and data, then nothing: no b, and no end-of-archive block
+    assert _rows(iter_tar(io.BytesIO(cut), extensions=EXT, max_bytes=10_000)) == [
+        ("a.jpg", b"A" * 512, None), ("DAMAGE", "truncated archive")]
+
+
+def test_garbage_is_a_corrupt_archive():
+    rows = _rows(iter_tar(io.BytesIO(b"this is not a tar file at all" * 40), extensions=EXT, max_bytes=100))
+    assert rows[0][0] == "DAMAGE" and rows[0][1].startswith(("corrupt archive", "truncated archive"))
+
+
+def test_gzip_bomb_stops_the_stream():
+    bomb = _tar({f"{i}.jpg": b"\0" * (4 << 20) for i in range(40)})  # 160 MB of zeros: gzip makes it ~160 KB
+    rows = _rows(iter_tar(io.BytesIO(gzip.compress(bomb)), extensions=EXT, max_bytes=8 << 20))
+    assert rows[-1][0] == "DAMAGE" and "compression ratio" in rows[-1][1] and len(rows) < 40
+
+
+def test_zip_members_ranges_and_reasons():
+    data = _zip({"a/1.jpg": b"one", "a/x.txt": b"t", "a/2.jpg": b"two", "../3.jpg": b"3", "big.jpg": b"b" * 500,
+                 "zeros.jpg": b"\0" * 200_000}, compression=zipfile.ZIP_DEFLATED)
+    rows = _rows(iter_zip(io.BytesIO(data), extensions=EXT, max_bytes=300_000))
+    assert rows[:4] == [("a/1.jpg", b"one", None), ("a/2.jpg", b"two", None),
+                        ("../3.jpg", None, "unsafe member path: '..'"), ("big.jpg", b"b" * 500, None)]
+    assert rows[4][0] == "zeros.jpg" and rows[4][2].startswith("compression ratio over 100:1")
+    assert len(zip_index(io.BytesIO(data))) == 6
+    # A range: entries 2..3 of the central directory (the txt member counts as an entry).
+    assert _rows(iter_zip(io.BytesIO(data), extensions=EXT, max_bytes=1000, first=2, count=2)) == [
+        ("a/2.jpg", b"two", None), ("../3.jpg", None, "unsafe member path: '..'")]
+
+
+def test_zip_encrypted_corrupt_and_truncated():
+    a, b = random.Random(0).randbytes(1000), random.Random(1).randbytes(1000)  # incompressible, like JPEGs
+    data = bytearray(_zip({"a.jpg": a, "b.jpg": b}, compression=zipfile.ZIP_DEFLATED))
+    # Flag the first member as encrypted in its central-directory entry.
+    cd = data.find(b"PK\x01\x02")
+    data[cd + 8] |= 0x1
+    rows = _rows(iter_zip(io.BytesIO(bytes(data)), extensions=EXT, max_bytes=10_000))
+    assert rows[0] == ("a.jpg", None, "encrypted member") and rows[1] == ("b.jpg", b, None)
+    plain = bytearray(_zip({"a.jpg": a, "b.jpg": b}, compression=zipfile.ZIP_DEFLATED))
+    plain[400:420] = b"\xff" * 20  # inside the first member's compressed data
+    rows = _rows(iter_zip(io.BytesIO(bytes(plain)), extensions=EXT, max_bytes=10_000))
+    assert rows[0][0] == "a.jpg" and rows[0][2].startswith("corrupt member") and rows[1][2] is None
+    cut = _zip({"a.jpg": b"A" * 1000})[:-30]
+    assert _rows(iter_zip(io.BytesIO(cut), extensions=EXT, max_bytes=10_000)) == [
+        ("DAMAGE", "corrupt archive: no zip central directory (truncated?)")]
+    with pytest.raises(ValueError, match="central directory"):
+        zip_index(io.BytesIO(cut))
+
+
+def test_a_storage_failure_mid_stream_is_unreadable_not_corrupt():
+    data = _tar({f"{i}.jpg": bytes([i]) * 5000 for i in range(5)})
+
+    class Flaky(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 8000:
+                raise ConnectionResetError("peer went away")
+            return super().read(n)
+
+    rows = _rows(iter_tar(Flaky(data), extensions=EXT, max_bytes=10_000))
+    assert rows[-1] == ("DAMAGE", "unreadable: ConnectionResetError")

@@ -1,0 +1,75 @@
+"""The console: progress display, and Ray's non-actionable lines kept off stderr."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+
+from maskmodel.console import Progress, fmt_seconds
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_in_a_terminal_redraws_one_line():
+    clock, out = _Clock(), _Tty()
+    p = Progress("scoring r", 1000, stream=out, clock=clock)
+    clock.t += 10
+    p.update(200, 3)
+    clock.t += 0.1
+    p.update(10)  # too soon to redraw
+    clock.t += 10
+    p.update(190)
+    p.close()
+    frames = out.getvalue().split("\r")
+    assert frames[0] == "\033[Kscoring r: 200/1,000 (20%) images | 20.0 img/s | 3 errors | ETA 40s"
+    assert frames[1] == "\033[Kscoring r: 400/1,000 (40%) images | 19.9 img/s | 3 errors | ETA 30s"
+    assert out.getvalue().endswith("images | 19.9 img/s | 3 errors | ETA 30s\n") and len(frames) == 3
+
+
+def test_progress_without_a_terminal_logs_every_few_seconds(caplog):
+    clock, out = _Clock(), io.StringIO()
+    p = Progress("scoring r", None, stream=out, every_s=30, clock=clock)
+    with caplog.at_level(logging.INFO, logger="maskmodel.console"):
+        for _ in range(7):
+            clock.t += 10
+            p.update(50)
+        p.close()
+    assert out.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["scoring r: 150 images | 5.0 img/s | 0 errors | ETA ?",
+                     "scoring r: 300 images | 5.0 img/s | 0 errors | ETA ?",
+                     "scoring r: 350 images | 5.0 img/s | 0 errors | ETA ?"]
+
+
+def test_fmt_seconds():
+    assert [fmt_seconds(s) for s in (0, 42.4, 187, 7500, float("inf"))] == ["0s", "42s", "3m07s", "2h05m", "?"]
+
+
+def test_stderr_filter_drops_ray_notices_and_keeps_everything_else():
+    code = (
+        "import os, sys, logging\n"
+        "from maskmodel.console import filter_stderr\n"
+        "filter_stderr()\n"
+        "os.write(2, b'[2026 E 1 1] core_worker.cc:2465: Actor with class name: X has constructor arguments "
+        "in the object store and max_restarts > 0. If the arguments...\\n')\n"
+        "os.write(2, b'[2026 E 1 1] core_worker.cc:99: a real C++ error\\n')\n"
+        "print('python line', file=sys.stderr)\n"
+        "os.write(2, b'no newline at exit')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "constructor arguments" not in res.stderr
+    assert "a real C++ error" in res.stderr and "python line" in res.stderr and "no newline at exit" in res.stderr
