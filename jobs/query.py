@@ -1,10 +1,12 @@
 """SQL over committed scoring results with DuckDB (local, S3 or MinIO; offline, no extensions downloaded).
 
-The committed rows are the view `predictions`; one row per committed run is the view `runs`::
+The results folder is a Delta table. Its committed rows are the view `predictions`; one row per committed
+run (the metadata stored in the run's Delta commit) is the view `runs`::
 
     python -m jobs.query --results s3://bucket/scores --summary
     python -m jobs.query --results s3://bucket/scores \\
         "SELECT label, count(*) FROM predictions WHERE status = 'ok' GROUP BY label"
+    python -m jobs.query --results s3://bucket/scores --as-of-version 12 --summary   # the table as it was
 
 On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
 
@@ -23,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(QueryConfig, argv, prog="python -m jobs.query", description=__doc__)
     if not config.sql and not config.summary:
         raise UserError("Nothing to do: pass a SQL query over `predictions`, or --summary.")
-    run_ids = config.run_id or None
+    run_ids, version = config.run_id or None, config.as_of_version
     if config.summary:
-        print(format_table(summary(config.results, run_ids=run_ids), config.format), flush=True)
+        print(format_table(summary(config.results, run_ids=run_ids, version=version), config.format), flush=True)
     if config.sql:
-        table = query(config.results, config.sql, run_ids=run_ids, max_rows=config.max_rows)
+        table = query(config.results, config.sql, run_ids=run_ids, max_rows=config.max_rows, version=version)
         print(format_table(table, config.format), flush=True)
     return 0
 

@@ -1,17 +1,21 @@
 """SQL over committed results with DuckDB, on any storage, offline.
 
-:func:`connect` exposes two views to DuckDB:
+:func:`connect` exposes two views of one snapshot of the results Delta table
+(the latest, or ``version=N`` for an audit) to DuckDB:
 
 - ``predictions``: the committed rows (:data:`maskmodel.results.RESULTS_SCHEMA`
-  plus ``p_<class>`` columns), scanned lazily through a pyarrow dataset over
-  the files the commit records list, read via :mod:`maskmodel.storage`. S3
-  and MinIO therefore work without DuckDB's httpfs extension, and nothing is
-  downloaded or installed at run time.
-- ``runs``: one row per committed run (counts, model, timestamps).
+  plus ``p_<class>`` columns), scanned lazily through the pyarrow dataset that
+  ``deltalake`` builds over the snapshot's files. S3 and MinIO therefore work
+  without DuckDB's httpfs or delta extensions, and nothing is downloaded or
+  installed at run time.
+- ``runs``: one row per committed run, from the metadata stored in its Delta
+  commit (counts, model, input, precision, actors, timings, config).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 from dataclasses import dataclass
 from typing import Iterable
@@ -37,8 +41,8 @@ per_label AS (
 labels AS (
     SELECT run_id, string_agg(label || ': ' || n, ', ' ORDER BY label) AS labels FROM per_label GROUP BY run_id)
 SELECT r.run_id, coalesce(a.images, 0) AS images, coalesce(a.ok, 0) AS ok, coalesce(a.errors, 0) AS errors,
-       coalesce(l.labels, '') AS labels, round(a.mean_confidence, 4) AS mean_confidence,
-       r.model_id, r.committed_at
+       r.skipped, coalesce(l.labels, '') AS labels, round(a.mean_confidence, 4) AS mean_confidence,
+       r.model_id, r.precision, r.actors, round(r.elapsed_s, 1) AS elapsed_s, r.committed_at, r.version
 FROM runs r LEFT JOIN agg a USING (run_id) LEFT JOIN labels l USING (run_id)
 ORDER BY r.committed_at, r.run_id
 """
@@ -64,51 +68,63 @@ class QueryConfig:
 
     results: str = field(help="URI of the results folder (the --output of jobs.score)")
     sql: str = field("", positional=True, help="SQL over the views `predictions` and `runs`")
-    summary: bool = field(False, help="print per run: images, ok, errors, per-label counts, mean confidence, model")
+    summary: bool = field(False, help="print per run: images, ok, errors, skipped, per-label counts, mean "
+                                      "confidence, model, precision, actors, elapsed seconds, commit time and version")
     run_id: tuple[str, ...] = field((), help="only these committed runs (default: all)")
+    as_of_version: int | None = field(None, help="read the table as of this Delta version, for audits "
+                                                 "(default: the latest)")
     format: str = field("table", choices=("table", "csv", "json"), help="output format")
     max_rows: int = field(1000, help="print at most this many rows")
 
 
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("model_id", pa.string()), ("model", pa.string()), ("input", pa.string()),
+    ("images", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64()), ("skipped", pa.int64()),
+    ("files", pa.int64()), ("rows", pa.int64()), ("precision", pa.string()), ("actors", pa.int64()),
+    ("elapsed_s", pa.float64()), ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")), ("committed_at", pa.timestamp("us", tz="UTC")),
+    ("version", pa.int64()), ("attempt", pa.string()), ("config", pa.string()), ("metadata", pa.string()),
+])
+
+
 def runs_table(records: Iterable[results.CommitRecord]) -> pa.Table:
-    """One row per committed run, from the commit records."""
+    """One row per committed run (:data:`RUNS_SCHEMA`), from the metadata of its Delta commit.
+
+    ``files`` and ``rows`` are the run's data in the snapshot read (compaction
+    changes ``files``); ``config`` is the run's resolved config and ``metadata``
+    everything its commit holds (timings such as ``first_batch_s`` included), as JSON.
+    """
     rows = []
     for r in records:
-        counts = r.raw.get("counts") or {}
-        rows.append({"run_id": r.run_id, "model_id": r.raw.get("model_id"), "model": r.raw.get("model"),
-                     "input": r.raw.get("input"), "images": counts.get("images", r.rows), "ok": counts.get("ok"),
+        m, counts = r.raw, r.raw.get("counts") or {}
+        rows.append({"run_id": r.run_id, "model_id": m.get("model_id"), "model": m.get("model"),
+                     "input": m.get("input"), "images": counts.get("images", r.rows), "ok": counts.get("ok"),
                      "errors": counts.get("errors"), "skipped": counts.get("skipped"), "files": len(r.files),
-                     "started_at": r.raw.get("started_at"), "committed_at": r.committed_at,
-                     "attempt": r.attempt})
-    schema = pa.schema([("run_id", pa.string()), ("model_id", pa.string()), ("model", pa.string()),
-                        ("input", pa.string()), ("images", pa.int64()), ("ok", pa.int64()), ("errors", pa.int64()),
-                        ("skipped", pa.int64()), ("files", pa.int64()), ("started_at", pa.string()),
-                        ("committed_at", pa.string()), ("attempt", pa.string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    for name in ("started_at", "committed_at"):  # ISO strings with offset -> timestamptz
-        i = table.schema.get_field_index(name)
-        ts = pa.array([None if v is None else _parse_ts(v) for v in table.column(name).to_pylist()],
-                      pa.timestamp("us", tz="UTC"))
-        table = table.set_column(i, name, ts)
-    return table
+                     "rows": r.rows, "precision": m.get("precision"), "actors": m.get("actors"),
+                     "elapsed_s": m.get("elapsed_s"), "started_at": _ts(m.get("started_at")),
+                     "finished_at": _ts(m.get("finished_at")), "committed_at": _ts(r.committed_at),
+                     "version": r.version, "attempt": r.attempt,
+                     "config": json.dumps(m["config"], sort_keys=True) if "config" in m else None,
+                     "metadata": json.dumps(m, sort_keys=True, default=str)})
+    return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
 
 
-def _parse_ts(value: str):
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(value)
+def _ts(value: str | None) -> dt.datetime | None:
+    return None if not value else dt.datetime.fromisoformat(value)
 
 
-def connect(results_uri: str, *, run_ids: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(results_uri: str, *, run_ids: Iterable[str] | None = None,
+            version: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views ``predictions`` and ``runs`` over committed results.
 
+    Both views read one snapshot: the latest, or Delta ``version`` (time travel).
     Raises :class:`UserError` when ``results_uri`` holds no committed run.
     """
-    records = results.list_commits(results_uri)
+    records = results.list_commits(results_uri, version=version)
     if not records:
         raise UserError(f"No committed runs under {results_uri!r}; point --results at the --output of jobs.score.")
     run_ids = list(run_ids) if run_ids else None
-    dataset = results.results_dataset(results_uri, run_ids)
+    dataset = results.results_dataset(results_uri, run_ids, version=version)
     # No extension may be fetched from the network: everything needed is built in.
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.register("predictions", dataset)
@@ -118,12 +134,12 @@ def connect(results_uri: str, *, run_ids: Iterable[str] | None = None) -> duckdb
 
 
 def query(results_uri: str, sql: str, *, run_ids: Iterable[str] | None = None,
-          max_rows: int | None = None) -> pa.Table:
-    """Run ``sql`` over the committed results; returns its rows (at most ``max_rows``).
+          max_rows: int | None = None, version: int | None = None) -> pa.Table:
+    """Run ``sql`` over the committed results (at Delta ``version``, else the latest); returns at most ``max_rows`` rows.
 
     A bad statement raises :class:`UserError` with DuckDB's one-line message.
     """
-    con = connect(results_uri, run_ids=run_ids)
+    con = connect(results_uri, run_ids=run_ids, version=version)
     try:
         rel = con.sql(sql)
         if rel is None:  # a statement without a result (COPY ... TO, CREATE ...)
@@ -137,9 +153,10 @@ def query(results_uri: str, sql: str, *, run_ids: Iterable[str] | None = None,
         con.close()
 
 
-def summary(results_uri: str, *, run_ids: Iterable[str] | None = None) -> pa.Table:
-    """Per committed run: images, ok, errors, per-label counts, mean confidence, model id, commit time."""
-    return query(results_uri, SUMMARY_SQL, run_ids=run_ids)
+def summary(results_uri: str, *, run_ids: Iterable[str] | None = None, version: int | None = None) -> pa.Table:
+    """Per committed run: images, ok, errors, skipped, per-label counts, mean confidence, model id, precision,
+    actors, elapsed seconds, commit time and Delta version."""
+    return query(results_uri, SUMMARY_SQL, run_ids=run_ids, version=version)
 
 
 def format_table(table: pa.Table, fmt: str = "table") -> str:

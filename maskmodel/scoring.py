@@ -8,7 +8,7 @@ for huge collections)::
     load      Ray tasks (on CPU fused into the actors): read bytes, decode, EvalPreset; one try/except per object
     predict   actor pool, the model loaded once per actor
     write     driver: rolling Parquet files of this attempt (maskmodel.results.AttemptWriter)
-    commit    driver: the commit record, written last (maskmodel.results.commit)
+    commit    driver: one Delta commit, made last, adds them and replaces the run id's old files (results.commit)
 
 :func:`prepare` makes every check a user can fail (input, model, output,
 credentials) before anything runs or is written; :func:`execute` runs the
@@ -61,12 +61,12 @@ def default_run_id() -> str:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's commit record."""
+    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's Delta commit."""
 
     input: str = field(help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
                             "with a `path` column (paths absolute, or relative to the manifest's folder)")
     model: str = field(help="URI of a model directory written by jobs.train")
-    output: str = field(help="URI of the results folder (Parquet files and _commits/)")
+    output: str = field(help="URI of the results folder (a Delta Lake table partitioned by run_id)")
     run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
     incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
@@ -205,6 +205,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     except ValueError as e:
         raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
     storage.check_writable(cfg.output)
+    results.check_output(cfg.output)
     skip, skipped = np.empty(0, np.uint64), 0
     if cfg.incremental:
         skip = results.committed_keys(cfg.output, exclude_run_id=cfg.run_id)

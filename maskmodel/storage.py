@@ -98,6 +98,33 @@ def pyarrow_filesystem(uri: str, *, endpoint_url: str | None = None):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def delta_location(uri: str) -> tuple[str, dict[str, str]]:
+    """``uri`` as the ``deltalake`` package (delta-rs) spells it, with the storage options it needs.
+
+    The options name the S3 endpoint (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
+    plain HTTP allowed only when the endpoint says ``http://``) and how a commit
+    is made atomic: ``conditional_put`` (``etag``, or ``AWS_CONDITIONAL_PUT`` from
+    the environment, e.g. ``dynamo:<table>`` for a store without conditional
+    PUTs). They never hold credentials: delta-rs reads those from the environment
+    or the platform's chain itself. Raises :class:`UserError` for ``memory://``,
+    which delta-rs cannot share with this process's fsspec memory filesystem.
+    """
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return path, {}
+    if scheme == "s3":
+        options = {"conditional_put": os.environ.get("AWS_CONDITIONAL_PUT") or "etag"}
+        endpoint = s3_endpoint()
+        if endpoint:
+            options["AWS_ENDPOINT_URL"] = endpoint
+            if endpoint.lower().startswith("http://"):
+                options["AWS_ALLOW_HTTP"] = "true"
+        return f"s3://{path}", options
+    if scheme in ("gs", "gcs"):
+        return f"gs://{path}", {}
+    raise UserError(f"{uri!r}: a results table needs a local path, s3:// or gs://, not {scheme}://.")
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI with ``/`` (works for local paths too)."""
     parts = tuple(p.strip("/") for p in parts if p)

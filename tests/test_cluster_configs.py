@@ -258,6 +258,10 @@ def test_rayjob_trains_and_cronjob_scores_incrementally() -> None:
     assert "python -m jobs.score" in script
     assert "--incremental" in script and "--run-id" in script
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    # Compaction and vacuum run after scoring, on the same results table, and only if scoring succeeded.
+    assert "set -e" in script and script.index("python -m jobs.maintain") > script.index("python -m jobs.score")
+    assert re.search(r'jobs\.maintain\s+\\\s*--results "\$\{SCORE_OUTPUT\}"', script)
+    assert "exec ray job submit" not in script.split("python -m jobs.score")[0]  # an exec'd scoring never returns
 
 
 # ----------------------------------------------------------------------------- security and wiring

@@ -36,7 +36,8 @@ def _commit(out: str, run_id: str, table: pa.Table | None) -> None:
     w = results.AttemptWriter(out, run_id, results.results_schema(["mask", "no_mask"]), rows_per_file=3)
     if table is not None:
         w.write(table)
-    results.commit(w, meta={"model_id": "model-a", "counts": {"images": table.num_rows if table else 0}})
+    results.commit(w, meta={"model_id": "model-a", "counts": {"images": table.num_rows if table else 0},
+                            "precision": "fp32", "actors": 2, "elapsed_s": 1.23, "config": {"run_id": run_id}})
 
 
 @pytest.fixture
@@ -63,6 +64,8 @@ def test_summary_per_run(s3_results):
     assert d1["mean_confidence"] == pytest.approx((0.9 + 0.55 + 0.95) / 3, abs=1e-4)
     assert (d2["images"], d2["ok"], d2["errors"], d2["labels"]) == (3, 1, 2, "mask: 1")
     assert (empty["images"], empty["ok"], empty["errors"]) == (0, 0, 0)
+    assert (d1["precision"], d1["actors"], d1["elapsed_s"]) == ("fp32", 2, 1.2)  # rounded to 0.1 s
+    assert [r["version"] for r in rows.values()] == [1, 2, 3] and d1["committed_at"] <= d2["committed_at"]
 
 
 def test_arbitrary_sql_and_runs_view(s3_results):
@@ -125,3 +128,21 @@ def test_jobs_query_cli_on_s3(s3_results, s3_bucket):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: No committed runs")
     nothing = _job("--results", s3_results)
     assert nothing.returncode == 2 and "pass a SQL query" in nothing.stderr
+
+
+def test_time_travel_and_a_replaced_run_in_runs(s3_results):
+    before = max(r.version for r in results.list_commits(s3_results))
+    _commit(s3_results, "d1", _rows("d1", [("s3://in/9.jpg", "mask", 0.99)], DAY2))  # re-scored: replaces d1
+    runs = query.query(s3_results, "SELECT run_id, images, files, rows, version, config FROM runs ORDER BY run_id")
+    assert runs.to_pylist()[0] == {"run_id": "d1", "images": 1, "files": 1, "rows": 1, "version": before + 1,
+                                   "config": '{"run_id": "d1"}'}  # only the latest commit of d1
+    meta = json.loads(query.query(s3_results, "SELECT metadata FROM runs WHERE run_id = 'd1'").column(0)[0].as_py())
+    assert meta["elapsed_s"] == 1.23 and meta["counts"] == {"images": 1} and meta["format_version"] == 2
+    assert query.query(s3_results, "SELECT count(*) AS n FROM predictions").to_pylist() == [{"n": 4}]
+    old = {r["run_id"]: r for r in query.summary(s3_results, version=before).to_pylist()}
+    assert (old["d1"]["images"], old["d1"]["version"]) == (4, 1)  # the table as it was: rows and metadata
+    done = _job("--results", s3_results, "--as-of-version", str(before), "--format", "json",
+                "SELECT count(*) AS n FROM predictions")
+    assert done.returncode == 0 and json.loads(done.stdout) == {"n": 7}, done.stderr
+    bad = _job("--results", s3_results, "--as-of-version", "99", "--summary")
+    assert bad.returncode == 2 and "has no version 99" in bad.stderr.strip().splitlines()[-1]

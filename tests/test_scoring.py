@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import fetch, inference, loading, results, scoring, storage, testhooks
+from maskmodel import delta, fetch, inference, loading, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -348,7 +349,7 @@ def test_job_exit_codes_at_the_door(local_setup, s3_bucket):
     # --allow-empty: exit 0 and an empty committed run (no Ray needed for zero images).
     ok = _job(["--input", str(tmp / "empty"), *base, "--allow-empty", "--run-id", "e"])
     assert ok.returncode == 0, ok.stderr
-    assert "0 images" in ok.stdout and "_commits" in ok.stdout
+    assert "0 images" in ok.stdout and "_delta_log" in ok.stdout
     assert [r.run_id for r in results.list_commits(s["output"])] == ["e"]
     # Missing credentials for an S3 input: one sentence, exit 2.
     env = {k: v for k, v in os.environ.items()
@@ -492,7 +493,8 @@ def test_rerun_replaces_and_incremental_scores_only_new_objects(s3_root, ray_loc
     scoring.score(cfg)  # the same run id again
     table = results.read_results(out)
     assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
-    assert len(storage.listdir(results.run_dir(out, "r1"))) == 1  # the replaced attempt is gone
+    [r1] = results.list_commits(out)
+    assert len({os.path.basename(f.path).split("-", 2)[2] for f in r1.files}) == 1  # one attempt's files: the last
     for i in range(4, 6):
         storage.write_bytes(f"{images}/a{i}.jpg", encode(face(i % 2, i), "JPEG"))
     inc = ScoreConfig(input=images, model=model, output=out, run_id="r2", incremental=True, read_batch=2, batch_size=4)
@@ -549,12 +551,21 @@ def test_killed_driver_leaves_nothing_visible_and_rerun_completes(tmp_path, ray_
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert len([f for f in _files(run_folder) if f.uri.endswith(".parquet")]) == 2  # partial files are there...
+    killed = {f.uri for f in _files(run_folder)}
+    assert len([u for u in killed if u.endswith(".parquet")]) == 2  # partial files are there...
     assert results.list_commits(out) == [] and results.read_results(out).num_rows == 0  # ...but invisible
+    assert not delta.has_log(out)  # the run died before its commit: for Delta readers there is no table yet
     res = scoring.score(ScoreConfig(input=str(images), model=model, output=out, run_id="k", read_batch=4))
     table = results.read_results(out)
     assert res.images == n and table.num_rows == n and len(set(table.column("path").to_pylist())) == n
-    assert len(storage.listdir(run_folder)) == 1  # the killed attempt's files are cleaned up
+    # Every Delta reader counts the re-run's rows only, never the killed attempt's.
+    assert DeltaTable(out).to_pyarrow_dataset().count_rows() == n and len(DeltaTable(out).to_pandas()) == n
+    [run] = results.list_commits(out)
+    committed = {storage.join(out, f.path) for f in run.files}
+    assert not committed & killed and {f.uri for f in _files(run_folder)} == committed | killed
+    # The killed attempt's files are orphans: a vacuum past their retention removes them, and only them.
+    assert delta.vacuum(out, retention_hours=0) == sorted(os.path.relpath(u, out) for u in killed)
+    assert {f.uri for f in _files(run_folder)} == committed and results.read_results(out).num_rows == n
 
 
 def _files(uri: str):
