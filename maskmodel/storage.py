@@ -89,12 +89,35 @@ def _remote_filesystem(scheme: str, endpoint_url: str | None) -> fsspec.Abstract
 
 
 def pyarrow_filesystem(uri: str, *, endpoint_url: str | None = None):
-    """Resolve ``uri`` to ``(pyarrow.fs.FileSystem, path)`` for Ray Data and pyarrow readers."""
+    """Resolve ``uri`` to ``(pyarrow.fs.FileSystem, path)`` for Ray Data, Ray Train and pyarrow readers.
+
+    S3 gets Arrow's native client (C++, multipart uploads in parallel, no Python
+    in the data path), which is what Ray Train uploads checkpoints through; the
+    endpoint comes from the same variables as everywhere else and credentials
+    from the environment or the platform's chain, never from arguments (so
+    they are not in the pickled filesystem either). Other schemes wrap fsspec.
+    """
     import pyarrow.fs as pafs
 
+    scheme = split_uri(uri)[0]
     fs, path = filesystem(uri, endpoint_url=endpoint_url)
-    if split_uri(uri)[0] == "file":
+    if scheme == "file":
         return pafs.LocalFileSystem(), path
+    if scheme == "s3":
+        from urllib.parse import urlsplit
+
+        endpoint = s3_endpoint(endpoint_url)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme, region=region or "us-east-1")
+        else:
+            try:  # the bucket's own region: Arrow's client does not follow a redirect to another one
+                kwargs["region"] = pafs.resolve_s3_region(path.split("/", 1)[0])
+            except OSError:
+                kwargs["region"] = region or "us-east-1"
+        return pafs.S3FileSystem(**kwargs), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
