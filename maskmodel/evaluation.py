@@ -328,7 +328,7 @@ def _contact_sheet(joined: dict[str, Any], classes: Sequence[str], max_tiles: in
 
 
 def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> dict[str, Any]:
-    from maskmodel import eval_reports, reports, results, scoring
+    from maskmodel import eval_reports, pipeline, reports, results, scoring
 
     classes = list(card.classes)
     manifest = storage.join(cfg.output, "manifests", f"{split}.parquet")
@@ -338,7 +338,7 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> 
                                             num_gpus=cfg.num_gpus))
     # The truth side goes through the same path resolution as the scoring job's manifest reader.
     base = manifest.rsplit("/", 1)[0]
-    truth = {scoring.resolve_manifest_path(base, p): it.label for p, it in zip(listed, items)}
+    truth = {pipeline.resolve_manifest_path(base, p): it.label for p, it in zip(listed, items)}
     table = results.read_results(scores, run_ids=[split])
     joined = join_rows(table, truth, classes)
     out = split_metrics(joined["truth"], joined["ok"], joined["pred"], joined["probs"], classes=classes,

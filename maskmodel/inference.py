@@ -84,6 +84,8 @@ def result_table(batch: dict[str, Any], probs: np.ndarray, *, schema: pa.Schema,
     best = full.argmax(1) if len(classes) else np.zeros(len(errors), int)
     cols: dict[str, pa.Array] = {
         "path": pa.array(list(batch["path"]), pa.string()),
+        "archive": pa.array(column(batch, "archive", n), pa.string()),
+        "member": pa.array(column(batch, "member", n), pa.string()),
         "version": pa.array(versions, pa.string()),
         "size": pa.array([None if s is None else int(s) for s in sizes], pa.int64()),
         "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),

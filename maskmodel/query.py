@@ -56,6 +56,9 @@ EXAMPLES = {
     "low-confidence images": """
         SELECT path, label, round(confidence, 3) AS confidence, run_id
         FROM predictions WHERE status = 'ok' AND confidence < 0.6 ORDER BY confidence LIMIT 20""",
+    "no-mask images per archive": """
+        SELECT archive, count(*) AS images, count(*) FILTER (WHERE label = 'no_mask') AS no_mask
+        FROM predictions WHERE status = 'ok' AND archive IS NOT NULL GROUP BY archive ORDER BY archive""",
     "errors by reason": """
         SELECT split_part(error, ':', 1) AS reason, count(*) AS images, min(path) AS example
         FROM predictions WHERE status = 'error' GROUP BY reason ORDER BY images DESC""",

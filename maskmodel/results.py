@@ -61,7 +61,9 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: The fixed columns of every results file; :func:`results_schema` inserts one
 #: ``p_<class>`` column per class after ``confidence``.
 RESULTS_SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=False),      # the object's URI as listed
+    pa.field("path", pa.string(), nullable=False),      # the object's URI as listed; <archive>#<member> in archives
+    pa.field("archive", pa.string()),                    # the archive's URI for its members (and its own error row)
+    pa.field("member", pa.string()),                     # the member's path inside the archive; null otherwise
     pa.field("version", pa.string()),                    # ETag, else "<size>-<mtime>"; null if unreadable
     pa.field("size", pa.int64()),                        # bytes; null if unknown
     pa.field("status", pa.string(), nullable=False),    # "ok" | "error"
@@ -419,21 +421,30 @@ def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.
 
     Rows whose error starts with ``unreadable`` are left out so that read
     failures are retried; ``exclude_run_id`` leaves out the run a re-run is
-    about to replace. 8 bytes per scored object, streamed from the table's
-    current snapshot reading only the ``path``, ``version`` and ``error`` columns.
+    about to replace. An archive's ``(archive, version)`` pair is in too once
+    its members were scored and none of its rows is a read failure, so an
+    unchanged archive is skipped whole. 8 bytes per scored object, streamed
+    from the table's current snapshot reading only the columns this needs.
     """
     table = _open(output_uri)
     if table is None:
         return np.empty(0, dtype=np.uint64)
     with storage.storage_errors(output_uri, "read"):
         dataset = table.to_pyarrow_dataset()
-    keep = pc.field("error").is_null() | ~pc.starts_with(pc.field("error"), RETRIED_ERROR_PREFIX)
-    if exclude_run_id is not None:  # a partition filter: the run's files are not even opened
-        keep = keep & (pc.field(PARTITION) != exclude_run_id)
+    retried = pc.starts_with(pc.field("error"), RETRIED_ERROR_PREFIX)
+    keep = pc.field("error").is_null() | ~retried
+    runs = pc.scalar(True) if exclude_run_id is None else pc.field(PARTITION) != exclude_run_id
     parts = [np.empty(0, dtype=np.uint64)]
     with storage.storage_errors(output_uri, "read"):
-        for batch in dataset.to_batches(columns=["path", "version"], filter=keep):
+        for batch in dataset.to_batches(columns=["path", "version"], filter=keep & runs):
             parts.append(object_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
+        if "archive" in dataset.schema.names:  # whole archives: complete unless one of their rows failed to read
+            rows = dataset.to_table(columns={"archive": pc.field("archive"), "version": pc.field("version"),
+                                             "failed": pc.coalesce(retried, pc.scalar(False))},
+                                    filter=runs & pc.field("archive").is_valid())
+            done = rows.group_by(["archive", "version"]).aggregate([("failed", "any")])
+            done = done.filter(pc.invert(done.column("failed_any")))
+            parts.append(object_keys(done.column("archive").to_pylist(), done.column("version").to_pylist()))
     keys = np.sort(np.concatenate(parts))
     # Not np.unique: on uint64 it is ~15x slower than a sort (numpy 2.4), seconds at millions of rows.
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys

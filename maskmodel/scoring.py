@@ -1,20 +1,19 @@
-"""Batch scoring on Ray Data: image objects in, one committed Parquet row per object out.
+"""Batch scoring on Ray Data: image objects (loose, or inside archives) in, one committed Parquet row per image out.
 
 The pipeline streams; its memory does not grow with the number of images
 (beyond a prefix listing's ~100 bytes per object on the driver; use a manifest
 for huge collections)::
 
     list      driver: a prefix listing, or Ray reads a manifest (CSV/Parquet, `path` column)
-    load      Ray tasks (on CPU fused into the actors): read bytes, decode, EvalPreset; one try/except per object
-    predict   actor pool, the model loaded once per actor
-    write     driver: rolling Parquet files of this attempt (maskmodel.results.AttemptWriter)
+    load      Ray tasks (on CPU fused into the actors): read, decode, crop; archives member by member
+    predict   actor pool, the model loaded once per actor       (maskmodel.pipeline)
+    write     driver: rolling Parquet files of this attempt     (maskmodel.results.AttemptWriter)
     commit    driver: one Delta commit, made last, adds them and replaces the run id's old files (results.commit)
 
 :func:`prepare` makes every check a user can fail (input, model, output,
 credentials) before anything runs or is written; :func:`execute` runs the
-pipeline; :func:`score` does both. The pure pieces (:func:`read_object`,
-:func:`preprocess_image`, :func:`load_batch`, :func:`predict`,
-:func:`result_table`, :class:`Predictor`) run without Ray.
+pipeline; :func:`score` does both. The per-batch steps
+(:mod:`maskmodel.loading`, :mod:`maskmodel.inference`) run without Ray.
 
 Progress: a live line in a terminal, a log line every few seconds otherwise
 (:class:`maskmodel.console.Progress`); images, errors by kind and img/s are Ray
@@ -27,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -38,20 +35,19 @@ import pyarrow.compute as pc
 
 from maskmodel import results, storage, testhooks
 from maskmodel.config import config_to_dict, field
-from maskmodel.console import Progress, init_ray
+from maskmodel.archives import ARCHIVE_EXTENSIONS, DEFAULT_MAX_RATIO, archive_kind
+from maskmodel.console import Progress
 from maskmodel.decode import IMAGE_EXTENSIONS
 from maskmodel.errors import UserError
-from maskmodel.inference import BF16_AGREEMENT_KEY, Predictor, resolve_precision
-from maskmodel.loading import load_batch
+from maskmodel.inference import BF16_AGREEMENT_KEY, resolve_precision
 from maskmodel.model import ModelCard, load_model_dir
-from maskmodel.resources import autoscaler_max, check_actor_cpus
+from maskmodel.pipeline import build_dataset, ensure_ray
 from maskmodel.storage import ObjectInfo
 from maskmodel.telemetry import ScoringMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
-_MAX_INPUT_BLOCKS = 10_000
 
 
 def default_run_id() -> str:
@@ -70,7 +66,13 @@ class ScoreConfig:
     run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
     incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
-    extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix, any case")
+    extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix and inside "
+                                                               "archives, any case")
+    archives: bool = field(True, help="score the image members of .tar, .tar.gz, .tgz and .zip objects (under the "
+                                      "prefix or in the manifest); a member's path is <archive>#<member>")
+    max_compression_ratio: float = field(DEFAULT_MAX_RATIO, help="an archive member (or a gzip stream) expanding "
+                                                                 "more than this many times is a decompression "
+                                                                 "bomb: an error row")
     batch_size: int = field(0, help="images per model call (0: 64 on CPU, 512 on GPU)")
     read_batch: int = field(32, help="images per load batch (read, decode, crop)")
     read_concurrency: int = field(32, help="object reads in flight per load batch (object stores reward "
@@ -95,7 +97,7 @@ class ScoreConfig:
             results.validate_run_id(self.run_id)
         if self.decode == "gpu" and not self.num_gpus:
             raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
-        at_least = {"read_batch": 1, "max_image_bytes": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
+        at_least = {"read_batch": 1, "max_image_bytes": 1, "max_compression_ratio": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
                     "threads": 0, "num_gpus": 0, "read_concurrency": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
@@ -119,8 +121,8 @@ class ScorePlan:
     @property
     def total(self) -> int | None:
         """Objects this run will score, when known before it starts (for the progress display)."""
-        if self.objects is not None:
-            return len(self.objects)
+        if self.objects is not None:  # an archive's members are counted only as it is read
+            return None if any(archive_kind(o.uri) for o in self.objects) else len(self.objects)
         return self.manifest_rows if not len(self.skip_keys) else None
 
     @property
@@ -194,9 +196,10 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         manifest = cfg.input if rows else None
         objects = None if rows else []
     else:
-        objects = storage.list_files(cfg.input, extensions=cfg.extensions)
+        listed = cfg.extensions + (ARCHIVE_EXTENSIONS if cfg.archives else ())
+        objects = storage.list_files(cfg.input, extensions=listed)
         if not objects and not cfg.allow_empty:
-            raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(cfg.extensions)}); check the "
+            raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
     model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
     del model
@@ -219,121 +222,6 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
 
 
-# ----------------------------------------------------------------------------- the Ray pipeline
-
-def _source(plan: ScorePlan):
-    import ray
-
-    cfg = plan.config
-    if plan.objects is not None:
-        table = pa.table({"path": [o.uri for o in plan.objects], "version": [o.version for o in plan.objects],
-                          "size": pa.array([o.size for o in plan.objects], pa.int64())})
-        blocks = min(_MAX_INPUT_BLOCKS, max(1, -(-table.num_rows // cfg.read_batch)))
-        return ray.data.from_arrow(table, override_num_blocks=blocks)
-    fs, path = storage.pyarrow_filesystem(plan.manifest)
-    keep = [c for c in ("path", "version", "size") if c in plan.manifest_columns]
-    if plan.manifest.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        types = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
-        ds = ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
-            column_types={c: types[c] for c in keep}, include_columns=keep))
-    else:
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=keep)
-    base = plan.manifest.rsplit("/", 1)[0] if "://" in plan.manifest else os.path.dirname(storage.filesystem(plan.manifest)[1])
-    return ds.map_batches(_resolve_paths, fn_kwargs={"base": base}, batch_format="pyarrow")
-
-
-def resolve_manifest_path(base: str, path: str) -> str:
-    """A manifest entry as the URI a prefix listing would give: absolute URIs kept, relative ones under ``base``."""
-    path = path.strip()
-    uri = path if "://" in path or ("://" not in base and os.path.isabs(path)) else storage.join(base, path)
-    return storage.to_uri(uri, storage.filesystem(uri)[1])
-
-
-def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
-    paths = [resolve_manifest_path(base, p) for p in table.column("path").to_pylist()]
-    return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
-
-
-def _started_local_ray() -> bool:
-    """Whether ``ray.init`` in this process started its own Ray instance (rather than joining a cluster)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
-
-
-def _ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
-    """Start or join Ray; return ``(actors, device)`` for the predictor pool.
-
-    With ``--num-gpus`` and fewer GPUs up than one actor needs, the run goes on
-    (its pending GPU actors make the autoscaler add nodes) when ``--actors`` is
-    given or the cluster's autoscaler can add GPUs; otherwise :class:`UserError`.
-    """
-    import ray
-
-    init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
-    resources = ray.cluster_resources()
-    if cfg.num_gpus:
-        gpus = resources.get("GPU", 0)
-        if gpus >= cfg.num_gpus:
-            actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
-            check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=True)
-            return actors, "cuda"
-        most = autoscaler_max("GPU")
-        if most is not None and most < cfg.num_gpus:
-            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
-                            f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
-                            f"cluster a GPU node group.")
-        if _started_local_ray():  # a Ray instance of this process: nothing will ever add a GPU
-            raise UserError(f"--num-gpus {cfg.num_gpus:g} but this machine has {gpus:g} GPUs; use --num-gpus 0 "
-                            f"to score on CPU, or set RAY_ADDRESS to a cluster with GPU nodes.")
-        if not cfg.actors and most is None:
-            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs; use --num-gpus 0 "
-                            f"to score on CPU, or pass --actors N to wait for an autoscaler to start GPU nodes.")
-        # Without --actors: one per GPU the autoscaler may add (1 if it has no upper limit).
-        actors = cfg.actors or (max(1, int(most // cfg.num_gpus)) if most < sys.maxsize else 1)
-        log.info("the Ray cluster has %g GPUs now; waiting for the autoscaler to start GPU nodes for %d predictor "
-                 "actor(s) of %g GPU", gpus, actors, cfg.num_gpus)
-        return actors, "cuda"
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
-    actors = cfg.actors or max(1, len(nodes))
-    check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=cfg.load_tasks)
-    return actors, "cpu"
-
-
-def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
-    """The lazy Ray Dataset of result rows (pyarrow blocks of ``plan.schema``)."""
-    import ray
-
-    cfg = plan.config
-    gpu = device == "cuda"
-    # On CPU both steps ask for one CPU, so Ray fuses the load step into the actor: loading runs
-    # between forward passes, never competes with torch's threads (which use every core), and no
-    # pixels cross the object store (measured against separate tasks: benchmarks/README.md). With
-    # GPUs the resources differ, so the load step runs in CPU tasks on every core, feeding the GPU
-    # actors uint8 crops, or, with GPU decoding, the compressed bytes. --load-tasks on CPU keeps
-    # the steps apart: Ray Data never fuses an operator that has a ray_remote_args_fn.
-    separate = cfg.load_tasks and not gpu
-    ds = _source(plan).map_batches(
-        load_batch, batch_size=cfg.read_batch, batch_format="numpy",
-        fn_kwargs={"card": plan.card, "max_bytes": cfg.max_image_bytes, "concurrency": cfg.read_concurrency,
-                   "gpu_decode": gpu and cfg.decode != "cpu",
-                   "skip_keys": plan.skip_keys if len(plan.skip_keys) else None},
-        num_cpus=1, **({"ray_remote_args_fn": _one_cpu} if separate else {}))
-    return ds.map_batches(
-        Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
-                               "device": device, "threads": cfg.threads},
-        num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
-
-
-def _one_cpu() -> dict:
-    return {"num_cpus": 1}
-
-
 def execute(plan: ScorePlan) -> ScoreResult:
     """Run the pipeline and commit the run; returns its counts. Error rows do not fail the run.
 
@@ -347,7 +235,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
     precision = resolve_precision(cfg.precision, device="cuda" if cfg.num_gpus else "cpu", card=plan.card)
     t0 = time.monotonic()
     if plan.has_work:
-        actors, device = _ensure_ray(cfg)
+        actors, device = ensure_ray(cfg)
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)

@@ -143,3 +143,31 @@ def test_a_storage_failure_mid_stream_is_unreadable_not_corrupt():
 
     rows = _rows(iter_tar(Flaky(data), extensions=EXT, max_bytes=10_000))
     assert rows[-1] == ("DAMAGE", "unreadable: ConnectionResetError")
+
+
+def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from maskmodel.loading import load_archive, zip_ranges
+    from maskmodel.model import ModelCard
+
+    pics = {}
+    for i in range(7):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (30 * i, 10, 10)).save(buf, "JPEG")
+        pics[f"m/{i}.jpg"] = buf.getvalue()
+    uri = str(tmp_path / "a.zip")
+    with open(uri, "wb") as f:
+        f.write(_zip({**pics, "m/readme.txt": b"x"}))
+    ranges = zip_ranges({"path": np.array([uri], dtype=object)}, per_task=3)
+    assert list(zip(ranges["first"], ranges["count"])) == [(0, 3), (3, 3), (6, 3)]  # 8 entries, 3 per task
+    card = ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=16, resize_size=18)
+    names = []
+    for i in range(3):
+        one = {k: v[i:i + 1] for k, v in ranges.items()}
+        for batch in load_archive(one, card=card, max_bytes=1 << 20, extensions=("jpg",), rows_per_batch=2):
+            assert batch["pixels"].shape[1:] == (3, 16, 16) and len(batch["path"]) <= 2
+            names += list(batch["member"])
+            assert all(e is None for e in batch["error"]) and set(batch["width"]) == {40}
+    assert sorted(names) == sorted(pics)  # every image member once, the text member never

@@ -241,7 +241,7 @@ def test_gpu_scoring_waits_for_an_autoscaler_with_explicit_actors(mn):
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from maskmodel.errors import UserError\n"
-        "from maskmodel.scoring import ScoreConfig, _ensure_ray\n"
+        "from maskmodel.pipeline import ensure_ray as _ensure_ray\nfrom maskmodel.scoring import ScoreConfig\n"
         "cfg = dict(input='s3://b/in', model='s3://b/m', output='s3://b/out', num_gpus=1)\n"
         "print('explicit', _ensure_ray(ScoreConfig(**cfg, actors=3)))\n"
         "try:\n"
@@ -260,7 +260,8 @@ def test_gpu_scoring_waits_for_an_autoscaler_with_explicit_actors(mn):
 
 def test_gpu_scoring_on_a_local_ray_without_gpus_fails_clearly(ray_local):
     from maskmodel.errors import UserError
-    from maskmodel.scoring import ScoreConfig, _ensure_ray
+    from maskmodel.pipeline import ensure_ray as _ensure_ray
+    from maskmodel.scoring import ScoreConfig
 
     if ray_local.cluster_resources().get("GPU"):
         pytest.skip("this machine has GPUs")

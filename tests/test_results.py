@@ -36,7 +36,7 @@ def out(request, tmp_path):
 
 def test_schema_constant_and_class_columns():
     schema = results.results_schema(["mask", "no mask", "Without-Mask"])
-    assert schema.names == ["path", "version", "size", "status", "error", "label", "confidence",
+    assert schema.names == ["path", "archive", "member", "version", "size", "status", "error", "label", "confidence",
                             "p_mask", "p_no_mask", "p_Without_Mask", "width", "height", "model_id", "run_id",
                             "scored_at"]
     assert all(schema.field(n).type == pa.float32() for n in results.classes_of(schema))
@@ -137,7 +137,7 @@ def test_runs_with_different_classes_evolve_the_schema_and_select_runs(tmp_path)
     w2.write(rows(["2"], run_id="b", classes=("WithMask", "WithoutMask")))
     results.commit(w2, meta={})
     table = results.read_results(out).sort_by("path")
-    assert table.column_names[6:11] == ["confidence", "p_mask", "p_no_mask", "p_WithMask", "p_WithoutMask"]
+    assert table.column_names[8:13] == ["confidence", "p_mask", "p_no_mask", "p_WithMask", "p_WithoutMask"]
     assert table.column("p_mask").to_pylist() == [0.5, None]
     assert table.column("p_WithMask").to_pylist() == [None, 0.5]
     assert results.read_results(out, ["b"]).column("path").to_pylist() == ["2"]

@@ -22,7 +22,7 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import delta, fetch, inference, loading, results, scoring, storage, testhooks
+from maskmodel import delta, fetch, inference, loading, pipeline, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -268,11 +268,11 @@ def test_label_agreement_is_a_share():
 
 def test_manifest_paths_resolve_like_a_listing(tmp_path):
     base = str(tmp_path)
-    assert scoring.resolve_manifest_path(base, "a/b.jpg") == os.path.join(base, "a/b.jpg")
-    assert scoring.resolve_manifest_path(base, "/x/y.jpg") == "/x/y.jpg"
-    assert scoring.resolve_manifest_path(base, "file:///x/y.jpg") == "/x/y.jpg"
-    assert scoring.resolve_manifest_path("s3://b/m", "a/b.jpg") == "s3://b/m/a/b.jpg"
-    assert scoring.resolve_manifest_path("s3://b/m", "s3://c/d.jpg ") == "s3://c/d.jpg"
+    assert pipeline.resolve_manifest_path(base, "a/b.jpg") == os.path.join(base, "a/b.jpg")
+    assert pipeline.resolve_manifest_path(base, "/x/y.jpg") == "/x/y.jpg"
+    assert pipeline.resolve_manifest_path(base, "file:///x/y.jpg") == "/x/y.jpg"
+    assert pipeline.resolve_manifest_path("s3://b/m", "a/b.jpg") == "s3://b/m/a/b.jpg"
+    assert pipeline.resolve_manifest_path("s3://b/m", "s3://c/d.jpg ") == "s3://c/d.jpg"
 
 
 def test_config_cli_and_validation():
