@@ -215,7 +215,8 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         if objects is not None:
             seen = results.contains(skip, results.object_keys([o.uri for o in objects], [o.version for o in objects]))
             objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
-            skip = np.empty(0, np.uint64)  # already applied
+            if not any(archive_kind(o.uri) for o in objects):
+                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
         else:
             skipped = None
     manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
