@@ -171,3 +171,32 @@ def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
             names += list(batch["member"])
             assert all(e is None for e in batch["error"]) and set(batch["width"]) == {40}
     assert sorted(names) == sorted(pics)  # every image member once, the text member never
+
+
+def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from maskmodel import fetch, results
+    from maskmodel.loading import load_archive
+    from maskmodel.model import ModelCard
+
+    pics = {}
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(buf, "JPEG")
+        pics[f"{i}.jpg"] = buf.getvalue()
+    uri = str(tmp_path / "a.tar")
+    with open(uri, "wb") as f:
+        f.write(_tar(pics))
+    version = fetch.open_stream(uri)[2]
+    card = ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=16, resize_size=18)
+    batch = {"path": np.array([uri], dtype=object)}
+
+    def members(skip):
+        keys = np.sort(results.object_keys(skip, [version] * len(skip)))
+        return [m for b in load_archive(batch, card=card, max_bytes=1 << 20, extensions=("jpg",), skip_keys=keys)
+                for m in b["member"]]
+
+    assert members([member_uri(uri, "1.jpg")]) == ["0.jpg", "2.jpg"]  # read again: the scored member is skipped
+    assert members([uri]) == []  # the whole archive, unchanged: not read
