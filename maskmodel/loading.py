@@ -68,8 +68,9 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.cols["path"])
 
-    def add(self, path: str, version: str | None, size: int | None, *, data: bytes | None = None,
-            error: str | None = None, archive: str | None = None, member: str | None = None) -> None:
+    def prepare(self, data: bytes | None, error: str | None = None) -> tuple[Any, ...]:
+        """``(pixels, width, height, compressed, error)`` of one object's bytes; thread-safe (Pillow and torch
+        release the GIL while decoding and resizing)."""
         pixels, width, height, compressed = self.zero, -1, -1, None
         if error is None and data is not None:
             try:
@@ -82,6 +83,12 @@ class _Rows:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
                 error = f"undecodable: {type(e).__name__}"
+        return pixels, width, height, compressed, error
+
+    def add(self, path: str, version: str | None, size: int | None, *, data: bytes | None = None,
+            error: str | None = None, archive: str | None = None, member: str | None = None,
+            prepared: tuple[Any, ...] | None = None) -> None:
+        pixels, width, height, compressed, error = prepared or self.prepare(data, error)
         for name, value in (("path", path), ("version", version), ("size", size), ("error", error),
                             ("width", width), ("height", height), ("pixels", pixels), ("archive", archive),
                             ("member", member), ("data", compressed)):
@@ -101,7 +108,7 @@ class _Rows:
 
 
 def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_keys: np.ndarray | None = None,
-               gpu_decode: bool = False, concurrency: int = 32) -> dict[str, np.ndarray]:
+               gpu_decode: bool = False, concurrency: int = 32, decode_threads: int = 1) -> dict[str, np.ndarray]:
     """Read, decode and crop a batch of loose objects (columns ``path`` [, ``version``, ``size``]).
 
     Returns :data:`COLUMNS` (``pixels`` is ``uint8 (N, 3, S, S)``; ``archive``
@@ -112,7 +119,9 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
     are read ``concurrency`` at a time, one request each; the row's version
     and size come from that read. Objects whose ``(path, version)`` is in
     ``skip_keys`` are dropped (for objects of unknown version, one HEAD
-    each first, so a skipped object is never downloaded).
+    each first, so a skipped object is never downloaded). ``decode_threads``
+    decode at once: where the load step runs inside a predictor actor, the
+    actor's cores are idle while it loads, so it uses all of them.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -126,14 +135,20 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
         seen = results.contains(skip_keys, results.object_keys(paths, versions))
         keep = [i for i in keep if versions[i] is None or not seen[i]]
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
-    for i, got in zip(keep, fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)):
+    fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
+    failed = [_reason(g.error) if g.error is not None else
+              too_large_bytes(int(g.size or 0), max_bytes) if g.data is None else None for g in fetched]
+    jobs = [(g.data, e) for g, e in zip(fetched, failed)]
+    if decode_threads > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(decode_threads, len(jobs))) as pool:
+            prepared = list(pool.map(lambda job: rows.prepare(*job), jobs))
+    else:
+        prepared = [rows.prepare(*job) for job in jobs]
+    for i, got, ready in zip(keep, fetched, prepared):
         version, size = got.version or versions[i], got.size if got.size is not None else sizes[i]
-        if got.error is not None:
-            rows.add(paths[i], version, size, error=_reason(got.error))
-        elif got.data is None:
-            rows.add(paths[i], version, size, error=too_large_bytes(int(got.size or 0), max_bytes))
-        else:
-            rows.add(paths[i], version, size, data=got.data)
+        rows.add(paths[i], version, size, prepared=ready)
     return rows.take()
 
 

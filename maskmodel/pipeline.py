@@ -158,9 +158,11 @@ def build_dataset(plan: "ScorePlan", *, actors: int, device: str, precision: str
     loose, packed = _source(plan)
     parts = []
     if loose is not None:
+        # Fused into a CPU actor, the load step has the actor's cores to itself while it runs.
+        threads = (cfg.threads or _node_cpus()) if not gpu and not separate else 1
         parts.append(loose.map_batches(load_batch, batch_size=cfg.read_batch, batch_format="numpy",
-                                       fn_kwargs={**common, "concurrency": cfg.read_concurrency}, num_cpus=1,
-                                       **separate))
+                                       fn_kwargs={**common, "concurrency": cfg.read_concurrency,
+                                                  "decode_threads": threads}, num_cpus=1, **separate))
     if packed is not None:
         # One task per tar (read front to back through one GET) and per range of a zip's members.
         ranges = packed.map_batches(zip_ranges, batch_size=8, batch_format="numpy", num_cpus=1)
@@ -175,6 +177,14 @@ def build_dataset(plan: "ScorePlan", *, actors: int, device: str, precision: str
         fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
                                "device": device, "threads": cfg.threads},
         num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+
+
+def _node_cpus() -> int:
+    """CPUs of the smallest node with CPUs: what a predictor actor's threads default to (a conservative guess)."""
+    import ray
+
+    cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    return max(1, int(min(cpus))) if cpus else 1
 
 
 def _one_cpu() -> dict:

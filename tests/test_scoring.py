@@ -137,6 +137,10 @@ def test_load_batch_turns_every_bad_kind_into_a_reason(tmp_path):
     assert out["pixels"].shape == (len(paths), 3, 32, 32) and out["pixels"].dtype == np.uint8  # uint8 crops
     assert (out["width"][:3] == 48).all() and (out["width"][3:] == -1).all()
     assert all(v for v in out["version"][:3])  # versions looked up, as a manifest needs
+    threaded = loading.load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=1 << 20,
+                                  decode_threads=4)
+    assert all(np.array_equal(threaded[k], out[k]) for k in ("pixels", "width", "height"))
+    assert list(threaded["error"]) == list(out["error"]) and list(threaded["path"]) == list(out["path"])
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
