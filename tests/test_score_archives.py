@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import tarfile
 import zipfile
 
 import pytest
@@ -13,19 +12,10 @@ import pytest
 from maskmodel import results, scoring, storage
 from maskmodel.archives import member_uri
 from maskmodel.scoring import ScoreConfig
+from tests.test_archives import _tar
 from tests.test_scoring import encode, face, write_model
 
 pytestmark = pytest.mark.ray
-
-
-def _tar(members: dict[str, bytes], *, gz: bool = False) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
