@@ -121,6 +121,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads in both")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--cache-raw", default="off", choices=("auto", "on", "off"),
+                   help="the job's --cache-raw; off (default) reads every epoch from storage, as for data "
+                        "larger than the object store")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = "cuda" if args.gpu else "cpu"
@@ -137,8 +140,8 @@ def main() -> None:
                            epochs=args.epochs, threads=args.threads, device=device, bf16=args.gpu)
         out = train(TrainConfig(data=data, output=f"{tmp}/run", arch=args.arch, weights="none",
                                 epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
-                                num_workers=1, gpu=args.gpu, torch_threads=args.threads, cache_raw="off",
-                                cpus_per_worker=1.0, max_failures=0))
+                                num_workers=1, gpu=args.gpu, torch_threads=args.threads,
+                                cpus_per_worker=1.0, max_failures=0, cache_raw=args.cache_raw))
         rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{tmp}/run/metrics.csv"))))
         ray_rates = [float(r["images_per_s"]) for r in rows]
     finally:

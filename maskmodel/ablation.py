@@ -280,7 +280,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     data = discover(config.data)
     for w in config.weights:  # a bad --weights fails here, once, not in every trial
         init_weights(build_model(config.arch, len(data.classes)), config.arch, _weights(w))
-    from maskmodel.console import init_ray
+    from maskmodel.console import init_ray, verbose
 
     init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
     worker_cpus, concurrent = _plan_cpus(config, len(trial_specs(config)))
@@ -294,7 +294,10 @@ def run_ablation(config: AblationConfig) -> AblationResult:
         tune.with_resources(_trial, {"CPU": config.trial_cpus}),
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs, verbose=1),
+        # Tune's status table every few seconds is hundreds of lines: trials print their own epoch lines,
+        # and the summary table ends the run. --verbose brings the table back.
+        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs,
+                                  verbose=1 if verbose() else 0),
     )
     grid = sorted(tuner.fit(), key=lambda r: r.config["trial"]["index"])
 

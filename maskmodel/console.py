@@ -243,6 +243,7 @@ class Progress:
         self.clock = clock
         self.start = self.last = clock()
         self.done = self.errors = 0
+        self._logged = -1  # ``done`` at the last log line: close() does not repeat it
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
@@ -267,12 +268,12 @@ class Progress:
             self.last = now
         elif not self.tty and now - self.last >= self.every_s:
             log.info("%s", self.line())
-            self.last = now
+            self.last, self._logged = now, self.done
 
     def close(self) -> None:
         """The final state: the terminal line ends with a newline; a log records it once."""
         if self.tty:
             self.stream.write("\033[K" + self.line() + "\n")
             self.stream.flush()
-        else:
+        elif self._logged != self.done:
             log.info("%s", self.line())

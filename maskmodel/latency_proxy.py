@@ -27,8 +27,9 @@ class LatencyProxy:
     """Forward ``127.0.0.1:<port>`` to ``target`` (``host:port``), ``latency_s`` added to each request.
 
     Use as a context manager, or :meth:`start` / :meth:`stop`. :attr:`requests`
-    counts requests per method (``GET``, ``HEAD``...); :attr:`max_in_flight` is
-    the most requests seen waiting for their response at once.
+    counts requests per method (``GET``, ``HEAD``...), :attr:`targets` per
+    method and path; :attr:`max_in_flight` is the most requests seen waiting for
+    their response at once.
     """
 
     def __init__(self, target: str, *, latency_s: float = 0.03) -> None:
@@ -36,6 +37,8 @@ class LatencyProxy:
         self.target = (host, int(port))
         self.latency_s = latency_s
         self.requests: collections.Counter[str] = collections.Counter()
+        # (method, path without the query): which objects were read, and how often.
+        self.targets: collections.Counter[tuple[str, str]] = collections.Counter()
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -71,11 +74,14 @@ class LatencyProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.targets.clear()
             self.max_in_flight = self.in_flight
 
-    def _begin(self, method: str) -> None:
+    def _begin(self, request_line: bytes) -> None:
+        method, target = (request_line.split(b" ") + [b""])[:2]
         with self._lock:
-            self.requests[method] += 1
+            self.requests[method.decode()] += 1
+            self.targets[method.decode(), target.decode(errors="replace").split("?", 1)[0]] += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
@@ -94,7 +100,7 @@ class LatencyProxy:
         async def upstream() -> None:
             while chunk := await client_r.read(65536):
                 if chunk.startswith(_METHODS):
-                    self._begin(chunk.split(b" ", 1)[0].decode())
+                    self._begin(chunk.split(b"\r\n", 1)[0])
                     waiting[0] += 1
                     await asyncio.sleep(self.latency_s)
                 server_w.write(chunk)

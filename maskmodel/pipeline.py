@@ -70,15 +70,15 @@ def _source(plan: "ScorePlan"):
     ds = ds.map_batches(_resolve_paths, fn_kwargs={"base": base}, batch_format="pyarrow")
     if not cfg.archives:
         return ds, None
-    return ds.filter(_is_loose), ds.filter(_is_archive)
+    # Vectorised over Arrow batches (a row-wise ``ds.filter(fn)`` is slower, and Ray warns about it).
+    return (ds.map_batches(_only, fn_kwargs={"archives": False}, batch_format="pyarrow"),
+            ds.map_batches(_only, fn_kwargs={"archives": True}, batch_format="pyarrow"))
 
 
-def _is_loose(row: dict) -> bool:
-    return archive_kind(row["path"]) is None
-
-
-def _is_archive(row: dict) -> bool:
-    return archive_kind(row["path"]) is not None
+def _only(batch: pa.Table, *, archives: bool) -> pa.Table:
+    """The rows of a manifest batch that are archives (``archives=True``) or loose objects."""
+    keep = [(archive_kind(p) is not None) == archives for p in batch.column("path").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
 
 
 def resolve_manifest_path(base: str, path: str) -> str:

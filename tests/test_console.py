@@ -73,3 +73,13 @@ def test_stderr_filter_drops_ray_notices_and_keeps_everything_else():
     assert res.returncode == 0, res.stderr
     assert "constructor arguments" not in res.stderr
     assert "a real C++ error" in res.stderr and "python line" in res.stderr and "no newline at exit" in res.stderr
+
+
+def test_progress_does_not_log_the_final_state_twice(caplog):
+    clock, out = _Clock(), io.StringIO()
+    p = Progress("scoring r", 100, stream=out, every_s=5, clock=clock)
+    with caplog.at_level(logging.INFO, logger="maskmodel.console"):
+        clock.t += 10
+        p.update(100)  # the periodic line already shows 100/100
+        p.close()
+    assert [r.getMessage() for r in caplog.records] == ["scoring r: 100/100 (100%) images | 10.0 img/s | 0 errors | ETA 0s"]

@@ -118,3 +118,17 @@ def test_rerun_replaces_and_incremental_rescores_only_a_replaced_archive(archive
     inc = scoring.score(dataclasses.replace(cfg, run_id="n3", incremental=True))
     assert inc.images == 2 and inc.skipped == 6
     assert set(_rows(out, "n3")) == {member_uri(tar, "cam1/a.jpg"), member_uri(tar, "cam1/new.jpg")}
+
+
+def test_a_manifest_may_list_archives_and_loose_objects(archive_input):
+    root, inp = archive_input["root"], archive_input["input"]
+    manifest = f"{root}/tonight.csv"
+    storage.write_bytes(manifest, b"path\nin/day1/loose-0.jpg\n" + f"{inp}/day1/batch.tar.gz\n".encode())
+    out = f"{root}/out-manifest"
+    res = scoring.score(ScoreConfig(input=manifest, model=archive_input["model"], output=out, run_id="m1",
+                                    precision="fp32", read_batch=4, batch_size=8))
+    tgz = f"{inp}/day1/batch.tar.gz"
+    # Relative paths resolve against the manifest's folder.
+    rows = _rows(out)
+    assert set(rows) == {f"{inp}/day1/loose-0.jpg", member_uri(tgz, "x/c.jpg"), member_uri(tgz, "x/d.jpg")}
+    assert res.images == res.ok == 3 and all(r["status"] == "ok" for r in rows.values())
