@@ -1,7 +1,7 @@
 """How long `--incremental` takes to collect the (path, version) keys of a large results table.
 
 Writes one committed run of N synthetic rows (paths and versions shaped like an S3 archive's) into a
-Delta results table, then times :func:`maskmodel.results.committed_keys` against a bare scan of the
+Delta results table, then times :func:`maskmodel.incremental.committed_keys` against a bare scan of the
 same two columns (the floor: reading them, nothing else)::
 
     python benchmarks/incremental_keys.py                 # 2,000,000 rows in a temp folder
@@ -17,7 +17,7 @@ import time
 
 import pyarrow as pa
 
-from maskmodel import results, storage
+from maskmodel import incremental, results, storage
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     rows = sum(b.num_rows for b in results.results_dataset(out).to_batches(columns=["path", "version"]))
     scan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    keys = results.committed_keys(out)
+    keys = incremental.committed_keys(out)
     keys_s = time.perf_counter() - t0
     print(f"{rows:,} rows in {out} (written and committed in {write_s:.1f} s)")
     print(f"scan of path+version: {scan_s:.2f} s; committed_keys: {keys_s:.2f} s "

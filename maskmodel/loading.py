@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from maskmodel import archives, fetch, results
+from maskmodel import archives, fetch, incremental
 from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
 from maskmodel.errors import UserError
 from maskmodel.model import ModelCard
@@ -132,7 +132,7 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
         for i, got in zip(unknown, fetch.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
                                                    concurrency=concurrency)):
             versions[i] = got.version
-        seen = results.contains(skip_keys, results.object_keys(paths, versions))
+        seen = incremental.contains(skip_keys, incremental.object_keys(paths, versions))
         keep = [i for i in keep if versions[i] is None or not seen[i]]
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
     fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
@@ -202,7 +202,7 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
         except UserError as e:
             rows.add(path, None, None, error=_reason(e.__cause__ or e), archive=path)
             continue
-        has = (lambda key_paths: results.contains(skip_keys, results.object_keys(key_paths, [version] * len(key_paths)))
+        has = (lambda key_paths: incremental.contains(skip_keys, incremental.object_keys(key_paths, [version] * len(key_paths)))
                ) if skip_keys is not None and len(skip_keys) else None
         if has is not None and has([path])[0]:
             f.close()

@@ -23,21 +23,19 @@ Promises:
 - Runs scored with different classes share the table: a new ``p_<class>``
   column is added by the run's commit; other runs read it as null.
 - Readers (:func:`list_commits`, :func:`results_dataset`,
-  :func:`read_results`, :func:`committed_keys`) read one snapshot, the latest or
+  :func:`read_results`, :func:`maskmodel.incremental.committed_keys`) read one snapshot, the latest or
   ``version=N`` (time travel), and never see uncommitted files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -308,7 +306,7 @@ class CommitRecord:
         return sum(f.rows for f in self.files)
 
 
-def _open(output_uri: str, version: int | None = None):
+def open_results(output_uri: str, version: int | None = None):
     """The results table (``None`` when nothing was committed yet); :class:`UserError` for the old format."""
     table = delta.open_table(output_uri, version)
     if table is None and storage.exists(storage.join(output_uri, "_commits")):
@@ -324,7 +322,7 @@ def check_output(output_uri: str) -> None:
     ``run_id=`` folders of attempts that never committed. Anything else is
     refused: vacuuming the table would delete files it does not know.
     """
-    table = _open(output_uri)
+    table = open_results(output_uri)
     if table is not None:
         names = delta.arrow_schema(table).names
         if table.metadata().partition_columns != [PARTITION] or not {"path", "status"} <= set(names):
@@ -345,7 +343,7 @@ def list_commits(output_uri: str, *, version: int | None = None) -> list[CommitR
     whose rows were all deleted by another engine is left out; rows of a run id
     with no scoring commit (written by another engine) show with empty ``raw``.
     """
-    table = _open(output_uri, version)
+    table = open_results(output_uri, version)
     if table is None:
         return []
     files = delta.active_files(table, PARTITION)
@@ -383,7 +381,7 @@ def results_dataset(output_uri: str, run_ids: Iterable[str] | None = None, *,
     ``p_<class>`` columns read as nulls. Raises :class:`UserError` for a run id
     that is not committed.
     """
-    table = _open(output_uri, version)
+    table = open_results(output_uri, version)
     wanted = None if run_ids is None else sorted(set(run_ids))
     if wanted is not None:
         _select(list_commits(output_uri, version=version) if table is not None else [], wanted)
@@ -403,63 +401,8 @@ def read_results(output_uri: str, run_ids: Iterable[str] | None = None, *,
         return dataset.to_table(columns=list(columns) if columns else None)
 
 
-# ----------------------------------------------------------------------------- incremental runs
-
-def object_keys(paths: Sequence[str | None], versions: Sequence[str | None]) -> np.ndarray:
-    """64-bit keys of ``(path, version)`` pairs, as used by :func:`committed_keys`.
-
-    The key is the little-endian 8-byte BLAKE2b digest of ``path NUL version``.
-    """
-    blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(f"{p}\0{v or ''}".encode(), digest_size=8).digest()
-                        for p, v in zip(paths, versions)])
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-
-
-def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.ndarray:
-    """Sorted keys of the ``(path, version)`` pairs already scored by committed runs.
-
-    Rows whose error starts with ``unreadable`` are left out so that read
-    failures are retried; ``exclude_run_id`` leaves out the run a re-run is
-    about to replace. An archive's ``(archive, version)`` pair is in too once
-    its members were scored and none of its rows is a read failure, so an
-    unchanged archive is skipped whole. 8 bytes per scored object, streamed
-    from the table's current snapshot reading only the columns this needs.
-    """
-    table = _open(output_uri)
-    if table is None:
-        return np.empty(0, dtype=np.uint64)
-    with storage.storage_errors(output_uri, "read"):
-        dataset = table.to_pyarrow_dataset()
-    retried = pc.starts_with(pc.field("error"), RETRIED_ERROR_PREFIX)
-    keep = pc.field("error").is_null() | ~retried
-    runs = pc.scalar(True) if exclude_run_id is None else pc.field(PARTITION) != exclude_run_id
-    parts = [np.empty(0, dtype=np.uint64)]
-    with storage.storage_errors(output_uri, "read"):
-        for batch in dataset.to_batches(columns=["path", "version"], filter=keep & runs):
-            parts.append(object_keys(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-        if "archive" in dataset.schema.names:  # whole archives: complete unless one of their rows failed to read
-            rows = dataset.to_table(columns={"archive": pc.field("archive"), "version": pc.field("version"),
-                                             "failed": pc.coalesce(retried, pc.scalar(False))},
-                                    filter=runs & pc.field("archive").is_valid())
-            done = rows.group_by(["archive", "version"]).aggregate([("failed", "any")])
-            done = done.filter(pc.invert(done.column("failed_any")))
-            parts.append(object_keys(done.column("archive").to_pylist(), done.column("version").to_pylist()))
-    keys = np.sort(np.concatenate(parts))
-    # Not np.unique: on uint64 it is ~15x slower than a sort (numpy 2.4), seconds at millions of rows.
-    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys
-
-
-def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Boolean mask: which ``keys`` are in ``sorted_keys`` (from :func:`committed_keys`)."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool)
-    idx = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
-    return sorted_keys[idx] == keys
-
-
 __all__ = [
     "RESULTS_SCHEMA", "results_schema", "prob_column", "classes_of", "validate_run_id", "AttemptWriter",
     "FileEntry", "commit", "CommitRecord", "list_commits", "check_output", "results_dataset", "read_results",
-    "merge_schemas", "committed_keys", "object_keys", "contains", "log_uri", "run_dir", "file_schema", "conform",
+    "merge_schemas", "open_results", "log_uri", "run_dir", "file_schema", "conform",
 ]

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, storage, testhooks
+from maskmodel import incremental, results, storage, testhooks
 from maskmodel.config import config_to_dict, field
 from maskmodel.archives import ARCHIVE_EXTENSIONS, DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.console import Progress
@@ -211,9 +211,9 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     results.check_output(cfg.output)
     skip, skipped = np.empty(0, np.uint64), 0
     if cfg.incremental:
-        skip = results.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
         if objects is not None:
-            seen = results.contains(skip, results.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            seen = incremental.contains(skip, incremental.object_keys([o.uri for o in objects], [o.version for o in objects]))
             objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
             if not any(archive_kind(o.uri) for o in objects):
                 skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it

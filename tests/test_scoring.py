@@ -22,7 +22,7 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import delta, fetch, inference, loading, pipeline, results, scoring, storage, testhooks
+from maskmodel import delta, fetch, inference, incremental, loading, pipeline, results, scoring, storage, testhooks
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -183,7 +183,7 @@ def test_load_batch_drops_already_scored_pairs(tmp_path):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     batch = {"path": np.array([uri], dtype=object)}
     version = storage.info(uri).version
-    skip = np.sort(results.object_keys([uri], [version]))
+    skip = np.sort(incremental.object_keys([uri], [version]))
     assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
     assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
 
