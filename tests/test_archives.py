@@ -145,18 +145,25 @@ def test_a_storage_failure_mid_stream_is_unreadable_not_corrupt():
     assert rows[-1] == ("DAMAGE", "unreadable: ConnectionResetError")
 
 
+def _jpegs(n: int, size: tuple[int, int], name: str) -> dict[str, bytes]:
+    """``n`` small distinct JPEGs named ``name.format(i)``."""
+    from PIL import Image
+
+    pics = {}
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (30 * i, 10, 10)).save(buf, "JPEG")
+        pics[name.format(i)] = buf.getvalue()
+    return pics
+
+
 def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
     import numpy as np
-    from PIL import Image
 
     from maskmodel.loading import load_archive, zip_ranges
     from maskmodel.model import ModelCard
 
-    pics = {}
-    for i in range(7):
-        buf = io.BytesIO()
-        Image.new("RGB", (40, 30), (30 * i, 10, 10)).save(buf, "JPEG")
-        pics[f"m/{i}.jpg"] = buf.getvalue()
+    pics = _jpegs(7, (40, 30), "m/{}.jpg")
     uri = str(tmp_path / "a.zip")
     with open(uri, "wb") as f:
         f.write(_zip({**pics, "m/readme.txt": b"x"}))
@@ -175,17 +182,12 @@ def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
 
 def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
     import numpy as np
-    from PIL import Image
 
     from maskmodel import fetch, incremental
     from maskmodel.loading import load_archive
     from maskmodel.model import ModelCard
 
-    pics = {}
-    for i in range(3):
-        buf = io.BytesIO()
-        Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(buf, "JPEG")
-        pics[f"{i}.jpg"] = buf.getvalue()
+    pics = _jpegs(3, (20, 20), "{}.jpg")
     uri = str(tmp_path / "a.tar")
     with open(uri, "wb") as f:
         f.write(_tar(pics))
