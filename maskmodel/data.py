@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from maskmodel import storage, testhooks
-from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode, to_uint8_chw
+from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode, to_uint8_chw, too_large_bytes
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def fetch_and_check(batch: dict[str, np.ndarray], *, concurrency: int = 32, chec
     smallest JPEG scale: every byte of the image is still read, so a truncated
     or corrupt file is still caught, at a fraction of a full decode's cost.
     """
-    from maskmodel.fetch import read_many
+    from maskmodel.fetch import read_error_reason, read_many
 
     if not check:  # an epoch's read; test-only pause point fetch-<name>: hold one object back
         for u in batch["uri"]:
@@ -181,9 +181,9 @@ def fetch_and_check(batch: dict[str, np.ndarray], *, concurrency: int = 32, chec
     for g in got:
         data, error = g.data or b"", ""
         if g.error is not None:
-            error = f"unreadable: {type(g.error).__name__}"
+            error = read_error_reason(g.error)
         elif g.data is None:
-            error = f"too large: {g.size} bytes"
+            error = too_large_bytes(int(g.size or 0), MAX_TRAINING_IMAGE_BYTES)
         elif check:
             try:
                 decode(g.data, reduce_to=1)
@@ -213,7 +213,12 @@ class DecodeCrop:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        keep = [i for i, e in enumerate(batch.get("error", [""] * len(batch["data"]))) if not e]
+        errors = batch.get("error", [""] * len(batch["data"]))
+        keep = [i for i, e in enumerate(errors) if not e]
+        if len(keep) < len(errors):  # the check pass found these readable: a store error or a changed object
+            first = next(i for i, e in enumerate(errors) if e)
+            log.warning("%d image(s) of this batch could not be read and are left out of this epoch (e.g. %s: %s)",
+                        len(errors) - len(keep), batch.get("uri", ["?"] * len(errors))[first], errors[first])
         images = [self.crop(torch.from_numpy(to_uint8_chw(decode(batch["data"][i], reduce_to=self.reduce_to).image)))
                   .numpy() for i in keep]
         labels = np.asarray(batch["label"], dtype=np.int64)[keep]

@@ -30,6 +30,15 @@ class Fetched:
     error: BaseException | None = None
 
 
+def read_error_reason(error: BaseException) -> str:
+    """The ``unreadable: ...`` reason of a failed read."""
+    if isinstance(error, FileNotFoundError):
+        return "unreadable: not found"
+    if isinstance(error, PermissionError):
+        return "unreadable: permission denied"
+    return f"unreadable: {type(error).__name__}"
+
+
 def read_many(uris: list[str], *, max_bytes: int, concurrency: int = 32, head: bool = False) -> list[Fetched]:
     """Read ``uris`` with up to ``concurrency`` requests in flight; one :class:`Fetched` per URI, in order.
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from maskmodel import archives, fetch, incremental
+from maskmodel.fetch import read_error_reason
 from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
 from maskmodel.errors import UserError
 from maskmodel.model import ModelCard
@@ -29,15 +30,6 @@ ZIP_MEMBERS_PER_TASK = 256  # a zip's central-directory entries per load task: b
 
 #: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
 GPU_FORMATS = ("JPEG",)
-
-
-def _reason(error: BaseException) -> str:
-    """The ``unreadable: ...`` reason of a failed read."""
-    if isinstance(error, FileNotFoundError):
-        return "unreadable: not found"
-    if isinstance(error, PermissionError):
-        return "unreadable: permission denied"
-    return f"unreadable: {type(error).__name__}"
 
 
 def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
@@ -136,7 +128,7 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
         keep = [i for i in keep if versions[i] is None or not seen[i]]
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
     fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
-    failed = [_reason(g.error) if g.error is not None else
+    failed = [read_error_reason(g.error) if g.error is not None else
               too_large_bytes(int(g.size or 0), max_bytes) if g.data is None else None for g in fetched]
     jobs = [(g.data, e) for g, e in zip(fetched, failed)]
     if decode_threads > 1 and len(jobs) > 1:
@@ -200,7 +192,7 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
             f, size, version = (fetch.open_stream(path) if kind == "tar" else
                                 fetch.open_ranged(path))
         except UserError as e:
-            rows.add(path, None, None, error=_reason(e.__cause__ or e), archive=path)
+            rows.add(path, None, None, error=read_error_reason(e.__cause__ or e), archive=path)
             continue
         has = (lambda key_paths: incremental.contains(skip_keys, incremental.object_keys(key_paths, [version] * len(key_paths)))
                ) if skip_keys is not None and len(skip_keys) else None

@@ -129,7 +129,8 @@ def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, pre
     training = optimizer is not None
     model.train(training)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, seen
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: summed on the device
+    seen = 0  # a host count: no host-to-device copy per batch
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     batches = shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
@@ -153,12 +154,12 @@ def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, pre
             (loss / labels.shape[0]).backward()
             optimizer.step()
         preds = logits.detach().argmax(dim=1)
-        sums += torch.stack([loss.detach().double(), (preds == labels).sum().double(),
-                             torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device)])
+        sums += torch.stack([loss.detach().double(), (preds == labels).sum().double()])
+        seen += labels.shape[0]
         if not training:
             cm += torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).double()
     elapsed = time.perf_counter() - start
-    totals = _all_reduce(torch.cat([sums, cm]))
+    totals = _all_reduce(torch.cat([sums, sums.new_tensor([seen]), cm]))
     n = max(float(totals[2]), 1.0)
     return {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "images": int(totals[2]),
             "seconds": elapsed, "cm": totals[3:].view(num_classes, num_classes).long().tolist()}
