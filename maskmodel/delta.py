@@ -146,7 +146,8 @@ def open_table(uri: str, version: int | None = None):
             return table
         if not 0 <= version <= table.version():
             raise UserError(f"{uri!r} has no version {version}; its versions are 0 to {table.version()}.")
-        return DeltaTable(table_uri, version=version, storage_options=options)
+        table.load_as_version(version)  # the same object, moved back: no second load of the log's head
+        return table
 
 
 def arrow_schema(table) -> pa.Schema:

@@ -112,9 +112,14 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def run_partition(run_id: str) -> str:
+    """``run_id``'s partition folder, relative to the table (as Delta's add actions name it)."""
+    return f"{PARTITION}={run_id}"
+
+
 def run_dir(output_uri: str, run_id: str) -> str:
     """The folder of ``run_id``'s data files (committed or not)."""
-    return storage.join(output_uri, f"{PARTITION}={run_id}")
+    return storage.join(output_uri, run_partition(run_id))
 
 
 def log_uri(output_uri: str, version: int) -> str:
@@ -181,7 +186,7 @@ class AttemptWriter:
         if not self._pending_rows:
             return
         if self._writer is None:
-            self._file_rel = f"{PARTITION}={self.run_id}/part-{len(self.files):05d}-{self.attempt}.zstd.parquet"
+            self._file_rel = f"{run_partition(self.run_id)}/part-{len(self.files):05d}-{self.attempt}.zstd.parquet"
             uri = storage.join(self.output_uri, self._file_rel)
             fs, path = storage.filesystem(uri)
             with storage.storage_errors(uri, "write"):
@@ -404,5 +409,5 @@ def read_results(output_uri: str, run_ids: Iterable[str] | None = None, *,
 __all__ = [
     "RESULTS_SCHEMA", "results_schema", "prob_column", "classes_of", "validate_run_id", "AttemptWriter",
     "FileEntry", "commit", "CommitRecord", "list_commits", "check_output", "results_dataset", "read_results",
-    "merge_schemas", "open_results", "log_uri", "run_dir", "file_schema", "conform",
+    "merge_schemas", "open_results", "log_uri", "run_partition", "run_dir", "file_schema", "conform",
 ]
