@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from maskmodel import cli, storage
-from maskmodel.config import field, parse_config
+from maskmodel.config import field, parse_config, resolve_paths
 from maskmodel.model import ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
@@ -31,13 +31,16 @@ FROM predictions WHERE status = 'ok' GROUP BY run_id ORDER BY run_id DESC
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = field("demo-output", help="where the data, the trained model and the results go")
+    out: str = field("demo-output", path=True, help="where the data, the trained model and the results go")
     n_per_class: int = field(300, help="synthetic training images per class")
     image_size: int = field(64, help="image edge in pixels for generation and training")
     epochs: int = field(6, help="training epochs")
     arch: str = field("resnet18", choices=ARCHITECTURES,
                       help="architecture; resnet18 because ResNet-50 without ImageNet weights needs far more "
                            "data and epochs than a 2-core demo allows")
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
 
 
 def main(argv: list[str] | None = None) -> int:

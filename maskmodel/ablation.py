@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from maskmodel import storage
-from maskmodel.config import config_to_dict, field
-from maskmodel.model import ARCHITECTURES
+from maskmodel.config import config_to_dict, field, resolve_paths
+from maskmodel.model import ARCHITECTURES, WEIGHT_KEYWORDS
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,17 @@ COLUMNS = ("trial", "lr", "augment", "weights", "status", "epochs_run", "final_v
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """The grid and the per-trial training settings; the CLI of ``jobs.ablation`` is derived from it."""
+    """The grid and the per-trial training settings; the CLI of ``jobs.ablation`` is derived from it.
 
-    data: str = field(help="training data URI (as for jobs.train); its scene split, if any, scores each model")
-    output: str = field(help="output URI: ablation.csv/.md/.json, ablation_curves.png and trials/<trial>/")
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    data: str = field(path=True, help="training data URI (as for jobs.train); its scene split, if any, scores each model")
+    output: str = field(path=True, help="output URI: ablation.csv/.md/.json, ablation_curves.png and trials/<trial>/")
     lrs: tuple[float, ...] = field((0.01, 0.005), help="learning rates to compare")
     augment: tuple[str, ...] = field(("off", "on"), choices=("on", "off"), help="augmentation settings to compare")
-    weights: tuple[str, ...] = field(("imagenet",), help="initial weights to compare (imagenet, none, or URIs)")
+    weights: tuple[str, ...] = field(("imagenet",), path=WEIGHT_KEYWORDS, help="initial weights to compare (imagenet, none, or URIs)")
     arch: str = field("resnet50", choices=ARCHITECTURES, help="architecture of every trial")
     epochs: int = field(50, help="epochs per trial")
     batch_size: int = field(64, help="global batch size per trial")
@@ -78,6 +82,7 @@ class AblationConfig:
     seed: int = field(0, help="random seed of every trial (trials differ only in the grid factors)")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if not self.lrs or not self.augment or not self.weights:
             raise ValueError("--lrs, --augment and --weights each need at least one value")
         if any(lr <= 0 for lr in self.lrs):
@@ -96,15 +101,6 @@ class AblationResult:
     elapsed_s: float
 
 
-def _absolute(uri: str) -> str:
-    # Tune runs each trial in its own working directory, so a relative local path would move.
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
-def _weights(w: str) -> str:
-    return w if w in ("imagenet", "none") else _absolute(w)
-
-
 def trial_specs(config: AblationConfig, *, cpus_per_worker: float | None = None) -> list[dict[str, Any]]:
     """One spec per grid point (lr x augment x weights, in that nesting order): index, name, TrainConfig fields.
 
@@ -112,12 +108,13 @@ def trial_specs(config: AblationConfig, *, cpus_per_worker: float | None = None)
     """
     from maskmodel.training import TrainConfig
 
-    out, data, output = [], _absolute(config.data), _absolute(config.output)
+    # Local paths are absolute already (AblationConfig resolves them): Tune runs each trial elsewhere.
+    out, data, output = [], config.data, config.output
     many_weights = len(config.weights) > 1
     for i, (lr, aug, w) in enumerate(itertools.product(config.lrs, config.augment, config.weights)):
         name = f"lr{lr:g}-aug-{aug}" + (f"-w-{re.sub(r'[^A-Za-z0-9._-]+', '_', w)[-40:]}" if many_weights else "")
         train = TrainConfig(
-            data=data, output=storage.join(output, "trials", name), arch=config.arch, weights=_weights(w),
+            data=data, output=storage.join(output, "trials", name), arch=config.arch, weights=w,
             epochs=config.epochs, batch_size=config.batch_size, lr=lr,
             image_size=config.image_size, augment=aug == "on", num_workers=config.num_workers, gpu=config.gpu,
             cpus_per_worker=config.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
@@ -279,7 +276,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     storage.check_writable(config.output)
     data = discover(config.data)
     for w in config.weights:  # a bad --weights fails here, once, not in every trial
-        init_weights(build_model(config.arch, len(data.classes)), config.arch, _weights(w))
+        init_weights(build_model(config.arch, len(data.classes)), config.arch, w)
     from maskmodel.console import init_ray, verbose
 
     init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
@@ -289,7 +286,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     for s in specs:
         s["inject_failure"] = fail is not None and int(fail) == s["index"]
     log.info("%d trial(s), %d at a time: %s", len(specs), concurrent, ", ".join(s["name"] for s in specs))
-    fs, path = storage.pyarrow_filesystem(_absolute(config.output))
+    fs, path = storage.pyarrow_filesystem(config.output)
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": config.trial_cpus}),
         param_space={"trial": tune.grid_search(specs)},
@@ -311,7 +308,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
             card = load_card(model_dir)
             best_epoch, model_id = card.metrics.get("epoch"), card.model_id
             if data.splits.get(config.scene_split):
-                scene = evaluate(EvalConfig(model=model_dir, data=_absolute(config.data), split=(config.scene_split,),
+                scene = evaluate(EvalConfig(model=model_dir, data=config.data, split=(config.scene_split,),
                                             output=storage.join(spec["train"]["output"], "scene_eval"),
                                             max_tiles=config.max_tiles)).report["splits"][config.scene_split]
         rows.append(summarize_trial(spec, history, error=error, best_epoch=best_epoch, model_id=model_id,

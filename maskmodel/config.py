@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any, Sequence, TypeVar
@@ -19,12 +20,53 @@ T = TypeVar("T")
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
-          positional: bool = False, **kwargs: Any) -> Any:
-    """A dataclass field carrying its CLI help text (and optional choices)."""
-    metadata = {"help": help, "choices": choices, "positional": positional}
+          positional: bool = False, path: bool | Sequence[str] = False, **kwargs: Any) -> Any:
+    """A dataclass field carrying its CLI help text (and optional choices).
+
+    ``path=True`` marks a field holding a URI or local path (or a tuple of them) that
+    :func:`resolve_paths` makes absolute; ``path=("imagenet", "none")`` does the same but leaves
+    those keywords as they are.
+    """
+    metadata = {"help": help, "choices": choices, "positional": positional,
+                "path": tuple(path) if not isinstance(path, bool) else path}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative local path made absolute against the current working directory.
+
+    ``runs/r1`` and ``~/runs/r1`` become ``/cwd/runs/r1`` and ``/home/me/runs/r1``;
+    ``file://runs/r1`` becomes ``file:///cwd/runs/r1``; other schemes and ``""`` are returned as is.
+    """
+    if not uri:
+        return uri
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    if scheme.lower() == "file":
+        return "file://" + os.path.abspath(os.path.expanduser(rest))
+    return uri
+
+
+def resolve_paths(config: Any) -> None:
+    """Make every ``path=`` field of the frozen dataclass ``config`` absolute, in place.
+
+    Called first thing in each job config's ``__post_init__`` (see the module docstring for why).
+    Idempotent: an absolute path stays the same, so re-building a config on a worker changes nothing.
+    """
+    for f in dataclasses.fields(config):
+        marker = f.metadata.get("path")
+        if not marker:
+            continue
+        keep = marker if isinstance(marker, tuple) else ()
+        value = getattr(config, f.name)
+        resolve = (lambda u: u if u in keep else absolute_uri(u))
+        if isinstance(value, str):
+            object.__setattr__(config, f.name, resolve(value))
+        elif isinstance(value, (tuple, list)):
+            object.__setattr__(config, f.name, type(value)(resolve(v) for v in value))
 
 
 def _flag(name: str) -> str:

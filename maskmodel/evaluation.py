@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from maskmodel import storage
-from maskmodel.config import config_to_dict, field
+from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -229,12 +229,16 @@ def split_metrics(truth: np.ndarray, ok: np.ndarray, pred: np.ndarray, probs: np
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything ``jobs.evaluate`` needs; the resolved copy is stored in ``report.json``."""
+    """Everything ``jobs.evaluate`` needs; the resolved copy is stored in ``report.json``.
 
-    model: str = field(help="URI of a model directory written by jobs.train")
-    data: str = field(help="URI of labelled data: an ImageFolder tree <root>/<split>/<class>/<image> or a "
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    model: str = field(path=True, help="URI of a model directory written by jobs.train")
+    data: str = field(path=True, help="URI of labelled data: an ImageFolder tree <root>/<split>/<class>/<image> or a "
                            "CSV/Parquet manifest path,label[,split] (the layouts jobs.train reads)")
-    output: str = field(help="URI of the report folder (report.json, report.md, PNGs, scores/)")
+    output: str = field(path=True, help="URI of the report folder (report.json, report.md, PNGs, scores/)")
     split: tuple[str, ...] = field(("test",), help="split(s) to evaluate, e.g. val test scene (any case; "
                                                    "Validation = val)")
     positive_class: str = field("", help="the alert class for ROC/PR and the threshold table (default: a "
@@ -245,6 +249,7 @@ class EvalConfig:
     num_gpus: float = field(0.0, help="GPUs per scoring actor; 0 scores on CPU")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if not self.split:
             raise ValueError("--split needs at least one split name")
         if self.bins < 1 or self.max_tiles < 1:

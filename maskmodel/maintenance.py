@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 from maskmodel import delta, results, storage
-from maskmodel.config import field
+from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class MaintainConfig:
     """``jobs.maintain``: compact and vacuum the results table of ``jobs.score``."""
 
-    results: str = field(help="URI of the results table (the --output of jobs.score)")
+    results: str = field(path=True, help="URI of the results table (the --output of jobs.score)")
     retention_hours: int = field(168, help="vacuum only files unreferenced for longer than this: it must exceed "
                                            "the longest scoring run, and --as-of-version reads reach this far back")
     compact: bool = field(True, help="first rewrite each run's small files into fewer large ones")
@@ -43,6 +43,7 @@ class MaintainConfig:
                                           "already this large on average are left alone")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if self.retention_hours < 0 or self.target_file_mb < 1:
             raise ValueError("--retention-hours must be >= 0 and --target-file-mb >= 1")
 

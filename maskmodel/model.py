@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("resnet50", "resnet34", "resnet18")
 WEIGHTS_FILE = "model.pt"
+# --weights values that name a source rather than a file (every other value is a URI of a state dict).
+WEIGHT_KEYWORDS = ("imagenet", "none")
 CARD_FILE = "model.json"
 CARD_VERSION = 1
 

@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 
 from maskmodel import results
-from maskmodel.config import field
+from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ EXAMPLES = {
 class QueryConfig:
     """``jobs.query``: SQL or a summary over the committed results of ``jobs.score``."""
 
-    results: str = field(help="URI of the results folder (the --output of jobs.score)")
+    results: str = field(path=True, help="URI of the results folder (the --output of jobs.score)")
     sql: str = field("", positional=True, help="SQL over the views `predictions` and `runs`")
     summary: bool = field(False, help="print per run: images, ok, errors, skipped, per-label counts, mean "
                                       "confidence, model, precision, actors, elapsed seconds, commit time and version")
@@ -78,6 +78,9 @@ class QueryConfig:
                                                  "(default: the latest)")
     format: str = field("table", choices=("table", "csv", "json"), help="output format")
     max_rows: int = field(1000, help="print at most this many rows")
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
 
 
 RUNS_SCHEMA = pa.schema([

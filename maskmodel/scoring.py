@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from maskmodel import incremental, results, storage, testhooks
-from maskmodel.config import config_to_dict, field
+from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.archives import ARCHIVE_EXTENSIONS, DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.console import Progress
 from maskmodel.decode import IMAGE_EXTENSIONS
@@ -57,12 +57,16 @@ def default_run_id() -> str:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's Delta commit."""
+    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's Delta commit.
 
-    input: str = field(help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    input: str = field(path=True, help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
                             "with a `path` column (paths absolute, or relative to the manifest's folder)")
-    model: str = field(help="URI of a model directory written by jobs.train")
-    output: str = field(help="URI of the results folder (a Delta Lake table partitioned by run_id)")
+    model: str = field(path=True, help="URI of a model directory written by jobs.train")
+    output: str = field(path=True, help="URI of the results folder (a Delta Lake table partitioned by run_id)")
     run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
     incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
@@ -93,6 +97,7 @@ class ScoreConfig:
     rows_per_file: int = field(250_000, help="rows per output Parquet file")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if self.run_id:
             results.validate_run_id(self.run_id)
         if self.decode == "gpu" and not self.num_gpus:

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from maskmodel import storage
-from maskmodel.config import field
+from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 from maskmodel.faces import (SUPERSAMPLE, background, camera, draw_hand, draw_mask, draw_paper, draw_person,
                              draw_scarf)
@@ -65,7 +65,7 @@ OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv")
 class DatasetConfig:
     """Everything that decides what ``jobs.make_dataset`` writes, and where."""
 
-    out: str = field(help="where to write the dataset tree: a local path or a URI such as s3://bucket/faces")
+    out: str = field(path=True, help="where to write the dataset tree: a local path or a URI such as s3://bucket/faces")
     n_per_class: int = field(500, help="train images per class; val, test and scene get max(2, round(N/4)) each")
     image_size: int = field(96, help="side of the square images in pixels")
     seed: int = field(0, help="random seed; the same seed writes byte-identical files")
@@ -79,6 +79,7 @@ class DatasetConfig:
     shard_size: int = field(1000, help="images per tar shard (webdataset)")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if self.n_per_class < 2:
             raise ValueError(f"n_per_class must be at least 2, got {self.n_per_class}")
         if not 32 <= self.image_size <= 1024:

@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from maskmodel import reports, storage
-from maskmodel.config import config_to_dict, field
+from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.errors import UserError
-from maskmodel.model import ARCHITECTURES
+from maskmodel.model import ARCHITECTURES, WEIGHT_KEYWORDS
 from maskmodel.train_outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,17 @@ RUN_NAME = CHECKPOINTS[1]  # fixed, so re-submitting with the same --output resu
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; the CLI of ``jobs.train`` is derived from it."""
+    """Everything one training run needs; the CLI of ``jobs.train`` is derived from it.
 
-    data: str = field(help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    data: str = field(path=True, help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
                            "CSV/Parquet manifest path,label[,split]")
-    output: str = field(help="output URI for checkpoints, the model directory and reports (local, s3://, gs://)")
+    output: str = field(path=True, help="output URI for checkpoints, the model directory and reports (local, s3://, gs://)")
     arch: str = field("resnet50", help="torchvision architecture", choices=ARCHITECTURES)
-    weights: str = field("imagenet", help="initial weights: imagenet (torchvision download), none, or a URI "
+    weights: str = field("imagenet", path=WEIGHT_KEYWORDS, help="initial weights: imagenet (torchvision download), none, or a URI "
                                           "of a saved state dict")
     epochs: int = field(50, help="number of epochs")
     batch_size: int = field(64, help="global batch size, split evenly across workers (per-GPU batch = "
@@ -77,6 +81,7 @@ class TrainConfig:
     seed: int = field(0, help="random seed for the initial head and data order")
 
     def __post_init__(self) -> None:
+        resolve_paths(self)
         if self.epochs < 1:
             raise ValueError("--epochs must be at least 1")
         if self.batch_size < 1 or self.num_workers < 1:
