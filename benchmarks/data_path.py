@@ -39,11 +39,12 @@ import uuid
 import numpy as np
 import torch
 
-from maskmodel import inference, loading, storage, synth
+from maskmodel import loading, storage, synth
 from maskmodel.decode import decode, to_uint8_chw
 from maskmodel.latency_proxy import LatencyProxy
 from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
-from maskmodel.transforms import EvalCrop, EvalPreset, resize_for
+from maskmodel.precision import BF16_AGREEMENT_KEY, label_agreement, predict, resolve_precision
+from maskmodel.transforms import EvalCrop, EvalPreset, preprocess_image, resize_for
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
@@ -135,7 +136,7 @@ def load_step_cpu_ms(photos: list[bytes], card: ModelCard) -> tuple[float, float
         return (time.process_time() - c0) / len(photos) * 1e3
 
     ms_old = timed(lambda p: old(torch.from_numpy(to_uint8_chw(decode(p).image))).numpy())
-    ms_new = timed(lambda p: loading.preprocess_image(p, crop))
+    ms_new = timed(lambda p: preprocess_image(p, crop))
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     return ms_old, ms_new
 
@@ -146,10 +147,10 @@ def bare_forward(model_dir: str, crops: np.ndarray, args: argparse.Namespace, pr
     model = model.to(device, memory_format=torch.channels_last).eval()
     bs = args.batch_size or (512 if args.num_gpus else 64)
     kw = dict(mean=card.mean, std=card.std, device=device, precision=precision)
-    inference.predict(model, crops[:bs], **kw)  # warm-up
+    predict(model, crops[:bs], **kw)  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(crops), bs):
-        inference.predict(model, crops[i:i + bs], **kw)
+        predict(model, crops[i:i + bs], **kw)
     if device == "cuda":
         torch.cuda.synchronize()
     return len(crops) / (time.perf_counter() - t0)
@@ -188,10 +189,10 @@ def main() -> None:
         card = ModelCard(arch=args.arch, classes=("mask", "no_mask"), input_size=args.size,
                          resize_size=resize_for(args.size))
         crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
-        crops = np.stack([loading.preprocess_image(x, crop)[0] for x in photos])
-        agreement = inference.label_agreement(model, [crops[i:i + 32] for i in range(0, len(crops), 32)],
+        crops = np.stack([preprocess_image(x, crop)[0] for x in photos])
+        agreement = label_agreement(model, [crops[i:i + 32] for i in range(0, len(crops), 32)],
                                               mean=card.mean, std=card.std)
-        card = ModelCard(**{**card.__dict__, "metrics": {inference.BF16_AGREEMENT_KEY: agreement}})
+        card = ModelCard(**{**card.__dict__, "metrics": {BF16_AGREEMENT_KEY: agreement}})
         model_dir = f"{bucket}/model"
         save_model_dir(model_dir, state_dict_bytes(model), card)
         del model
@@ -213,8 +214,7 @@ def main() -> None:
                 "lat-10n": score_job(large, model_dir, out, proxy.url, args),
                 "tasks-10n": score_job(large, model_dir, out, endpoint, args, "--load-tasks"),
             }
-        precision = inference.resolve_precision(args.precision, device="cuda" if args.num_gpus else "cpu",
-                                                card=card)
+        precision = resolve_precision(args.precision, device="cuda" if args.num_gpus else "cpu", card=card)
         bare = bare_forward(model_dir, np.concatenate([crops] * max(1, 256 // args.n)), args, precision)
     finally:
         moto.terminate()

@@ -18,19 +18,22 @@ from __future__ import annotations
 from maskmodel import cli
 from maskmodel.config import parse_config
 from maskmodel.errors import UserError
-from maskmodel.query import QueryConfig, format_table, query, summary
+from maskmodel.query import SUMMARY_SQL, QueryConfig, connect, format_table, run_sql
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(QueryConfig, argv, prog="python -m jobs.query", description=__doc__)
     if not config.sql and not config.summary:
         raise UserError("Nothing to do: pass a SQL query over `predictions`, or --summary.")
-    run_ids, version = config.run_id or None, config.as_of_version
-    if config.summary:
-        print(format_table(summary(config.results, run_ids=run_ids, version=version), config.format), flush=True)
-    if config.sql:
-        table = query(config.results, config.sql, run_ids=run_ids, max_rows=config.max_rows, version=version)
-        print(format_table(table, config.format), flush=True)
+    # One connection: the table is opened once, and the summary and the query read the same snapshot.
+    con = connect(config.results, run_ids=config.run_id or None, version=config.as_of_version)
+    try:
+        if config.summary:
+            print(format_table(run_sql(con, SUMMARY_SQL), config.format), flush=True)
+        if config.sql:
+            print(format_table(run_sql(con, config.sql, max_rows=config.max_rows), config.format), flush=True)
+    finally:
+        con.close()
     return 0
 
 

@@ -150,10 +150,9 @@ def _plan_cpus(config: AblationConfig, trials: int) -> tuple[float, int]:
     """
     import ray
 
-    from maskmodel.resources import DATA_CPUS, cpus_per_worker
+    from maskmodel.resources import DATA_CPUS, cluster_cpus, cpus_per_worker
 
-    res = ray.cluster_resources()
-    cpus = float(res.get("CPU", 0.0))
+    cpus = cluster_cpus()
     kw = dict(what="trial worker", extra_cpus=config.trial_cpus)
     if config.max_concurrent_trials:  # the user's number of trials at once must fit as a whole
         n = min(config.max_concurrent_trials, trials)
@@ -163,7 +162,7 @@ def _plan_cpus(config: AblationConfig, trials: int) -> tuple[float, int]:
     per_trial = config.trial_cpus + config.num_workers * per_worker
     n = math.floor((cpus - DATA_CPUS) / per_trial + 1e-9)
     if config.gpu:
-        n = min(n, int(res.get("GPU", 0) // config.num_workers))
+        n = min(n, int(ray.cluster_resources().get("GPU", 0) // config.num_workers))
     return per_worker, max(1, min(n, trials))
 
 
@@ -277,7 +276,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     data = discover(config.data)
     for w in config.weights:  # a bad --weights fails here, once, not in every trial
         init_weights(build_model(config.arch, len(data.classes)), config.arch, w)
-    from maskmodel.console import init_ray, verbose
+    from maskmodel.console import verbose
+    from maskmodel.raysession import init_ray
 
     init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
     worker_cpus, concurrent = _plan_cpus(config, len(trial_specs(config)))

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, standardize
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,7 @@ class DeviceAugment:
             x = ((x - m) * p["contrast"].view(-1, 1, 1, 1) + m).clamp(0, 1)
             g = _grey(x)
             x = ((x - g) * p["saturation"].view(-1, 1, 1, 1) + g).clamp(0, 1)
-        m = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x - m) / s
+        return standardize(x, mean=self.mean, std=self.std)
 
 
 def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Callable
 
-from maskmodel.console import LOG_LEVEL_ENV, filter_stderr
+from maskmodel.console import LOG_LEVEL_ENV
+from maskmodel.raysession import filter_stderr
 from maskmodel.errors import UserError
 
 log = logging.getLogger("maskmodel")

@@ -142,12 +142,21 @@ def open_table(uri: str, version: int | None = None):
     table_uri, options = storage.delta_location(uri)
     with storage.storage_errors(uri, "read the Delta table"):
         table = DeltaTable(table_uri, storage_options=options)
-        if version is None or version == table.version():
-            return table
-        if not 0 <= version <= table.version():
-            raise UserError(f"{uri!r} has no version {version}; its versions are 0 to {table.version()}.")
-        table.load_as_version(version)  # the same object, moved back: no second load of the log's head
+    return table if version is None else at_version(table, uri, version)
+
+
+def at_version(table, uri: str, version: int):
+    """``table`` (loaded at its latest version) moved back to ``version``; :class:`UserError` if it has none such.
+
+    The same object, moved back: no second load of the log's head.
+    """
+    if version == table.version():
         return table
+    if not 0 <= version <= table.version():
+        raise UserError(f"{uri!r} has no version {version}; its versions are 0 to {table.version()}.")
+    with storage.storage_errors(uri, "read the Delta table"):
+        table.load_as_version(version)
+    return table
 
 
 def arrow_schema(table) -> pa.Schema:
@@ -264,16 +273,17 @@ def _version_of(uri: str, attempt: str, before: int) -> int:
     raise UserError(f"The commit of attempt {attempt} is missing from {uri!r}'s Delta log; re-run the job.")
 
 
-def run_commits(uri: str, version: int | None = None) -> list[dict[str, Any]]:
+def run_commits(uri: str, version: int | None = None, *, table=None) -> list[dict[str, Any]]:
     """The ``commitInfo`` of every commit with run metadata up to ``version`` (default: latest), oldest first.
 
     Each dict has the commit's ``version`` and ``timestamp`` (ms) and its run
     metadata under :data:`RUN_KEY`. Maintenance commits (compaction, vacuum) carry
-    none and are left out.
+    none and are left out. ``table``: the table already open at its latest
+    version (else it is opened here); its history is read once.
     """
     # History is always read from the latest table: delta-rs 1.6 numbers the
     # history of a table loaded at an older version wrongly.
-    table = open_table(uri)
+    table = open_table(uri) if table is None else table
     if table is None:
         return []
     with storage.storage_errors(uri, "read the Delta log of"):
@@ -296,15 +306,16 @@ def active_files(table, column: str) -> dict[str, list[FileEntry]]:
 
 # ----------------------------------------------------------------------------- maintenance
 
-def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False) -> list[str]:
+def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> list[str]:
     """Delete the files no current commit references (killed runs, replaced runs, compacted files).
 
     Only files older than ``retention_hours`` go: that keeps time travel over
     the period working and spares a still-running attempt's files, so the
     retention must exceed the longest scoring run. Returns the paths (relative
-    to the table) deleted, or with ``dry_run`` those that would be.
+    to the table) deleted, or with ``dry_run`` those that would be. ``table``:
+    the table already open (else it is opened here).
     """
-    table = open_table(uri)
+    table = open_table(uri) if table is None else table
     if table is None:
         return []
     root = storage.delta_location(uri)[0].rstrip("/") + "/"

@@ -14,14 +14,13 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from maskmodel import archives, fetch, incremental
+from maskmodel import archives, fetch, objectkeys
 from maskmodel.fetch import read_error_reason
-from maskmodel.decode import DecodeError, decode, probe, to_uint8_chw, too_large_bytes
+from maskmodel.decode import DecodeError, probe, too_large_bytes
 from maskmodel.errors import UserError
 from maskmodel.model import ModelCard
-from maskmodel.transforms import EvalCrop
+from maskmodel.transforms import EvalCrop, preprocess_image
 
 #: The columns every load batch has (``data`` too, with GPU decoding), whatever it read.
 COLUMNS = ("path", "version", "size", "error", "width", "height", "pixels", "archive", "member")
@@ -30,15 +29,6 @@ ZIP_MEMBERS_PER_TASK = 256  # a zip's central-directory entries per load task: b
 
 #: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
 GPU_FORMATS = ("JPEG",)
-
-
-def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
-    """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
-
-    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
-    """
-    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
-    return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
 
 
 def column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
@@ -124,7 +114,7 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
         for i, got in zip(unknown, fetch.read_many([paths[i] for i in unknown], max_bytes=0, head=True,
                                                    concurrency=concurrency)):
             versions[i] = got.version
-        seen = incremental.contains(skip_keys, incremental.object_keys(paths, versions))
+        seen = objectkeys.contains(skip_keys, objectkeys.object_keys(paths, versions))
         keep = [i for i in keep if versions[i] is None or not seen[i]]
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
     fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
@@ -194,7 +184,7 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
         except UserError as e:
             rows.add(path, None, None, error=read_error_reason(e.__cause__ or e), archive=path)
             continue
-        has = (lambda key_paths: incremental.contains(skip_keys, incremental.object_keys(key_paths, [version] * len(key_paths)))
+        has = (lambda key_paths: objectkeys.contains(skip_keys, objectkeys.object_keys(key_paths, [version] * len(key_paths)))
                ) if skip_keys is not None and len(skip_keys) else None
         if has is not None and has([path])[0]:
             f.close()

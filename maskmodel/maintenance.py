@@ -106,15 +106,17 @@ def compact_run(table, uri: str, run_id: str, *, target_bytes: int) -> Compactio
 
 def maintain(config: MaintainConfig) -> MaintainResult:
     """Compact (unless ``dry_run``) and vacuum the table; raises :class:`UserError` when there is no results table."""
-    results.check_output(config.results)  # the old format, or a folder that is not a results table
-    if not delta.has_log(config.results):
+    table = results.open_results(config.results)  # opened once for the whole command; the old format fails here
+    results.check_output(config.results, table=table)  # a folder that is not a results table
+    if table is None:
         raise UserError(f"No results table under {config.results!r}; point --results at the --output of jobs.score.")
     compacted: list[Compaction] = []
     if config.compact and not config.dry_run:
-        for run_id in sorted(delta.active_files(delta.open_table(config.results), results.PARTITION)):
-            # A fresh snapshot per run: delta-rs takes a commit that removed files anywhere in the table
-            # since the snapshot (such as the previous run's compaction) for a conflict.
-            table = delta.open_table(config.results)
+        for run_id in sorted(delta.active_files(table, results.PARTITION)):
+            # The snapshot brought up to date before each run: delta-rs takes a commit that removed files
+            # anywhere in the table since the snapshot (such as the previous run's compaction) for a conflict.
+            with storage.storage_errors(config.results, "read the Delta table"):
+                table.update_incremental()
             done = compact_run(table, config.results, run_id, target_bytes=config.target_file_mb << 20)
             if done is not None:
                 compacted.append(done)
@@ -122,7 +124,10 @@ def maintain(config: MaintainConfig) -> MaintainResult:
                          "" if done.committed else " (not committed: a concurrent commit won; next time)")
     vacuumed: list[str] = []
     if config.vacuum:
-        vacuumed = delta.vacuum(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run)
+        with storage.storage_errors(config.results, "read the Delta table"):
+            table.update_incremental()  # the compactions' commits: their replaced files are unreferenced now
+        vacuumed = delta.vacuum(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run,
+                                table=table)
         log.info("vacuum of %s (retention %d h): %d files%s", config.results, config.retention_hours, len(vacuumed),
                  " (dry run)" if config.dry_run else "")
     return MaintainResult(config.results, tuple(compacted), tuple(vacuumed), config.dry_run)

@@ -18,28 +18,25 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from maskmodel import storage
+from maskmodel import rayshim, storage
 from maskmodel.archives import archive_kind
-from maskmodel.console import init_ray
 from maskmodel.errors import UserError
 from maskmodel.inference import Predictor
 from maskmodel.loading import load_archive, load_batch, zip_ranges
-from maskmodel.resources import autoscaler_max, check_actor_cpus
+from maskmodel.raysession import init_ray
+from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus
+from maskmodel.score_plan import ScoreConfig, ScorePlan
 from maskmodel.storage import ObjectInfo
-
-if TYPE_CHECKING:
-    from maskmodel.scoring import ScoreConfig, ScorePlan
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_BLOCKS = 10_000
 
 
-def _source(plan: "ScorePlan"):
+def _source(plan: ScorePlan):
     """The objects to score as ``(loose, archives)`` datasets of ``path`` [, ``version``, ``size``]; ``None`` if empty."""
     import ray
 
@@ -93,15 +90,7 @@ def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
     return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
 
 
-def _started_local_ray() -> bool:
-    """Whether ``ray.init`` in this process started its own Ray instance (rather than joining a cluster)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
-
-
-def ensure_ray(cfg: "ScoreConfig") -> tuple[int, str]:
+def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     """Start or join Ray; return ``(actors, device)`` for the predictor pool.
 
     With ``--num-gpus`` and fewer GPUs up than one actor needs, the run goes on
@@ -111,19 +100,18 @@ def ensure_ray(cfg: "ScoreConfig") -> tuple[int, str]:
     import ray
 
     init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
-    resources = ray.cluster_resources()
     if cfg.num_gpus:
-        gpus = resources.get("GPU", 0)
+        gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.num_gpus:
             actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
-            check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=True)
+            check_actor_cpus(cluster_cpus(), actors, load_tasks=True)
             return actors, "cuda"
         most = autoscaler_max("GPU")
         if most is not None and most < cfg.num_gpus:
             raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
                             f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
                             f"cluster a GPU node group.")
-        if _started_local_ray():  # a Ray instance of this process: nothing will ever add a GPU
+        if rayshim.started_local_ray():  # a Ray instance of this process: nothing will ever add a GPU
             raise UserError(f"--num-gpus {cfg.num_gpus:g} but this machine has {gpus:g} GPUs; use --num-gpus 0 "
                             f"to score on CPU, or set RAY_ADDRESS to a cluster with GPU nodes.")
         if not cfg.actors and most is None:
@@ -136,11 +124,11 @@ def ensure_ray(cfg: "ScoreConfig") -> tuple[int, str]:
         return actors, "cuda"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
     actors = cfg.actors or max(1, len(nodes))
-    check_actor_cpus(resources.get("CPU", 0), actors, load_tasks=cfg.load_tasks)
+    check_actor_cpus(cluster_cpus(), actors, load_tasks=cfg.load_tasks)
     return actors, "cpu"
 
 
-def build_dataset(plan: "ScorePlan", *, actors: int, device: str, precision: str):
+def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     """The lazy Ray Dataset of result rows (pyarrow blocks of ``plan.schema``)."""
     import ray
 

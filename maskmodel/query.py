@@ -123,20 +123,34 @@ def connect(results_uri: str, *, run_ids: Iterable[str] | None = None,
             version: int | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views ``predictions`` and ``runs`` over committed results.
 
-    Both views read one snapshot: the latest, or Delta ``version`` (time travel).
-    Raises :class:`UserError` when ``results_uri`` holds no committed run.
+    Both views read one snapshot, the table opened once: the latest, or Delta
+    ``version`` (time travel). Raises :class:`UserError` when ``results_uri``
+    holds no committed run.
     """
-    records = results.list_commits(results_uri, version=version)
-    if not records:
+    snapshot = results.open_snapshot(results_uri, version=version)
+    if not snapshot.records:
         raise UserError(f"No committed runs under {results_uri!r}; point --results at the --output of jobs.score.")
     run_ids = list(run_ids) if run_ids else None
-    dataset = results.results_dataset(results_uri, run_ids, version=version)
+    dataset = results.results_dataset(results_uri, run_ids, snapshot=snapshot)
     # No extension may be fetched from the network: everything needed is built in.
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     con.register("predictions", dataset)
-    selected = [r for r in records if run_ids is None or r.run_id in run_ids]
+    selected = [r for r in snapshot.records if run_ids is None or r.run_id in run_ids]
     con.register("runs", runs_table(selected))
     return con
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int | None = None) -> pa.Table:
+    """``sql`` on a :func:`connect` connection; at most ``max_rows`` rows. A bad statement: :class:`UserError`."""
+    try:
+        rel = con.sql(sql)
+        if rel is None:  # a statement without a result (COPY ... TO, CREATE ...)
+            return pa.table({})
+        if max_rows is not None:
+            rel = rel.limit(max_rows)
+        return rel.to_arrow_table()
+    except duckdb.Error as e:
+        raise UserError(f"The query failed: {str(e).splitlines()[0]}") from e
 
 
 def query(results_uri: str, sql: str, *, run_ids: Iterable[str] | None = None,
@@ -147,14 +161,7 @@ def query(results_uri: str, sql: str, *, run_ids: Iterable[str] | None = None,
     """
     con = connect(results_uri, run_ids=run_ids, version=version)
     try:
-        rel = con.sql(sql)
-        if rel is None:  # a statement without a result (COPY ... TO, CREATE ...)
-            return pa.table({})
-        if max_rows is not None:
-            rel = rel.limit(max_rows)
-        return rel.to_arrow_table()
-    except duckdb.Error as e:
-        raise UserError(f"The query failed: {str(e).splitlines()[0]}") from e
+        return run_sql(con, sql, max_rows=max_rows)
     finally:
         con.close()
 

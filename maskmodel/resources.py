@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 
+from maskmodel import rayshim
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -21,19 +22,22 @@ DATA_CPUS = 1.0  # what the data pipeline needs at least: one task at a time
 MIN_WORKER_CPUS = 0.1  # below this a worker's share of a CPU is not a plan
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster now (``ray.cluster_resources()``; 0 when none are up). Ray must be initialised."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
 def autoscaler_max(resource: str) -> float | None:
     """The most of ``resource`` (``GPU``, ``CPU``) the cluster's autoscaler may bring up; ``None``: no limits published.
 
     An autoscaler may publish its node groups (min/max nodes, resources per node)
     to the GCS; Ray Train and Ray Data read the same record to tell an autoscaling
-    cluster from a fixed one.
+    cluster from a fixed one. Without it (no autoscaler, or no way to read it) we
+    cannot tell, so callers behave as on a fixed cluster.
     """
-    try:
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - private API; without it we cannot tell, so behave as a fixed cluster
-        return None
+    limits = rayshim.autoscaler_limits()
     return None if limits is None else float(limits.get(resource, 0))
 
 

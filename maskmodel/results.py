@@ -320,14 +320,18 @@ def open_results(output_uri: str, version: int | None = None):
     return table
 
 
-def check_output(output_uri: str) -> None:
+_OPEN = object()  # check_output's default: open the table itself
+
+
+def check_output(output_uri: str, *, table: Any = _OPEN) -> None:
     """Raise :class:`UserError` unless ``output_uri`` can hold a results table.
 
     It can when it does not exist, is empty, is a results table, or holds only
     ``run_id=`` folders of attempts that never committed. Anything else is
     refused: vacuuming the table would delete files it does not know.
+    ``table``: what :func:`open_results` gave for ``output_uri`` (else it is opened here).
     """
-    table = open_results(output_uri)
+    table = open_results(output_uri) if table is _OPEN else table
     if table is not None:
         names = delta.arrow_schema(table).names
         if table.metadata().partition_columns != [PARTITION] or not {"path", "status"} <= set(names):
@@ -340,6 +344,32 @@ def check_output(output_uri: str) -> None:
                         f"empty or new --output.")
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """One read of the results table: the Delta table at one version and the runs committed in it.
+
+    ``table`` is ``None`` (and ``records`` empty) when nothing was committed yet.
+    """
+
+    uri: str
+    table: Any
+    records: list[CommitRecord]
+
+
+def open_snapshot(output_uri: str, *, version: int | None = None) -> Snapshot:
+    """The table opened once and its history read once: at ``version`` (time travel), else the latest.
+
+    Raises :class:`UserError` for the old format or a version the table does not have.
+    """
+    table = open_results(output_uri)
+    if table is None:
+        return Snapshot(output_uri, None, [])
+    commits = delta.run_commits(output_uri, table=table)  # from the latest table (see run_commits)
+    if version is not None:
+        delta.at_version(table, output_uri, version)
+    return Snapshot(output_uri, table, _records(output_uri, table, commits))
+
+
 def list_commits(output_uri: str, *, version: int | None = None) -> list[CommitRecord]:
     """The committed runs at ``version`` (default: latest), oldest commit first; ``[]`` when there are none.
 
@@ -348,12 +378,14 @@ def list_commits(output_uri: str, *, version: int | None = None) -> list[CommitR
     whose rows were all deleted by another engine is left out; rows of a run id
     with no scoring commit (written by another engine) show with empty ``raw``.
     """
-    table = open_results(output_uri, version)
-    if table is None:
-        return []
+    return open_snapshot(output_uri, version=version).records
+
+
+def _records(output_uri: str, table, commits: list[dict[str, Any]]) -> list[CommitRecord]:
+    """:func:`list_commits` from an open ``table`` (at the snapshot read) and the commits of :func:`delta.run_commits`."""
     files = delta.active_files(table, PARTITION)
     latest: dict[str, dict[str, Any]] = {}
-    for info in delta.run_commits(output_uri, table.version()):
+    for info in (c for c in commits if c["version"] <= table.version()):
         latest[str(info[delta.RUN_KEY].get("run_id"))] = info  # oldest first: a later commit replaces
     records = []
     for run_id, info in latest.items():
@@ -378,18 +410,23 @@ def _select(records: list[CommitRecord], run_ids: Iterable[str]) -> None:
 
 
 def results_dataset(output_uri: str, run_ids: Iterable[str] | None = None, *,
-                    version: int | None = None) -> pads.Dataset:
+                    version: int | None = None, snapshot: Snapshot | None = None) -> pads.Dataset:
     """A lazy :class:`pyarrow.dataset.Dataset` over the committed rows (scans stream, filters push down).
 
-    The snapshot is the latest, or ``version`` (time travel). Runs scored with
-    different class sets share the table's schema; a run's missing
+    The snapshot is the latest, or ``version`` (time travel), or ``snapshot``
+    when the caller has one open already (``version`` is then ignored). Runs
+    scored with different class sets share the table's schema; a run's missing
     ``p_<class>`` columns read as nulls. Raises :class:`UserError` for a run id
     that is not committed.
     """
-    table = open_results(output_uri, version)
     wanted = None if run_ids is None else sorted(set(run_ids))
+    if snapshot is None:
+        # The commit history is read only when run ids must be checked against it.
+        snapshot = (open_snapshot(output_uri, version=version) if wanted is not None else
+                    Snapshot(output_uri, open_results(output_uri, version), []))
+    table = snapshot.table
     if wanted is not None:
-        _select(list_commits(output_uri, version=version) if table is not None else [], wanted)
+        _select(snapshot.records, wanted)
     if table is None:
         return pads.dataset([], schema=results_schema([]), format="parquet")
     with storage.storage_errors(output_uri, "read"):
@@ -409,5 +446,5 @@ def read_results(output_uri: str, run_ids: Iterable[str] | None = None, *,
 __all__ = [
     "RESULTS_SCHEMA", "results_schema", "prob_column", "classes_of", "validate_run_id", "AttemptWriter",
     "FileEntry", "commit", "CommitRecord", "list_commits", "check_output", "results_dataset", "read_results",
-    "merge_schemas", "open_results", "log_uri", "run_partition", "run_dir", "file_schema", "conform",
+    "merge_schemas", "open_results", "open_snapshot", "Snapshot", "log_uri", "run_partition", "run_dir", "file_schema", "conform",
 ]

@@ -116,7 +116,7 @@ class TrainOutputs:
 # --- driver side ---
 
 def _init_ray() -> None:
-    from maskmodel.console import init_ray
+    from maskmodel.raysession import init_ray
 
     init_ray()  # connects to RAY_ADDRESS under `ray job submit`, else starts a local instance
 
@@ -179,12 +179,6 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, 
     return good.map_batches(DecodeCrop(crop, reduce_to=reduce_to), batch_size=32), bad
 
 
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
-
-
 def _object_store_bytes() -> float:
     import ray
 
@@ -209,10 +203,10 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from maskmodel.console import train_logging_config
+    from maskmodel.raysession import train_logging_config
     from maskmodel.data import discover
     from maskmodel.sharding import ExactEvalDataConfig
-    from maskmodel.resources import cpus_per_worker
+    from maskmodel.resources import cluster_cpus, cpus_per_worker
     from maskmodel.train_loop import TEST_ENV, train_loop_per_worker
     from maskmodel.train_outputs import check_resumable, run_meta
     from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
@@ -227,7 +221,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
 
     _init_ray()
-    worker_cpus = cpus_per_worker(config.cpus_per_worker, config.num_workers, _cluster_cpus())
+    worker_cpus = cpus_per_worker(config.cpus_per_worker, config.num_workers, cluster_cpus())
     cache = config.cache_raw == "on" or (
         config.cache_raw == "auto" and data.total_bytes < 0.3 * _object_store_bytes())
     # The CPU side of augmentation is crop + flip; everything else happens on the worker's device.
@@ -305,7 +299,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     )
     agreement = bf16_agreement(config, card, best["model"])
     if agreement is not None:
-        from maskmodel.inference import BF16_AGREEMENT_KEY
+        from maskmodel.precision import BF16_AGREEMENT_KEY
 
         card = dataclasses.replace(card, metrics={**card.metrics, BF16_AGREEMENT_KEY: agreement})
     model_dir = storage.join(config.output, "model")
@@ -332,9 +326,8 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     from maskmodel.data import discover
     from maskmodel.decode import DecodeError
     from maskmodel.model import build_model
-    from maskmodel.inference import cpu_has_native_bf16, label_agreement
-    from maskmodel.loading import preprocess_image
-    from maskmodel.transforms import EvalCrop
+    from maskmodel.precision import cpu_has_native_bf16, label_agreement
+    from maskmodel.transforms import EvalCrop, preprocess_image
 
     if not cpu_has_native_bf16():
         return None

@@ -6,8 +6,9 @@ Preprocessing is split in two. Next to the decoder, on CPUs, ``uint8 (3, H, W)``
 crop + flip); that is what crosses Ray's object store, a quarter of float32's
 bytes. On the model's device, whole batches become normalised floats:
 :func:`normalize`, or for training :class:`maskmodel.augment.DeviceAugment`.
-:class:`EvalPreset` chains the halves for one image. Built on
-``torchvision.transforms.v2``; no Ray.
+:class:`EvalPreset` chains the halves for one image; :func:`preprocess_image`
+decodes and crops one file's bytes, for scoring and for the training job's
+bf16 check alike. Built on ``torchvision.transforms.v2``; no Ray.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
+
+from maskmodel.decode import decode, to_uint8_chw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,15 +76,33 @@ class EvalCrop:
         return self._t(img)
 
 
+def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
+    """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
+
+    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
+    """
+    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
+    return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
+
+
 def normalize(batch: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``uint8 (N, 3, S, S)`` (any device) to normalised ``dtype`` on the same device, in one fused pass.
 
     Same arithmetic as ``ToDtype(scale=True)`` + ``Normalize``: ``(x / 255 - mean) / std``.
     """
-    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    return ((batch.to(torch.float32) / 255.0 - m) / s).to(dtype)
+    return standardize(batch.to(torch.float32) / 255.0, mean=mean, std=std).to(dtype)
+
+
+def standardize(x: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Floats in ``[0, 1]`` ``(N, 3, H, W)`` (any device) to ``(x - mean) / std`` per channel, in ``x``'s dtype.
+
+    The last step of :func:`normalize` and of :class:`maskmodel.augment.DeviceAugment`.
+    """
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
 
 
 class EvalPreset:

@@ -183,7 +183,7 @@ def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
 def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
     import numpy as np
 
-    from maskmodel import fetch, incremental
+    from maskmodel import fetch, objectkeys
     from maskmodel.loading import load_archive
     from maskmodel.model import ModelCard
 
@@ -196,7 +196,7 @@ def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
     batch = {"path": np.array([uri], dtype=object)}
 
     def members(skip):
-        keys = np.sort(incremental.object_keys(skip, [version] * len(skip)))
+        keys = np.sort(objectkeys.object_keys(skip, [version] * len(skip)))
         return [m for b in load_archive(batch, card=card, max_bytes=1 << 20, extensions=("jpg",), skip_keys=keys)
                 for m in b["member"]]
 

@@ -61,7 +61,7 @@ def test_fmt_seconds():
 def test_stderr_filter_drops_ray_notices_and_keeps_everything_else():
     code = (
         "import os, sys, logging\n"
-        "from maskmodel.console import filter_stderr\n"
+        "from maskmodel.raysession import filter_stderr\n"
         "filter_stderr()\n"
         "os.write(2, b'[2026 E 1 1] core_worker.cc:2465: Actor with class name: X has constructor arguments "
         "in the object store and max_restarts > 0. If the arguments...\\n')\n"

@@ -85,7 +85,8 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
     that its labels mean something; the held-out images are drawn at 224 px, so JPEG decoding runs at
     1/4 scale (56 x 56) where the full path decodes 224 x 224.
     """
-    from maskmodel import inference, loading
+    from maskmodel import precision
+    from maskmodel.transforms import preprocess_image
     from maskmodel.model import build_model
     from maskmodel.transforms import normalize
 
@@ -107,9 +108,9 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
                 for c, label in enumerate(synth.CLASSES) for i in range(150)]
     assert decode(held_out[0][0], reduce_to=crop.resize_size).image.size == (56, 56)
     full = np.stack([crop(torch.from_numpy(to_uint8_chw(decode(d).image))).numpy() for d, _ in held_out])
-    reduced = np.stack([loading.preprocess_image(d, crop)[0] for d, _ in held_out])  # what scoring does
+    reduced = np.stack([preprocess_image(d, crop)[0] for d, _ in held_out])  # what scoring does
     kw = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    p_full, p_reduced = inference.predict(model.eval(), full, **kw), inference.predict(model, reduced, **kw)
+    p_full, p_reduced = precision.predict(model.eval(), full, **kw), precision.predict(model, reduced, **kw)
     truth = np.array([c for _, c in held_out])
     agreement = float((p_full.argmax(1) == p_reduced.argmax(1)).mean())
     diff = np.abs(p_full - p_reduced).max(1)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from maskmodel import delta, incremental, results, storage
+from maskmodel import delta, incremental, objectkeys, results, storage
 from maskmodel.errors import UserError
 
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -96,7 +96,7 @@ def test_uncommitted_attempts_and_stray_files_are_invisible(out):
     storage.write_bytes(storage.join(out, "run_id=r2", "stray.parquet"), b"junk")  # a stray file in a partition
     assert results.read_results(out).column("path").to_pylist() == ["d"]
     assert [r.run_id for r in results.list_commits(out)] == ["r2"]
-    assert incremental.committed_keys(out).tolist() == incremental.object_keys(["d"], ["v1"]).tolist()
+    assert incremental.committed_keys(out).tolist() == objectkeys.object_keys(["d"], ["v1"]).tolist()
 
 
 def test_recommit_replaces_in_one_commit_and_old_versions_stay_readable_until_vacuumed(out):
@@ -169,10 +169,10 @@ def test_committed_keys_skip_scored_pairs_but_retry_read_failures(tmp_path):
     w.write(rows(["gone"], status="error", error="unreadable: not found"))
     results.commit(w, meta={})
     keys = incremental.committed_keys(out)
-    probe = incremental.object_keys(["ok1", "ok1", "bad", "gone", "new"], ["v1", "v2", "v1", "v1", "v1"])
-    assert incremental.contains(keys, probe).tolist() == [True, False, True, False, False]
+    probe = objectkeys.object_keys(["ok1", "ok1", "bad", "gone", "new"], ["v1", "v2", "v1", "v1", "v1"])
+    assert objectkeys.contains(keys, probe).tolist() == [True, False, True, False, False]
     assert len(incremental.committed_keys(out, exclude_run_id="r1")) == 0
-    assert incremental.contains(incremental.committed_keys(str(tmp_path / "none")), probe).tolist() == [False] * 5
+    assert objectkeys.contains(incremental.committed_keys(str(tmp_path / "none")), probe).tolist() == [False] * 5
 
 
 def test_output_that_is_not_a_results_table_is_one_sentence(tmp_path):

@@ -161,3 +161,77 @@ def test_jobs_maintain_cli(crashed_night, tmp_path):
     assert kept.returncode == 0 and "vacuumed 0 unreferenced files" in kept.stdout, kept.stderr
     missing = job("--results", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: No results table")
+
+
+class _CountingDataset:
+    """A pyarrow dataset that counts its scans (everything else passes through)."""
+
+    def __init__(self, dataset, counts: dict[str, int]) -> None:
+        self._dataset, self._counts = dataset, counts
+
+    def __getattr__(self, name):
+        if name in ("to_batches", "to_table", "scanner"):
+            self._counts["scans"] += 1
+        return getattr(self._dataset, name)
+
+
+@pytest.fixture
+def table_reads(monkeypatch):
+    """Counts Delta table loads (``open``), history reads and, when ``count_scans`` is set, dataset scans."""
+    import deltalake
+
+    counts = {"open": 0, "history": 0, "scans": 0, "count_scans": 0}
+    real = deltalake.DeltaTable
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            counts["open"] += 1
+            super().__init__(*a, **kw)
+
+        def history(self, *a, **kw):
+            counts["history"] += 1
+            return super().history(*a, **kw)
+
+        def to_pyarrow_dataset(self, *a, **kw):
+            ds = super().to_pyarrow_dataset(*a, **kw)
+            return _CountingDataset(ds, counts) if counts["count_scans"] else ds
+
+    monkeypatch.setattr(deltalake, "DeltaTable", Counting)
+    return counts
+
+
+@pytest.mark.parametrize("args", [["--summary", "SELECT count(*) AS n FROM predictions"],
+                                  ["--summary", "--run-id", "night-1", "--as-of-version", "1", "SELECT 1 AS one"]])
+def test_jobs_query_opens_the_table_once_and_reads_one_snapshot(crashed_night, table_reads, capsys, args):
+    from jobs import query as query_job
+
+    results.commit(writer(crashed_night, "night-3", ["s3://in/c0.jpg"]), meta={})
+    table_reads.update(open=0, history=0)
+    assert query_job.main(["--results", crashed_night, *args]) == 0
+    assert (table_reads["open"], table_reads["history"]) == (1, 1)
+    out = capsys.readouterr().out
+    assert "night-1" in out and ("night-3" in out) == ("--as-of-version" not in args)
+
+
+def test_jobs_maintain_opens_the_table_once(crashed_night, table_reads):
+    results.commit(writer(crashed_night, "night-3", [f"s3://in/c{i}.jpg" for i in range(10)], rows_per_file=2),
+                   meta={})
+    table_reads["open"] = 0
+    result = maintain(MaintainConfig(results=crashed_night, retention_hours=0))
+    assert [c.committed for c in result.compacted] == [True, True] and len(result.vacuumed) == 2 + 8
+    assert table_reads["open"] == 1
+
+
+def test_committed_keys_scan_the_table_once(tmp_path, table_reads):
+    from maskmodel import incremental, objectkeys
+
+    out = str(tmp_path / "scores")
+    table = rows("r1", ["s3://in/a.jpg", "s3://in/b.tar#x.jpg"]).append_column("archive", pa.array([None, "s3://in/b.tar"]))
+    w = results.AttemptWriter(out, "r1", results.results_schema(CLASSES))
+    w.write(table)
+    results.commit(w, meta={})
+    table_reads.update(open=0, count_scans=1)
+    keys = incremental.committed_keys(out)
+    assert (table_reads["open"], table_reads["scans"]) == (1, 1)
+    want = objectkeys.object_keys(["s3://in/a.jpg", "s3://in/b.tar#x.jpg", "s3://in/b.tar"], ["v"] * 3)
+    assert objectkeys.contains(keys, want).all() and len(keys) == 3

@@ -22,7 +22,8 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import delta, fetch, inference, incremental, loading, pipeline, results, scoring, storage, testhooks
+from maskmodel import (delta, fetch, inference, loading, objectkeys, pipeline, precision, results, scoring,
+                       storage, testhooks)
 from maskmodel.config import parse_config
 from maskmodel.decode import decode_image, to_uint8_chw
 from maskmodel.errors import UserError
@@ -183,7 +184,7 @@ def test_load_batch_drops_already_scored_pairs(tmp_path):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     batch = {"path": np.array([uri], dtype=object)}
     version = storage.info(uri).version
-    skip = np.sort(incremental.object_keys([uri], [version]))
+    skip = np.sort(objectkeys.object_keys([uri], [version]))
     assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20, skip_keys=skip)["path"]) == 0
     assert len(loading.load_batch(batch, card=card, max_bytes=1 << 20)["path"]) == 1
 
@@ -251,22 +252,22 @@ def test_device_decode_gives_the_cpu_paths_rows_and_falls_back_image_by_image(tm
 def test_precision_policy(monkeypatch):
     card = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
     verified = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37,
-                         metrics={inference.BF16_AGREEMENT_KEY: 1.0})
-    assert inference.resolve_precision("fp32", device="cuda", card=card) == "fp32"
-    assert inference.resolve_precision("bf16", device="cpu", card=card) == "bf16"
-    assert inference.resolve_precision("auto", device="cuda", card=card) == "bf16"
-    assert inference.resolve_precision("auto", device="cpu", card=card) == "fp32"  # not verified
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
-    assert inference.resolve_precision("auto", device="cpu", card=verified) == "bf16"
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
-    assert inference.resolve_precision("auto", device="cpu", card=verified) == "fp32"
+                         metrics={precision.BF16_AGREEMENT_KEY: 1.0})
+    assert precision.resolve_precision("fp32", device="cuda", card=card) == "fp32"
+    assert precision.resolve_precision("bf16", device="cpu", card=card) == "bf16"
+    assert precision.resolve_precision("auto", device="cuda", card=card) == "bf16"
+    assert precision.resolve_precision("auto", device="cpu", card=card) == "fp32"  # not verified
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision("auto", device="cpu", card=verified) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision("auto", device="cpu", card=verified) == "fp32"
 
 
 def test_label_agreement_is_a_share():
     torch.manual_seed(0)
     model = build_model("resnet18", 2)
     pixels = np.random.default_rng(0).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
-    share = inference.label_agreement(model, [pixels], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    share = precision.label_agreement(model, [pixels], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     assert 0.0 <= share <= 1.0
 
 

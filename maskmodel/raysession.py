@@ -1,0 +1,138 @@
+"""Ray started or joined for a job with its console kept quiet: Ray's INFO logs go to its files, not the terminal.
+
+Ray, Ray Data and Ray Train log at INFO to the console by default: every
+dataset's execution plan, every checkpoint, whole ``TrainingReport(...)``
+dicts. The lines a person needs (one per epoch, a progress bar, the final
+summary) drown in them. :func:`init_ray` starts or joins Ray so that those
+internal INFO logs go only to Ray's log files (``/tmp/ray/session_*/logs``,
+``ray-data.log``, ``train/``), in the driver and in every worker process;
+warnings and errors still reach the console. ``--verbose`` on any job (or
+``MASKMODEL_LOG_LEVEL=DEBUG``, :func:`maskmodel.console.verbose`) brings
+everything back. What needs Ray's private API is in :mod:`maskmodel.rayshim`.
+Ray is imported lazily: importing this module does not import Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from maskmodel import rayshim
+from maskmodel.console import verbose
+
+log = logging.getLogger(__name__)
+
+# Ray Data reads its logging config from this file on every (re)configuration, in every process.
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+WORKER_SETUP_HOOK = "maskmodel.raysession.setup_worker"
+# Lines Ray prints at a level its own settings cannot lower, each also in Ray's log files:
+_NOISE = (
+    # The C++ core worker, at ERROR, about Ray's own actors (Ray Data's map workers, Ray Train's
+    # preemption watcher), which Ray creates with constructor arguments in the object store on
+    # purpose: a statement about restart semantics, nothing a user can act on.
+    b"has constructor arguments in the object store and max_restarts > 0",
+    # Ray Train's report bookkeeping logs whole TrainingReport(...) dicts at INFO through a logger
+    # named after its file, which Ray Train's own log level does not reach.
+    b"Reporting training result ",
+)
+
+
+def quiet_ray_logging() -> None:
+    """In this process: Ray's own INFO logs to its files only, warnings still on the console.
+
+    Safe to call before or after ``import ray``; when :func:`verbose`, it only
+    undoes what a quiet parent process passed on in the environment.
+    """
+    ours = rayshim.ray_data_logging_file("WARNING")
+    if verbose():
+        if os.environ.get(RAY_DATA_LOGGING_ENV) == ours:
+            del os.environ[RAY_DATA_LOGGING_ENV]
+        return
+    os.environ.setdefault(RAY_DATA_LOGGING_ENV, ours)
+    if "ray.data" in sys.modules:  # already configured from the default: apply ours now
+        rayshim.reconfigure_ray_data_logging()
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    # maskmodel shows its own progress and turns Ray Data's bars off; Ray Data warns about that, once per process.
+    logging.getLogger(rayshim.DATA_PROGRESS_LOGGER).addFilter(_hide_bars_notice)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in captured worker lines
+
+    # Raised inside Ray's own actors about Ray's own calls (e.g. Ray Train's DataConfig).
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    # Driver side: "Started a local Ray instance", usage-stats notices and the like are INFO.
+    for handler in logging.getLogger("ray").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def _hide_bars_notice(record: logging.LogRecord) -> bool:
+    return "Progress bars disabled" not in record.getMessage()
+
+
+def setup_worker() -> None:
+    """Ray's ``worker_process_setup_hook``: runs in every worker process of the job before any task."""
+    quiet_ray_logging()
+
+
+def train_logging_config():
+    """Ray Train's own console level: WARNING unless verbose (its system log files keep everything)."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="DEBUG" if verbose() else "WARNING")
+
+
+def _noise(line: str | bytes) -> bool:
+    raw = line.encode("utf-8", "replace") if isinstance(line, str) else line
+    return any(n in raw for n in _NOISE)
+
+
+def _kept(line: str | bytes) -> bool:
+    return not _noise(line)
+
+
+_stderr_filter: rayshim.StderrFilter | None = None
+
+
+def filter_stderr() -> None:
+    """Drop Ray's non-actionable console lines from this process's stderr (jobs only, not libraries or tests).
+
+    Call it before logging is configured: handlers keep the ``sys.stderr`` they were given.
+    """
+    global _stderr_filter
+    if verbose() or _stderr_filter is not None:
+        return
+    import atexit
+
+    _stderr_filter = rayshim.StderrFilter(_noise)
+    atexit.register(_stderr_filter.stop)
+
+
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init`` (joins ``RAY_ADDRESS`` when set, else starts a local Ray) with the console kept quiet.
+
+    Every worker process of the job runs :func:`setup_worker`; the driver prints
+    worker output except Ray's known non-actionable C++ notices. ``kwargs`` go
+    to ``ray.init`` (a ``runtime_env`` given there is merged with ours).
+    """
+    import ray
+
+    quiet_ray_logging()
+    if ray.is_initialized():
+        return
+    if not verbose():
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
+        kwargs["runtime_env"] = runtime_env
+    ray.init(**kwargs)
+    if not verbose():
+        import ray.data
+
+        # maskmodel's own progress display replaces Ray Data's bars (and its "tqdm not installed" warning).
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rayshim.filter_worker_lines(_kept)
+
