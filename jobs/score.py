@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.scoring import ScoreConfig, score
+from maskmodel.score_plan import ScoreConfig
+from maskmodel.scoring import score
 
 
 def main(argv: list[str] | None = None) -> int:
