@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
