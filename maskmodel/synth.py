@@ -20,10 +20,17 @@ Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset
 ``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
 (``max(2, round(n/4))`` each). ``train``/``val``/``test`` are tight face crops;
-``scene`` shows a small face (25-45 % of the width) anywhere in a busy picture.
+``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
+hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
+picture (:mod:`maskmodel.scenes`); their folder is the picture's verdict
+(``no_mask`` if any face is unmasked, else ``mask``, a picture with no face
+included), so tools that score whole pictures by folder keep working. Every
+scene face's box, class and variant is in ``scene.coco.json`` (COCO JSON, paths
+relative to ``<out>``; read it with :func:`maskmodel.detect.read_coco`).
 ``dataset.json`` records the generator's parameters and the counts;
 ``variants.csv`` gives each file's variant (``surgical``, ``n95``, ``cloth``,
-``plain``, ``hand``, ``paper``, ``scarf``) to break accuracy down by failure mode.
+``plain``, ``hand``, ``paper``, ``scarf``; for a scene its faces' variants
+joined by ``+``, or ``empty``) to break accuracy down by failure mode.
 
 Determinism: image ``i`` of a split and class is drawn from
 ``numpy.random.default_rng((seed, split_index, class_index, i))`` alone, so a
@@ -49,15 +56,17 @@ from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 from maskmodel.faces import (SUPERSAMPLE, background, camera, draw_hand, draw_mask, draw_paper, draw_person,
                              draw_scarf)
+from maskmodel.scenes import Scene, render_scene
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump whenever a seed would draw different pictures
+VERSION = 2  # bump whenever a seed would draw different pictures (2: scenes of 0-4 faces with boxes)
 SPLITS = ("train", "val", "test", "scene")
 CLASSES = ("mask", "no_mask")
 MASK_STYLES = ("surgical", "n95", "cloth")
 HARD_NEGATIVES = ("hand", "paper", "scarf")
-OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv")
+SCENE_ANNOTATIONS = "scene.coco.json"  # COCO boxes of the scene split, next to it
+OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv", SCENE_ANNOTATIONS)
 
 
 
@@ -68,6 +77,8 @@ class DatasetConfig:
     out: str = field(path=True, help="where to write the dataset tree: a local path or a URI such as s3://bucket/faces")
     n_per_class: int = field(500, help="train images per class; val, test and scene get max(2, round(N/4)) each")
     image_size: int = field(96, help="side of the square images in pixels")
+    scene_size: int = field(0, help="side of the scene pictures in pixels (0: four times --image-size, at least "
+                                    "128): room for up to 4 faces of at least 24 px")
     seed: int = field(0, help="random seed; the same seed writes byte-identical files")
     hard_negative_fraction: float = field(0.3, help="share of no_mask images whose face is covered by a hand, "
                                                     "paper or scarf")
@@ -84,6 +95,8 @@ class DatasetConfig:
             raise ValueError(f"n_per_class must be at least 2, got {self.n_per_class}")
         if not 32 <= self.image_size <= 1024:
             raise ValueError(f"image_size must be between 32 and 1024 pixels, got {self.image_size}")
+        if self.scene_size and not 96 <= self.scene_size <= 2048:
+            raise ValueError(f"scene_size must be 0 or between 96 and 2048 pixels, got {self.scene_size}")
         if self.seed < 0:
             raise ValueError(f"seed must be zero or positive, got {self.seed}")
         if not 0.0 <= self.hard_negative_fraction <= 1.0:
@@ -92,6 +105,21 @@ class DatasetConfig:
             raise ValueError(f"workers must be between 1 and 256, got {self.workers}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+
+
+def scene_side(config: DatasetConfig) -> int:
+    """Side of the scene pictures: ``scene_size``, or four times ``image_size`` and at least 128."""
+    return config.scene_size or max(128, 4 * config.image_size)
+
+
+def render_scene_sample(label: str, index: int, *, size: int = 256, seed: int = 0,
+                        hard_negative_fraction: float = 0.3) -> Scene:
+    """Scene ``index`` of ``label`` (the picture's verdict), drawn from its own seed like :func:`render_sample`."""
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    rng = np.random.default_rng((seed, SPLITS.index("scene"), CLASSES.index(label), index))
+    return render_scene(label, index, rng, size=size,
+                        variant_for=lambda cls, i: variant_for(cls, i, rng, hard_negative_fraction))
 
 
 def split_sizes(n_per_class: int) -> dict[str, int]:
@@ -131,7 +159,9 @@ def render_sample(split: str, label: str, index: int, *, image_size: int = 96, s
     """Draw image ``index`` of ``split``/``label`` (names from :data:`SPLITS` / :data:`CLASSES`).
 
     The result depends on its arguments only, never on which other images were
-    drawn before, so images can be made in any order and in parallel.
+    drawn before, so images can be made in any order and in parallel. For
+    ``scene`` it draws one face in a busy picture (what :func:`render_photo`
+    builds on); the dataset's ``scene`` split is :func:`render_scene_sample`.
     """
     if split not in SPLITS or label not in CLASSES:
         raise ValueError(f"unknown split/class {split!r}/{label!r}; expected one of {SPLITS} / {CLASSES}")
@@ -210,9 +240,17 @@ def write_dataset(config: DatasetConfig) -> dict:
     last_log = [started]
     shards = config.format == "webdataset"
 
-    def make(split: str, label: str, path: str) -> tuple[str, bytes]:
-        sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
-                               hard_negative_fraction=config.hard_negative_fraction)
+    scene_px = scene_side(config)
+
+    def make(split: str, label: str, path: str) -> tuple[str, bytes, tuple]:
+        if split == "scene":
+            scene = render_scene_sample(label, int(path[-10:-4]), size=scene_px, seed=config.seed,
+                                        hard_negative_fraction=config.hard_negative_fraction)
+            sample, faces = Sample(scene.image, scene.variant, scene.jpeg_quality), scene.faces
+        else:
+            faces = ()
+            sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
+                                   hard_negative_fraction=config.hard_negative_fraction)
         data = sample.jpeg()
         if not shards:
             storage.write_bytes(storage.join(config.out, path), data)
@@ -220,11 +258,11 @@ def write_dataset(config: DatasetConfig) -> dict:
         if now - last_log[0] >= 5 or n == len(files):  # alive, not chatty
             last_log[0] = now
             log.info("%d/%d images %s", n, len(files), "drawn" if shards else "written")
-        return sample.variant, (data if shards else b"")
+        return sample.variant, (data if shards else b""), faces
 
     # Threads, not processes: object-store writes wait on the network, and
     # Pillow releases the GIL while resizing, blurring and encoding.
-    rows = []
+    rows, scene_faces = [], []
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         for split in SPLITS:  # one shard's images in memory at a time
             todo = [f for f in files if f[0] == split]
@@ -240,19 +278,26 @@ def write_dataset(config: DatasetConfig) -> dict:
                     shard = f"{split}/{split}-{k // config.shard_size:06d}.tar"
                     storage.write_bytes(storage.join(config.out, shard),
                                         _webdataset_tar([(p.split("/", 1)[1], CLASSES.index(c), d)
-                                                         for (_, c, p), (_, d) in zip(chunk, made)]))
-                    rows += [(f"{shard}#{p.split('/', 1)[1]}", c, s, v) for (s, c, p), (v, _) in zip(chunk, made)]
+                                                         for (_, c, p), (_, d, _) in zip(chunk, made)]))
+                    names = [f"{shard}#{p.split('/', 1)[1]}" for _, _, p in chunk]
                 else:
-                    rows += [(p, c, s, v) for (s, c, p), (v, _) in zip(chunk, made)]
+                    names = [p for _, _, p in chunk]
+                rows += [(n, c, s, v) for n, (s, c, _), (v, _, _) in zip(names, chunk, made)]
+                scene_faces += [(n, c, faces) for n, (s, c, _), (_, _, faces) in zip(names, chunk, made)
+                                if s == "scene"]
+    _write_scene_annotations(config.out, scene_faces, scene_px)
     storage.write_text(storage.join(config.out, "variants.csv"),
                        "path,label,split,variant\n" + "".join(",".join(r) + "\n" for r in rows))
     # Only what decides the pictures: the same seed gives the same file wherever it is written.
     record = {"generator": "maskmodel.synth", "version": VERSION, "seed": config.seed,
-              "image_size": config.image_size, "n_per_class": config.n_per_class,
+              "image_size": config.image_size, "scene_size": scene_px, "n_per_class": config.n_per_class,
               "hard_negative_fraction": config.hard_negative_fraction, "classes": list(CLASSES),
               "splits": {s: {c: sizes[s] for c in CLASSES} for s in SPLITS},
               "variants": {s: dict(sorted(Counter(r[3] for r in rows if r[2] == s).items())) for s in SPLITS},
               "total": len(rows), "format": config.format,
+              "scene_annotations": {"file": SCENE_ANNOTATIONS, "format": "coco",
+                                    "faces": dict(Counter(f.label for _, _, fs in scene_faces for f in fs)),
+                                    "images_without_faces": sum(not fs for _, _, fs in scene_faces)},
               "layout": ("<split>/<split>-<shard:06d>.tar holding <class>/<index:06d>.jpg and .cls" if shards
                          else "<split>/<class>/<index:06d>.jpg")}
     if shards:
@@ -260,3 +305,18 @@ def write_dataset(config: DatasetConfig) -> dict:
     storage.write_json(storage.join(config.out, "dataset.json"), record)
     log.info("wrote %d images to %s in %.1f s", len(rows), config.out, time.monotonic() - started)
     return record
+
+
+def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], size: int) -> None:
+    """``<out>/scene.coco.json``: per scene picture (path relative to ``out``) its faces' boxes, classes, variants."""
+    from maskmodel.detect.annotations import ImageBoxes, write_coco
+
+    records = [ImageBoxes(path=storage.join(out, name), width=size, height=size,
+                          boxes=np.asarray([f.box for f in faces], np.float32).reshape(-1, 4),
+                          classes=tuple(f.label for f in faces), labels=tuple("face" for _ in faces),
+                          attributes=tuple({"variant": f.variant} for f in faces), extra={"label": label})
+               for name, label, faces in scenes]
+    write_coco(records, storage.join(out, SCENE_ANNOTATIONS), categories=CLASSES,
+               info={"description": "maskmodel.synth scene split: every face's box, class (mask/no_mask) and "
+                                    "variant; images[].label is the picture's verdict (its folder)",
+                     "version": VERSION})

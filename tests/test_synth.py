@@ -55,8 +55,9 @@ def test_every_image_decodes_at_the_requested_size(dataset):
     out, _ = dataset
     files = storage.list_files(out, extensions=("jpg",))
     assert len(files) == 2 * sum(synth.split_sizes(N).values())
-    for f in files:
-        assert decode_image(storage.read_bytes(f.uri)).size == (SIZE, SIZE)
+    for f in files:  # scenes have room for several faces: four times the crop size, at least 128
+        side = 128 if "/scene/" in f.uri else SIZE
+        assert decode_image(storage.read_bytes(f.uri)).size == (side, side)
 
 
 def test_dataset_json_records_parameters_and_counts(dataset):
@@ -127,7 +128,7 @@ def test_s3_round_trip(s3_bucket, dataset):
     assert remote == _tree(local)  # same seed, same bytes, wherever it is written
     for key, data in remote.items():
         if key.endswith(".jpg"):
-            assert decode_image(data).size == (SIZE, SIZE)
+            assert decode_image(data).size == ((128, 128) if key.startswith("scene/") else (SIZE, SIZE))
     assert storage.read_json(storage.join(out, "dataset.json"))["splits"]["scene"] == {"mask": 2, "no_mask": 2}
 
 
