@@ -349,7 +349,7 @@ class Predictor:
     """
 
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
-                 decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int = DEVICE_DECODE_BYTES) -> None:
+                 decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
@@ -360,7 +360,7 @@ class Predictor:
         self.schema = results.results_schema(self.card.classes)
         self.crop = EvalCrop(crop_size=self.card.input_size, resize_size=self.card.resize_size)
         self.run_id, self.precision = run_id, precision
-        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder, budget=decode_budget,
+        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder, budget=decode_budget or DEVICE_DECODE_BYTES,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
         self.calls = 0
 
