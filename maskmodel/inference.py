@@ -400,18 +400,18 @@ class Predictor:
         if not ok_rows:
             return None
         rank = {i: r for r, i in enumerate(ok_rows)}
-        staged = None
+        staged, in_host = None, sorted(host)  # row order: with no device crops, this is the whole batch
         if host:
             buf = host_buffer((len(host), *shape), dtype=torch.uint8, device=self.device)
             view = buf.numpy()  # the crops are written straight into the (pinned) buffer: one copy each
-            for j, a in enumerate(host.values()):
-                view[j] = a
+            for j, i in enumerate(in_host):
+                view[j] = host[i]
             staged = to_device(buf, self.device)
             if not on_device:
                 return staged
         x = torch.empty((len(ok_rows), *shape), dtype=torch.uint8, device=self.device)
         if staged is not None:
-            x[torch.tensor([rank[i] for i in host], device=self.device)] = staged
+            x[torch.tensor([rank[i] for i in in_host], device=self.device)] = staged
         x[torch.tensor([rank[i] for i in on_device], device=self.device)] = torch.stack(list(on_device.values()))
         return x
 
