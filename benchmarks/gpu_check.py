@@ -121,7 +121,7 @@ def score_decode(model_uri: str, batch: dict, card: ModelCard, device: torch.dev
     pred = Predictor(model_uri, run_id="check", precision=precision, device=str(device), threads=threads)
     g = pred(dict(dev_rows)).to_pylist()
     c = pred(dict(cpu_rows)).to_pylist()
-    routed = {os.path.relpath(p, os.path.dirname(os.path.dirname(p))) for p, e in zip(dev_rows["path"], dev_rows["encoded"]) if e}
+    routed = {"/".join(p.split(os.sep)[-2:]) for p, e in zip(dev_rows["path"], dev_rows["encoded"]) if e}
     wrong_route = sorted(r for r in routed if not r.startswith("plain/"))
     if wrong_route or not any(r.startswith("plain/") for r in routed):
         return f"routed to the device: {sorted(routed)} (only upright JPEGs belong there)", ""
@@ -191,7 +191,8 @@ def train_step(args: argparse.Namespace, plain: list[bytes], device: torch.devic
     out = _run_epoch(model, shard, device=device, batch_size=bs, prepare=lambda x: augment(x, gen), optimizer=opt,
                      precision=args.precision, num_classes=len(CLASSES), channels_last=True)
     changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    detail = f"{out['images']} images, loss {out['loss']:.3f}, {out['images'] / out['seconds']:,.0f} img/s at batch {bs}"
+    rate = out["images"] / out["seconds"]
+    detail = f"{out['images']} images, loss {out['loss']:.3f}, {rate:,.0f} img/s at batch {bs} (first batch included)"
     if out["images"] != n or not np.isfinite(out["loss"]) or not changed:
         return f"images {out['images']} of {n}, loss {out['loss']}, weights changed: {changed}", detail
     return None, detail

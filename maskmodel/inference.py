@@ -3,7 +3,8 @@
 :class:`Predictor` finishes what :mod:`maskmodel.loading` started: GPU JPEG
 decoding (:class:`DeviceDecoder`: batched, memory-bounded, with a per-image CPU
 fallback that keeps the CPU path's reasons and is logged and counted),
-normalisation on the device, the model, and rows of the results schema. :mod:`maskmodel.scoring` runs it in a Ray Data actor pool; the training
+normalisation on the device, the model, and rows of the results schema.
+:mod:`maskmodel.scoring` runs it in a Ray Data actor pool; the training
 job uses :func:`label_agreement` to record whether bf16 is safe.
 """
 
@@ -181,7 +182,8 @@ def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema:
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
 #: Decoded bytes (3 x width x height, full size) one device decode call may hold at once: about 40 frames of
-#: 1080p or 7 twelve-megapixel photos. nvJPEG decodes at full size; each chunk is cropped before the next.
+#: 1080p or 7 twelve-megapixel photos. nvJPEG decodes at full size; each chunk is cropped before the next
+#: (stacking a chunk's pictures for the resize about doubles its peak).
 DEVICE_DECODE_BYTES = 256 << 20
 #: Device failures in a row, with no image ever decoded there, after which an actor stops trying its device.
 DEVICE_GIVE_UP = 64
@@ -360,7 +362,8 @@ class Predictor:
         self.schema = results.results_schema(self.card.classes)
         self.crop = EvalCrop(crop_size=self.card.input_size, resize_size=self.card.resize_size)
         self.run_id, self.precision = run_id, precision
-        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder, budget=decode_budget or DEVICE_DECODE_BYTES,
+        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder,
+                                    budget=decode_budget or DEVICE_DECODE_BYTES,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
         self.calls = 0
 

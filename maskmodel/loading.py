@@ -125,7 +125,8 @@ class _Rows:
             self.cols[name].append(v)
 
     def take(self) -> dict[str, np.ndarray]:
-        """The rows so far as a batch (and start over): :data:`DEVICE_COLUMNS` with GPU decoding, else :data:`COLUMNS`."""
+        """The rows so far as a batch (and start over): :data:`DEVICE_COLUMNS` with GPU decoding, else
+        :data:`COLUMNS`."""
         c, k = self.cols, len(self)
         out = {name: np.array(c[name], dtype=object) for name in ("path", "version", "size", "error", "archive",
                                                                  "member")}

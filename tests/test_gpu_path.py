@@ -59,8 +59,8 @@ def load(tmp_path, objs: dict[str, bytes], **kw) -> dict:
     for name, data in objs.items():
         paths.append(str(tmp_path / name))
         storage.write_bytes(paths[-1], data)
-    return loading.load_batch({"path": np.array(paths, dtype=object)}, card=CARD, max_bytes=kw.pop("max_bytes", 1 << 20),
-                              **kw)
+    max_bytes = kw.pop("max_bytes", 1 << 20)
+    return loading.load_batch({"path": np.array(paths, dtype=object)}, card=CARD, max_bytes=max_bytes, **kw)
 
 
 class Inputs(torch.nn.Module):
@@ -280,8 +280,8 @@ def test_gpu_rows_cross_ray_data_and_score_as_the_cpu_rows(tmp_path, ray_local):
     model_uri = str(tmp_path / "model")
     write_model(model_uri)
     png = (lambda b: (picture(43).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())
-    objs = {"0.jpg": jpeg(picture(40)), "1.jpg": jpeg(picture(41)), "2.png": png, "3.jpg": jpeg(picture(42), orientation=6),
-            "4.jpg": b"", "5.jpg": b"nope", "6.jpg": jpeg(picture(44))}
+    objs = {"0.jpg": jpeg(picture(40)), "1.jpg": jpeg(picture(41)), "2.png": png,
+            "3.jpg": jpeg(picture(42), orientation=6), "4.jpg": b"", "5.jpg": b"nope", "6.jpg": jpeg(picture(44))}
     paths = []
     for name, data in objs.items():
         paths.append(str(tmp_path / name))
