@@ -114,9 +114,20 @@ def _open(data: bytes, *, min_side: int, max_side: int, max_bytes: int | None) -
     return img
 
 
+class Probed(NamedTuple):
+    """What :func:`probe` reads from the headers: the size is after EXIF rotation; ``orientation`` is the EXIF
+    value (1, upright, when absent); ``mode`` is Pillow's (``RGB`` for a YCbCr JPEG, ``L``, ``CMYK``...)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str = "RGB"
+    orientation: int = 1
+
+
 def probe(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
-          max_bytes: int | None = None) -> tuple[str, int, int]:
-    """``(format, width, height)`` from the headers alone (size after EXIF rotation); nothing is decoded.
+          max_bytes: int | None = None) -> Probed:
+    """Format, size (after EXIF rotation), mode and EXIF orientation from the headers alone; nothing is decoded.
 
     Raises :class:`DecodeError` for everything the headers reveal (see
     :func:`decode`); a file whose pixel data is damaged passes and fails later,
@@ -125,9 +136,11 @@ def probe(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
     with _reasons():
         img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
         w, h = img.size
-        if img.getexif().get(ORIENTATION_TAG) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+        orientation = img.getexif().get(ORIENTATION_TAG)
+        orientation = orientation if orientation in range(1, 9) else 1  # a broken tag: viewers show it upright
+        if orientation in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
             w, h = h, w
-        return str(img.format), w, h
+        return Probed(str(img.format), w, h, img.mode, orientation)
 
 
 def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, max_bytes: int | None = None,

@@ -3,7 +3,9 @@
 Plain functions, no Ray. :func:`load_batch` reads a batch of loose objects
 concurrently (one request each, the version from the response), decodes JPEGs
 at the reduced size the model needs and crops them to ``uint8 (N, 3, S, S)``;
-with GPU decoding it checks JPEG headers and passes the compressed bytes on.
+with GPU decoding it checks the headers of each JPEG and passes the compressed
+bytes of those the device decodes exactly as the CPU would (:func:`device_route`)
+on, and the crops of the rest.
 :func:`load_archive` streams one tar, or reads a range of one zip's members,
 and yields the same columns for every image member. Every failure is a reason
 in its row: nothing is dropped, and one bad object never stops the job.
@@ -22,13 +24,46 @@ from maskmodel.errors import UserError
 from maskmodel.model import ModelCard
 from maskmodel.transforms import EvalCrop, preprocess_image
 
-#: The columns every load batch has (``data`` too, with GPU decoding), whatever it read.
+#: The columns of a load batch with CPU decoding: ``pixels`` is ``uint8 (N, 3, S, S)``.
 COLUMNS = ("path", "version", "size", "error", "width", "height", "pixels", "archive", "member")
+#: The columns of a load batch with GPU decoding: no ``pixels``; ``data`` (bytes) is the compressed JPEG where
+#: ``encoded`` is true (decoded on the predictor's device), else the row's ``uint8 (3, S, S)`` crop, C order
+#: (decoded here), or empty for an error row. Nothing is shipped twice, and no placeholder pixels.
+DEVICE_COLUMNS = ("path", "version", "size", "error", "width", "height", "data", "encoded", "archive", "member")
 ZIP_MEMBERS_PER_TASK = 256  # a zip's central-directory entries per load task: big zips spread over the cluster
 
 
 #: Formats the GPU path decodes (nvJPEG); everything else is decoded on the CPU in the load step.
 GPU_FORMATS = ("JPEG",)
+#: Pillow modes of the JPEGs sent to the GPU: YCbCr (Pillow's RGB) and greyscale. CMYK / YCCK (Adobe) JPEGs
+#: need the CPU's colour conversion.
+GPU_MODES = ("RGB", "L")
+#: Largest JPEG (pixels) sent to the GPU. nvJPEG decodes at full size, where libjpeg decodes at 1/8 scale when
+#: the model needs that little, so a huge picture costs the device far more than it costs a CPU.
+DEVICE_MAX_PIXELS = 50_000_000
+
+
+def device_route(data: bytes, *, max_bytes: int | None = None) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG the device decodes as the CPU would; ``None``: decode it on the CPU.
+
+    The device gets a baseline-colour (YCbCr or grey) JPEG that is complete
+    (:func:`complete_jpeg`), upright (nvJPEG ignores the EXIF orientation, so
+    a rotated or mirrored phone photo would be scored sideways) and at most
+    :data:`DEVICE_MAX_PIXELS`. Raises :class:`DecodeError` for what the headers
+    reveal (the CPU path's reasons).
+    """
+    p = probe(data, max_bytes=max_bytes)
+    if (p.format in GPU_FORMATS and p.mode in GPU_MODES and p.orientation == 1
+            and p.width * p.height <= DEVICE_MAX_PIXELS and complete_jpeg(data)):
+        return p.width, p.height
+    return None
+
+
+def decode_reason(error: Exception) -> str:
+    """The results table's reason for an image that failed to decode: a :class:`DecodeError`'s own text, else
+    ``undecodable: <exception type>`` (one odd file must never stop the job). The CPU path and the GPU path's
+    CPU fallback both use it, so a row's reason never depends on where it was decoded."""
+    return str(error) if isinstance(error, DecodeError) else f"undecodable: {type(error).__name__}"
 
 
 def column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
@@ -39,52 +74,57 @@ def column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 
 
 class _Rows:
-    """Load-step rows as they are made: each object or member decoded and cropped (or checked for the GPU) on add."""
+    """Load-step rows as they are made: each object or member decoded and cropped (or routed to the GPU) on add."""
 
     def __init__(self, card: ModelCard, *, max_bytes: int, gpu_decode: bool) -> None:
         self.crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
         self.max_bytes, self.gpu_decode = max_bytes, gpu_decode
-        self.zero = np.zeros((3, card.input_size, card.input_size), dtype=np.uint8)
-        self.cols: dict[str, list[Any]] = {c: [] for c in (*COLUMNS, "data")}
+        self.shape = (3, card.input_size, card.input_size)
+        self.zero = np.zeros(self.shape, dtype=np.uint8)
+        self.cols: dict[str, list[Any]] = {c: [] for c in (DEVICE_COLUMNS if gpu_decode else COLUMNS)}
 
     def __len__(self) -> int:
         return len(self.cols["path"])
 
     def prepare(self, data: bytes | None, error: str | None = None) -> tuple[Any, ...]:
-        """``(pixels, width, height, compressed, error)`` of one object's bytes; thread-safe (Pillow and torch
-        release the GIL while decoding and resizing)."""
-        pixels, width, height, compressed = self.zero, -1, -1, None
+        """``(pixels, width, height, encoded, error)`` of one object's bytes, ``pixels`` being the crop, or the
+        compressed bytes where ``encoded``; thread-safe (Pillow and torch release the GIL while decoding)."""
+        pixels, width, height, encoded = None, -1, -1, False
         if error is None and data is not None:
             try:
-                fmt, w, h = probe(data, max_bytes=self.max_bytes) if self.gpu_decode else ("", -1, -1)
-                if fmt in GPU_FORMATS and complete_jpeg(data):
-                    compressed, width, height = data, w, h
+                size = device_route(data, max_bytes=self.max_bytes) if self.gpu_decode else None
+                if size is not None:
+                    pixels, (width, height), encoded = data, size, True
                 else:
                     pixels, width, height = preprocess_image(data, self.crop, max_bytes=self.max_bytes)
-            except DecodeError as e:
-                error = str(e)
             except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
-                error = f"undecodable: {type(e).__name__}"
-        return pixels, width, height, compressed, error
+                error = decode_reason(e)
+        return pixels, width, height, encoded, error
 
     def add(self, path: str, version: str | None, size: int | None, *, data: bytes | None = None,
             error: str | None = None, archive: str | None = None, member: str | None = None,
             prepared: tuple[Any, ...] | None = None) -> None:
-        pixels, width, height, compressed, error = prepared or self.prepare(data, error)
-        for name, value in (("path", path), ("version", version), ("size", size), ("error", error),
-                            ("width", width), ("height", height), ("pixels", pixels), ("archive", archive),
-                            ("member", member), ("data", compressed)):
-            self.cols[name].append(value)
+        pixels, width, height, encoded, error = prepared or self.prepare(data, error)
+        if self.gpu_decode:
+            value = {"data": b"" if pixels is None else pixels if encoded else pixels.tobytes(), "encoded": encoded}
+        else:
+            value = {"pixels": self.zero if pixels is None else pixels}
+        for name, v in (("path", path), ("version", version), ("size", size), ("error", error),
+                        ("width", width), ("height", height), ("archive", archive), ("member", member),
+                        *value.items()):
+            self.cols[name].append(v)
 
     def take(self) -> dict[str, np.ndarray]:
-        """The rows so far as a batch (and start over)."""
+        """The rows so far as a batch (and start over): :data:`DEVICE_COLUMNS` with GPU decoding, else
+        :data:`COLUMNS`."""
         c, k = self.cols, len(self)
         out = {name: np.array(c[name], dtype=object) for name in ("path", "version", "size", "error", "archive",
                                                                  "member")}
         out["width"], out["height"] = np.array(c["width"], np.int32), np.array(c["height"], np.int32)
-        out["pixels"] = np.stack(c["pixels"]) if k else np.zeros((0, *self.zero.shape), np.uint8)
         if self.gpu_decode:
-            out["data"] = np.array(c["data"], dtype=object)
+            out["data"], out["encoded"] = np.array(c["data"], dtype=object), np.array(c["encoded"], dtype=bool)
+        else:
+            out["pixels"] = np.stack(c["pixels"]) if k else np.zeros((0, *self.shape), np.uint8)
         self.cols = {name: [] for name in self.cols}
         return out
 
@@ -94,10 +134,10 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
     """Read, decode and crop a batch of loose objects (columns ``path`` [, ``version``, ``size``]).
 
     Returns :data:`COLUMNS` (``pixels`` is ``uint8 (N, 3, S, S)``; ``archive``
-    and ``member`` are empty for loose objects) and, with ``gpu_decode``,
-    ``data``: the compressed bytes of JPEGs whose headers check out, left for
-    the predictor to decode on its GPU (their ``pixels`` stay zero). A failing
-    object keeps its row with ``error`` set (zero pixels, width -1). Objects
+    and ``member`` are empty for loose objects) or, with ``gpu_decode``,
+    :data:`DEVICE_COLUMNS`: the compressed bytes of the JPEGs :func:`device_route`
+    sends to the predictor's GPU, the crops of the rest. A failing object keeps
+    its row with ``error`` set (zero or empty pixels, width -1). Objects
     are read ``concurrency`` at a time, one request each; the row's version
     and size come from that read. Objects whose ``(path, version)`` is in
     ``skip_keys`` are dropped (for objects of unknown version, one HEAD

@@ -8,12 +8,14 @@ the reason before ``:``), never a path.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter as Tally
-from typing import Iterable
+from typing import Callable, Iterable
 
 SCORE_IMAGES = "maskmodel_score_images"
 SCORE_ERRORS = "maskmodel_score_errors"
 SCORE_RATE = "maskmodel_score_images_per_second"
+SCORE_DECODE_FALLBACKS = "maskmodel_score_decode_fallbacks"
 
 
 def error_kind(reason: str) -> str:
@@ -41,6 +43,26 @@ class ScoringMetrics:
         for kind, n in Tally(error_kind(e) for e in errors if e).items():
             self.errors.inc(n, tags={**self.tags, "reason": kind})
         self.rate.set(rate, tags=self.tags)
+
+
+def decode_fallback_recorder(run_id: str) -> Callable[[str, int], None] | None:
+    """Where Ray runs (a predictor actor), a function counting JPEGs the GPU failed to decode (decoded on the CPU
+    instead) in :data:`SCORE_DECODE_FALLBACKS`, tagged with the kind of failure; ``None`` without Ray.
+
+    Ray is never imported here: a process that has not started or joined Ray has no metrics to export.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from ray.util.metrics import Counter
+
+    counter = Counter(SCORE_DECODE_FALLBACKS, description="JPEGs the GPU failed to decode, decoded on the CPU instead",
+                      tag_keys=("run_id", "reason"))
+
+    def record(reason: str, n: int) -> None:
+        counter.inc(n, tags={"run_id": run_id, "reason": error_kind(reason)})
+
+    return record
 
 
 TRAIN_GAUGES = {

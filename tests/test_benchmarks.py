@@ -1,4 +1,4 @@
-"""The Ray-free GPU benchmark runs as shipped (here on the CPU, tiny), so it works when a GPU host runs it."""
+"""The Ray-free GPU check runs as shipped (here on the CPU, tiny), so it works when a GPU host runs it."""
 
 from __future__ import annotations
 
@@ -6,21 +6,37 @@ import os
 import subprocess
 import sys
 
-import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("mode", ["score", "train"])
-def test_gpu_core_runs_without_ray(mode):
+def run_check(*args: str) -> subprocess.CompletedProcess:
     code = ("import runpy, sys\n"
-            "sys.argv = ['gpu_core.py', *sys.argv[1:]]\n"
-            "runpy.run_path('benchmarks/gpu_core.py', run_name='__main__')\n"
+            "sys.argv = ['gpu_check.py', *sys.argv[1:]]\n"
+            "try:\n"
+            "    runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
             # What the GPU host lacks (../shared/GPU.md): Ray, s3fs, deltalake, duckdb, pydantic.
             "missing = ('ray', 's3fs', 'deltalake', 'duckdb', 'pydantic')\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in missing], 'imports what the GPU host lacks'\n")
-    res = subprocess.run([sys.executable, "-c", code, mode, "--device", "cpu", "--arch", "resnet18",
-                          "--image-size", "32", "--batch-sizes", "4", "--distinct", "2", "--iters", "1"],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_runs_every_check_without_ray():
+    res = run_check("--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--photo-size", "160x120",
+                    "--distinct", "3", "--batch-sizes", "4", "--iters", "1", "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "| 4 |" in res.stdout, res.stdout
+    for name in ("score-decode", "device-identity", "train-step"):
+        assert f"{name}: ok" in res.stdout, res.stdout
+    assert "| 4 |" in res.stdout and "all checks ok" in res.stdout, res.stdout
+
+
+def test_gpu_check_without_cuda_says_so_and_runs_nothing():
+    if torch.cuda.is_available():
+        return  # on a GPU host the default run is the real check
+    res = run_check()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "needs a CUDA GPU" in res.stdout and "nothing was run" in res.stdout and ": ok" not in res.stdout

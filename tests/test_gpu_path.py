@@ -1,0 +1,304 @@
+"""The scoring GPU path's device-independent logic, on the CPU: device identity, decode routing, the device
+decoder (injected: torchvision's decoder on the CPU, which like nvJPEG ignores EXIF orientation), the row contract.
+
+CUDA tensors are faked where a test needs one (``FakeTensorMode``: tensors with a device and a shape, no data),
+so the branches taken for a GPU run here too. ``benchmarks/gpu_check.py`` runs the same classes on a real GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskmodel import inference, loading, precision, storage
+from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
+from maskmodel.transforms import EvalCrop
+
+CLASSES = ("mask", "no_mask")
+CARD = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
+
+
+def jpeg(img: Image.Image, *, orientation: int | None = None, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    kw = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    img.save(buf, format="JPEG", quality=quality, **kw)
+    return buf.getvalue()
+
+
+def picture(seed: int, size=(64, 40)) -> Image.Image:
+    """A picture whose halves differ (bright top-left quarter): any rotation or mirror shows in the crop."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
+    a[: size[1] // 2, : size[0] // 2] = 230
+    return Image.fromarray(a)
+
+
+def nvjpeg_like(tensors, device):
+    """torchvision's decoder on the CPU, as nvJPEG behaves: no EXIF orientation."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+def write_model(uri: str) -> None:
+    torch.manual_seed(0)
+    save_model_dir(uri, state_dict_bytes(build_model("resnet18", 2)), CARD)
+
+
+def load(tmp_path, objs: dict[str, bytes], **kw) -> dict:
+    paths = []
+    for name, data in objs.items():
+        paths.append(str(tmp_path / name))
+        storage.write_bytes(paths[-1], data)
+    max_bytes = kw.pop("max_bytes", 1 << 20)
+    return loading.load_batch({"path": np.array(paths, dtype=object)}, card=CARD, max_bytes=max_bytes, **kw)
+
+
+class Inputs(torch.nn.Module):
+    """The model, recording what it is given (the crops the predictor assembled, in row order)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
+# ----------------------------------------------------------------------------- device identity
+
+def test_same_device_compares_type_and_index():
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert cuda != cuda0  # what the old comparison tripped over
+    assert precision.same_device(cuda, cuda0) and precision.same_device("cuda:0", cuda)
+    assert not precision.same_device(cuda0, cuda1) and not precision.same_device(cuda0, "cpu")
+    assert precision.same_device(torch.device("cpu"), torch.device("cpu", 0))
+    assert precision.resolve_device("cuda").index == 0  # no CUDA here: the index a tensor moved to 'cuda' reports
+
+
+class Reached(Exception):
+    """The model was called: everything before it (the move to the device) went through."""
+
+
+def test_predict_never_pins_a_tensor_already_on_the_device(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pinned = []
+    real_pin = torch.Tensor.pin_memory
+
+    def spy(self, *a, **k):
+        pinned.append(self.device)
+        if self.device.type != "cpu":
+            raise RuntimeError(f"cannot pin a tensor on {self.device}")  # what torch raises on a real GPU
+        return self if isinstance(self, torch._subclasses.fake_tensor.FakeTensor) else real_pin(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
+
+    def model(x):
+        assert x.device == torch.device("cuda:0")
+        raise Reached
+
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.warns(UserWarning, match="autocast"):
+        on_gpu = torch.zeros(4, 3, 8, 8, dtype=torch.uint8, device="cuda:0")  # as a decoded batch lands
+        with pytest.raises(Reached):
+            precision.predict(model, on_gpu, mean=(0.5,) * 3, std=(0.5,) * 3, device="cuda", precision="bf16")
+        assert pinned == []
+        # A host batch bound for the GPU is pinned first (once), then copied without blocking.
+        moved = precision.to_device(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "cuda")
+        assert pinned == [torch.device("cpu")] and moved.device == torch.device("cuda:0")
+        assert precision.to_device(moved, torch.device("cuda")) is moved
+
+
+# ----------------------------------------------------------------------------- decode routing
+
+def test_device_route_sends_only_what_the_device_decodes_as_the_cpu_does(tmp_path, monkeypatch):
+    upright = jpeg(picture(1))
+    objs = {
+        "upright.jpg": upright,
+        "rot90.jpg": jpeg(picture(2), orientation=6),   # a phone portrait: stored landscape, shown portrait
+        "rot180.jpg": jpeg(picture(3), orientation=3),
+        "mirror.jpg": jpeg(picture(4), orientation=2),
+        "tagged_upright.jpg": jpeg(picture(5), orientation=1),
+        "cmyk.jpg": jpeg(picture(6).convert("CMYK")),
+        "pic.png": (lambda b: (picture(7).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
+        "cut.jpg": upright[: len(upright) // 2],
+        "big.jpg": jpeg(picture(8, size=(120, 100))),
+        "huge.jpg": upright + b"\0" * 3000,  # over --max-image-bytes below: the CPU path's reason, unread
+    }
+    monkeypatch.setattr(loading, "DEVICE_MAX_PIXELS", 100 * 100, raising=False)  # big.jpg: too large for the device
+    cpu = load(tmp_path, objs, max_bytes=len(upright) + 1000)
+    dev = load(tmp_path, objs, max_bytes=len(upright) + 1000, gpu_decode=True)
+    assert "pixels" not in dev and set(dev) == set(loading.DEVICE_COLUMNS)
+    names = [p.rsplit("/", 1)[1] for p in dev["path"]]
+    routed = {n for n, e in zip(names, dev["encoded"]) if e}
+    assert routed == {"upright.jpg", "tagged_upright.jpg"}
+    for k in ("error", "width", "height"):  # the same reasons and (EXIF-rotated) sizes whichever path decodes
+        assert list(dev[k]) == list(cpu[k]), k
+    assert dict(zip(names, dev["width"]))["rot90.jpg"] == 40  # shown portrait
+    for i, n in enumerate(names):
+        if dev["encoded"][i]:  # the JPEG as read: no placeholder pixels beside it
+            assert dev["data"][i] == objs[n]
+        elif dev["error"][i] is None:  # decoded here: exactly the CPU path's crop
+            assert np.frombuffer(dev["data"][i], np.uint8).reshape(3, 32, 32).tolist() == cpu["pixels"][i].tolist()
+        else:
+            assert dev["data"][i] == b""
+
+
+def test_exif_rotated_photos_score_the_same_whichever_path_decodes(tmp_path):
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    objs = {f"r{o}.jpg": jpeg(picture(10 + o), orientation=o) for o in range(1, 9)}
+    objs["plain.jpg"] = jpeg(picture(20))
+    cpu = load(tmp_path, objs)
+    dev = load(tmp_path, objs, gpu_decode=True)
+    a = inference.Predictor(model_uri, run_id="r", precision="fp32")
+    b = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=nvjpeg_like)
+    a.model, b.model = Inputs(a.model), Inputs(b.model)
+    ra, rb = a(cpu).to_pylist(), b(dev).to_pylist()
+    assert [(r["width"], r["height"], r["label"]) for r in rb] == [(r["width"], r["height"], r["label"]) for r in ra]
+    # The crops the model saw, row by row: the same picture the same way up (full against reduced decode aside).
+    diff = (a.model.seen[0].float() - b.model.seen[0].float()).abs().mean(dim=(1, 2, 3))
+    assert (diff < 2).all(), diff
+
+
+# ----------------------------------------------------------------------------- the device decoder
+
+def scored(tmp_path, datas: list[bytes], decoder) -> tuple[inference.Predictor, list[dict]]:
+    """A predictor with ``decoder`` as its device decoder, and its rows for ``datas`` loaded for the GPU."""
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    pred = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=decoder)
+    return pred, pred(load(tmp_path, {f"{i}.jpg": d for i, d in enumerate(datas)}, gpu_decode=True)).to_pylist()
+
+
+def test_device_decoding_is_bounded_in_memory(tmp_path, monkeypatch):
+    calls = []
+
+    def decoder(tensors, device):
+        calls.append(len(tensors))
+        return nvjpeg_like(tensors, device)
+
+    monkeypatch.setattr(inference, "DEVICE_DECODE_BYTES", 3 * 80 * 60 * 3, raising=False)  # three pictures at once
+    _, rows = scored(tmp_path, [jpeg(picture(i, size=(80, 60))) for i in range(8)], decoder)
+    assert calls == [3, 3, 2] and all(r["status"] == "ok" for r in rows)
+    assert inference.chunks([(10, 10), (1000, 1000), (10, 10)], 1000) == [[0], [1], [2]]
+
+
+def test_device_out_of_memory_splits_the_chunk_and_is_never_swallowed(tmp_path, caplog):
+    calls = []
+
+    def decoder(tensors, device):  # fits two pictures at a time
+        calls.append(len(tensors))
+        if len(tensors) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return nvjpeg_like(tensors, device)
+
+    datas = [jpeg(picture(i)) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+        pred, rows = scored(tmp_path, datas, decoder)
+    assert calls == [4, 2, 2] and all(r["status"] == "ok" for r in rows)
+    assert "out of memory" in caplog.text and pred.decode.budget == inference.DEVICE_DECODE_BYTES // 2
+    assert not pred.decode.fallbacks  # nothing went to the CPU
+
+    def never_fits(tensors, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one picture the device cannot hold: the task fails, loudly
+        scored(tmp_path, datas[:1], never_fits)
+
+
+def test_device_failures_are_logged_once_and_counted(tmp_path, caplog, monkeypatch):
+    def broken(tensors, device):
+        raise RuntimeError("nvjpeg: broken")
+
+    datas = [jpeg(picture(i)) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+        pred, rows = scored(tmp_path, datas, broken)
+        pred(load(tmp_path, {f"{i}.jpg": d for i, d in enumerate(datas)}, gpu_decode=True))
+    assert all(r["status"] == "ok" for r in rows)  # decoded on the CPU instead
+    assert caplog.text.count("nvjpeg: broken") == 1  # once per actor and kind of failure, not once per image
+    assert pred.decode.fallbacks == {"RuntimeError": 6}
+    recorded = []
+    dec = inference.DeviceDecoder(pred.crop, "cpu", decoder=broken, on_fallback=lambda r, n: recorded.append((r, n)))
+    monkeypatch.setattr(inference, "DEVICE_GIVE_UP", 5)
+    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+        for _ in range(2):
+            assert all(isinstance(o, str) for o in dec(datas, [(64, 40)] * 3))
+    assert recorded[0] == ("RuntimeError: nvjpeg: broken", 1) and sum(n for _, n in recorded) == 6
+    assert not dec.enabled and "decodes on the CPU from now on" in caplog.text
+    assert dec(datas[:1], [(64, 40)]) == ["device decoding given up"]  # not even tried
+
+
+# ----------------------------------------------------------------------------- the row contract, mixed routes
+
+@pytest.mark.parametrize("device_works", [True, False])
+def test_mixed_routes_in_one_batch_keep_the_rows_and_their_order(tmp_path, device_works):
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    good = jpeg(picture(30))
+    refused = jpeg(picture(31), quality=70)  # the device refuses it: decoded on the CPU
+    broken = bytearray(jpeg(picture(32)))
+    broken[len(broken) // 2: len(broken) // 2 + 40] = b"\xff\xd9" * 20  # complete, but its scan is garbage
+    objs = {"a.jpg": good, "b.png": (lambda b: (picture(33).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
+            "c.jpg": refused, "d.jpg": b"", "e.jpg": jpeg(picture(34), orientation=8), "f.jpg": jpeg(picture(35)),
+            "g.jpg": bytes(broken)}
+
+    def decoder(tensors, device):
+        if not device_works or any(len(t) in (len(refused), len(broken)) for t in tensors):
+            raise RuntimeError("nvjpeg: unsupported")
+        return nvjpeg_like(tensors, device)
+
+    cpu, dev = load(tmp_path, objs), load(tmp_path, objs, gpu_decode=True)
+    a = inference.Predictor(model_uri, run_id="r", precision="fp32")
+    b = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=decoder)
+    a.model, b.model = Inputs(a.model), Inputs(b.model)
+    ra, rb = a(cpu).to_pylist(), b(dev).to_pylist()
+    keys = ["path", "status", "error", "label", "width", "height"]
+    assert [{k: r[k] for k in keys} for r in rb] == [{k: r[k] for k in keys} for r in ra]
+    assert [r["status"] for r in rb] == ["ok", "ok", "ok", "error", "ok", "ok", ra[6]["status"]]
+    assert a.model.seen[0].shape == b.model.seen[0].shape
+    diff = (a.model.seen[0].float() - b.model.seen[0].float()).abs().mean(dim=(1, 2, 3))
+    assert (diff < 2).all(), diff  # every crop in its row's place, whichever path decoded it
+    assert b.decode.fallbacks["RuntimeError"] >= 1
+
+
+def test_gpu_rows_cross_ray_data_and_score_as_the_cpu_rows(tmp_path, ray_local):
+    """Load blocks of every mix (all compressed, all crops, errors only) are concatenated by Ray Data into the
+    predictor's batches: the ``data`` / ``encoded`` columns survive that, and the rows match the CPU path's."""
+    import ray
+
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    png = (lambda b: (picture(43).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())
+    objs = {"0.jpg": jpeg(picture(40)), "1.jpg": jpeg(picture(41)), "2.png": png,
+            "3.jpg": jpeg(picture(42), orientation=6), "4.jpg": b"", "5.jpg": b"nope", "6.jpg": jpeg(picture(44))}
+    paths = []
+    for name, data in objs.items():
+        paths.append(str(tmp_path / name))
+        storage.write_bytes(paths[-1], data)
+
+    def run(gpu_decode: bool) -> list[dict]:
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=4)
+        ds = ds.map_batches(loading.load_batch, batch_size=2, batch_format="numpy",
+                            fn_kwargs={"card": CARD, "max_bytes": 1 << 20, "gpu_decode": gpu_decode})
+        ds = ds.map_batches(inference.Predictor, batch_size=8, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=1),
+                            fn_constructor_kwargs={"model_uri": model_uri, "run_id": "r", "precision": "fp32",
+                                                   "threads": 1})
+        return sorted(ds.take_all(), key=lambda r: r["path"])
+
+    cpu, dev = run(False), run(True)
+    keys = ["path", "status", "error", "label", "width", "height"]
+    assert [{k: r[k] for k in keys} for r in dev] == [{k: r[k] for k in keys} for r in cpu]
+    assert [r["status"] for r in dev] == ["ok", "ok", "ok", "ok", "error", "error", "ok"]
+    assert all(abs(a["p_mask"] - b["p_mask"]) < 1e-2 for a, b in zip(dev, cpu) if a["status"] == "ok")
