@@ -66,8 +66,10 @@ class _Rows:
         pixels, width, height, compressed = self.zero, -1, -1, None
         if error is None and data is not None:
             try:
+                # probe makes decode's strictness checks (a JPEG cut or zero-padded is truncated) without
+                # decoding: only complete streams reach nvJPEG, whose handling of a cut-off file is not libjpeg's.
                 fmt, w, h = probe(data, max_bytes=self.max_bytes) if self.gpu_decode else ("", -1, -1)
-                if fmt in GPU_FORMATS and complete_jpeg(data):
+                if fmt in GPU_FORMATS:
                     compressed, width, height = data, w, h
                 else:
                     pixels, width, height = preprocess_image(data, self.crop, max_bytes=self.max_bytes)
@@ -218,14 +220,3 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
                     yield rows.take()
     if len(rows):
         yield rows.take()
-
-
-def complete_jpeg(data: bytes) -> bool:
-    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
-
-    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
-    is not libjpeg's, and a truncated image must get the CPU path's reason.
-    """
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
-
-
