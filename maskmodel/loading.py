@@ -202,8 +202,8 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
             f.close()
             continue
 
-        def skip(name: str) -> bool:
-            return has is not None and bool(has([archives.member_uri(path, name)])[0])
+        def skip(key: str) -> bool:  # every member, rejected ones too: a re-read archive adds no row twice
+            return has is not None and bool(has([archives.member_uri(path, key)])[0])
 
         with f:
             common = dict(extensions=extensions, max_bytes=max_bytes, max_ratio=max_ratio, skip=skip)
@@ -214,7 +214,7 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
                 if isinstance(item, archives.Damage):
                     rows.add(path, version, size, error=item.reason, archive=path)
                 else:
-                    rows.add(archives.member_uri(path, item.name), version, item.size, data=item.data,
+                    rows.add(archives.member_uri(path, item.key), version, item.size, data=item.data,
                              error=item.error, archive=path, member=item.name)
                 if len(rows) >= rows_per_batch:
                     yield rows.take()
