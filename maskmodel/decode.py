@@ -114,11 +114,14 @@ def _jpeg_stream(data: bytes) -> None:
     requires an end-of-image marker after it. Data after that marker (motion
     photos, MPO's second picture, trailing junk) is fine; a partial download,
     cut or padded with zeros to its full length, lacks it (entropy-coded data
-    cannot contain FF D9). A stream too garbled to walk is left to Pillow.
+    cannot contain FF D9), or ends (in zeros) before its scan. A stream too
+    garbled to walk is left to Pillow.
     """
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
+            if not data[i:].strip(b"\0"):  # zero padding where the next marker should be
+                raise DecodeError("truncated image")
             return
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
@@ -140,6 +143,7 @@ def _jpeg_stream(data: bytes) -> None:
                 raise DecodeError("truncated image")
             return
         i += 2 + length
+    raise DecodeError("truncated image")  # the stream ends before its scan does
 
 
 def _png_stream(data: bytes) -> bytes:

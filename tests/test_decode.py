@@ -211,3 +211,11 @@ def test_reasons_name_the_cause_a_decoder_cannot_open():
     assert _both(zero_high) == "too small: 64x0"
     heif = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0\0\0\x08mdat" + bytes(200)
     assert _both(heif) == "unsupported format: HEIF"
+
+
+def test_a_jpeg_cut_inside_its_headers_is_truncated_padded_or_not():
+    full = _jpeg(_noise())
+    sos = full.find(b"\xff\xda")
+    for cut in (sos - 40, sos):
+        assert _both(full[:cut]) == "truncated image"
+        assert _both(full[:cut] + bytes(len(full) - cut)) == "truncated image"
