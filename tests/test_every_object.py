@@ -98,6 +98,40 @@ def generate(rng: np.random.Generator) -> tuple[dict[str, bytes], dict[str, list
     return objects, expected
 
 
+def readme_reason_kinds() -> set[str]:
+    """The kinds (text before the first ``:``) of the README's table of error reasons."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("### Error reasons", 1)[1].split("\n\n**", 1)[0]
+    cells = re.findall(r"^\| (.+?) \| ", section, flags=re.M)
+    return {code.split(":")[0] for cell in cells for code in re.findall(r"`([^`]+)`", cell)}
+
+
+def test_the_readme_table_names_every_reason_the_readers_give():
+    from maskmodel.archives import iter_tar, iter_zip
+
+    kinds = readme_reason_kinds()
+    rng = np.random.default_rng(0)
+    made = set()
+    for data in (b"", b"text", _bad(rng), _image(rng)[:40]):
+        from maskmodel.decode import DecodeError, decode
+
+        try:
+            decode(data)
+        except DecodeError as e:
+            made.add(str(e))
+    tar = _tar_bytes([("../a.jpg", b"x"), ("b.jpg", b"y" * 50)]) + b"x"
+    for item in [*iter_tar(io.BytesIO(tar), extensions=("jpg",), max_bytes=10),
+                 *iter_tar(io.BytesIO(_tar_bytes([("t.txt", b"")])), extensions=("jpg",), max_bytes=10),
+                 *iter_zip(io.BytesIO(b"PK junk"), extensions=("jpg",), max_bytes=10)]:
+        made.add(getattr(item, "error", None) or getattr(item, "reason", None))
+    assert {m.split(":")[0] for m in made if m} <= kinds, made
+    assert {"empty file", "not an image", "truncated image", "no image members", "unsafe member path",
+            "too large", "corrupt archive", "unreadable", "nested archive not read"} <= kinds
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_object_gives_its_rows_once_and_an_incremental_rerun_adds_none(seed, ray_local, tmp_path):
@@ -113,7 +147,10 @@ def test_every_object_gives_its_rows_once_and_an_incremental_rerun_adds_none(see
     cfg = ScoreConfig(input=root, model=model, output=out, run_id="r1", precision="fp32", read_batch=4,
                       batch_size=8)
     first = scoring.score(cfg)
-    paths = results.read_results(out).column("path").to_pylist()
+    table = results.read_results(out)
+    paths = table.column("path").to_pylist()
+    kinds = {e.split(":")[0] for e in table.column("error").to_pylist() if e}
+    assert kinds <= readme_reason_kinds(), kinds - readme_reason_kinds()
     assert len(paths) == len(set(paths)), "a key appears twice"
     assert sorted(paths) == want, (objects.keys(), sorted(set(paths) ^ set(want)))
     assert first.images == len(want)
