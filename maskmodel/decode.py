@@ -170,7 +170,8 @@ def _png_stream(data: bytes) -> bytes:
             raise DecodeError("truncated image")
         if ctype == b"IEND":
             break
-        if ctype[0] & 0x20 and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+        stored_crc = int.from_bytes(data[end - 4:end], "big")
+        if ctype[0] & 0x20 and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != stored_crc:  # ancillary, bad
             drop.append((pos, end))
         pos = end
     if not drop:
@@ -183,7 +184,7 @@ def _png_stream(data: bytes) -> bytes:
 
 
 def check_stream(data: bytes) -> bytes:
-    """What the container says before Pillow opens it: raise a precise :class:`DecodeError`, or return the bytes to open.
+    """What the container says before Pillow opens it: a precise :class:`DecodeError`, or the bytes to open.
 
     HEIF/AVIF (by their ``ftyp`` box) are ``unsupported format``; a JPEG of
     other than 8-bit samples is ``unsupported format: N-bit JPEG``; a zero

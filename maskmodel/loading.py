@@ -181,12 +181,14 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
     """Rows for the image members of each archive (or zip range) in ``batch``, ``rows_per_batch`` at a time.
 
     A member's row: ``path`` ``<archive>#<member>``, the archive's version, the
-    member's size, ``archive`` and ``member``. A tar is read front to back
-    through one request; a zip range by ranged reads in large blocks. An
-    archive that breaks part-way gets one more row, for the archive itself,
-    with the reason; one that cannot be read at all gets that row only. A
-    whole archive whose ``(archive, version)`` is in ``skip_keys`` is skipped,
-    as is each member whose ``(path, version)`` is.
+    member's size, ``archive`` and the member's name in ``member`` (``path``
+    holds its key: :func:`maskmodel.archives.member_key`). A tar is read
+    front to back through one request; a zip range by ranged reads in large
+    blocks. An archive that breaks part-way gets one more row, for the archive
+    itself, with the reason; one that cannot be read at all, or holds no image
+    member, gets that row only. A whole archive whose ``(archive, version)``
+    is in ``skip_keys`` is skipped, as is each member (rejected ones too)
+    whose ``(path, version)`` is.
     """
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
     n = len(batch["path"])

@@ -10,6 +10,7 @@ import gzip
 import io
 import logging
 import tarfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -52,8 +53,6 @@ def _tar_bytes(entries: list[tuple[str, bytes]], *, end: bool = True) -> bytes:
 
 def _zip_bytes(entries: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
-    import warnings
-
     with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as z:
         warnings.simplefilter("ignore", UserWarning)  # duplicate names: wanted here
         for name, data in entries:
@@ -111,13 +110,12 @@ def readme_reason_kinds() -> set[str]:
 
 def test_the_readme_table_names_every_reason_the_readers_give():
     from maskmodel.archives import iter_tar, iter_zip
+    from maskmodel.decode import DecodeError, decode
 
     kinds = readme_reason_kinds()
     rng = np.random.default_rng(0)
     made = set()
     for data in (b"", b"text", _bad(rng), _image(rng)[:40]):
-        from maskmodel.decode import DecodeError, decode
-
         try:
             decode(data)
         except DecodeError as e:
