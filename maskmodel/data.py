@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from maskmodel import storage, testhooks
-from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode, to_uint8_chw, too_large_bytes
+from maskmodel.decode import IMAGE_EXTENSIONS, DecodeError, decode, too_large_bytes
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,30 +197,53 @@ def fetch_and_check(batch: dict[str, np.ndarray], *, concurrency: int = 32, chec
     return out
 
 
+#: The label of a row an epoch could not read or decode: kept in place (Ray Train splits the training
+#: rows equally, so every worker takes the same steps), left out of loss, accuracy and counts by the loop.
+SKIPPED_LABEL = -1
+
+
 class DecodeCrop:
     """Ray Data callable: ``data`` bytes → ``image`` ``uint8 (N, 3, S, S)`` via ``crop``, keeping ``label``.
 
-    Rows whose ``error`` is set (unreadable, found by the check pass) are
-    dropped. JPEGs decode at the reduced size that still covers ``reduce_to``
-    pixels on the short side (:func:`maskmodel.decode.decode`); ``crop`` is a
-    :class:`~maskmodel.transforms.TrainCrop` or :class:`~maskmodel.transforms.EvalCrop`.
-    What leaves this step, through Ray's object store, is uint8: a quarter of float32.
+    Decodes with :func:`maskmodel.transforms.preprocess_image` (the scoring path's
+    decode and crop): JPEGs at the reduced size that still covers ``reduce_to``
+    pixels on the short side; ``crop`` is a :class:`~maskmodel.transforms.TrainCrop`
+    or :class:`~maskmodel.transforms.EvalCrop`. A row whose ``error`` is set
+    (the epoch's read failed) or whose bytes no longer decode (the object was
+    replaced after the check pass) gets label :data:`SKIPPED_LABEL`, with the
+    reason in the worker's log, the check pass's reasons; its image is a copy
+    of another row of the batch (zeros when none is left), so batch-norm
+    statistics see a real picture. The training loop counts these rows
+    (``skipped_*`` in ``metrics.csv``). What leaves this step, through Ray's
+    object store, is uint8: a quarter of float32.
     """
 
     def __init__(self, crop: Callable[[Any], Any], *, reduce_to: int) -> None:
         self.crop, self.reduce_to = crop, reduce_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from maskmodel.transforms import preprocess_image
 
-        errors = batch.get("error", [""] * len(batch["data"]))
-        keep = [i for i, e in enumerate(errors) if not e]
-        if len(keep) < len(errors):  # the check pass found these readable: a store error or a changed object
-            first = next(i for i, e in enumerate(errors) if e)
-            log.warning("%d image(s) of this batch could not be read and are left out of this epoch (e.g. %s: %s)",
-                        len(errors) - len(keep), batch.get("uri", ["?"] * len(errors))[first], errors[first])
-        images = [self.crop(torch.from_numpy(to_uint8_chw(decode(batch["data"][i], reduce_to=self.reduce_to).image)))
-                  .numpy() for i in keep]
-        labels = np.asarray(batch["label"], dtype=np.int64)[keep]
+        n = len(batch["data"])
+        errors = [str(e) if e else "" for e in batch.get("error", [""] * n)]
+        images: list[np.ndarray | None] = [None] * n
+        for i in range(n):
+            if errors[i]:
+                continue
+            try:
+                images[i] = preprocess_image(batch["data"][i], self.crop, reduce_to=self.reduce_to)[0]
+            except DecodeError as e:
+                errors[i] = str(e)
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop an epoch
+                errors[i] = f"undecodable: {type(e).__name__}"
+        bad = [i for i, e in enumerate(errors) if e]
+        if bad:  # the check pass found these readable: a store error or a changed object
+            uris = batch.get("uri", ["?"] * n)
+            log.warning("%d image(s) of this batch could not be read or decoded and are left out of this epoch "
+                        "(%s)", len(bad), "; ".join(f"{uris[i]}: {errors[i]}" for i in bad[:3]))
         size = self.crop.crop_size
-        return {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8), "label": labels}
+        stand_in = next((im for im in images if im is not None), np.zeros((3, size, size), np.uint8))
+        labels = np.asarray(batch["label"], dtype=np.int64).copy()
+        labels[bad] = SKIPPED_LABEL
+        return {"image": np.stack([stand_in if im is None else im for im in images]) if n
+                else np.zeros((0, 3, size, size), np.uint8), "label": labels}

@@ -11,6 +11,7 @@ import contextlib
 import io
 import re
 import warnings
+import zlib
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -26,7 +27,8 @@ MIN_SIDE = 8  # pixels; smaller images carry no face to classify
 # decoding, so a 60000x10 strip cannot make a worker allocate a huge resize.
 MAX_SIDE = 16383
 
-# Truncated files must fail, not decode into grey half-pictures.
+# Truncated files must fail, not decode into grey half-pictures (and a zero-padded one, which Pillow
+# decodes without complaint, fails in check_stream). Never flipped: it is process-wide.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -97,12 +99,120 @@ def _reasons() -> Iterator[None]:
         raise DecodeError(f"undecodable: {msg}"[:200]) from e
 
 
+# Major brands of an ISO-BMFF ``ftyp`` box (HEIF/HEIC phone photos, often renamed .jpg): named, not "not an image".
+_HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"heim": "HEIF", b"heis": "HEIF", b"hevc": "HEIF",
+                b"hevx": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+# JPEG start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC): they carry precision and size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_stream(data: bytes) -> None:
+    """Check a JPEG's frame header and that its main scan ends (JPEG and MPO).
+
+    Walks the marker segments from SOI to the first start-of-scan of the main
+    image (so an EXIF thumbnail's own SOS/EOI, inside APP1, is skipped) and
+    requires an end-of-image marker after it. Data after that marker (motion
+    photos, MPO's second picture, trailing junk) is fine; a partial download,
+    cut or padded with zeros to its full length, lacks it (entropy-coded data
+    cannot contain FF D9), or ends (in zeros) before its scan. A stream too
+    garbled to walk is left to Pillow.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            if not data[i:].strip(b"\0"):  # zero padding where the next marker should be
+                raise DecodeError("truncated image")
+            return
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF and i + 9 <= n:
+            bits = data[i + 4]
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            if bits != 8:
+                raise DecodeError(f"unsupported format: {bits}-bit JPEG")
+            if not w or not h:  # Pillow does not open these at all
+                raise DecodeError(f"too small: {w}x{h}")
+        if marker == 0xDA:
+            if data.find(b"\xff\xd9", i + 2 + length) == -1:
+                raise DecodeError("truncated image")
+            return
+        i += 2 + length
+    raise DecodeError("truncated image")  # the stream ends before its scan does
+
+
+def _png_stream(data: bytes) -> bytes:
+    """Check a PNG's chunks; returns ``data`` less any ancillary chunk whose CRC is wrong.
+
+    libpng and browsers treat a bad CRC in an ancillary chunk (iCCP, tEXt...;
+    lowercase first letter) as a warning and show the picture; Pillow refuses
+    the file unless the process-wide ``LOAD_TRUNCATED_IMAGES`` is set, which
+    would also let truncated files through. So the chunk is dropped here. The
+    stream must reach IEND (bytes after it are ignored): a partial download,
+    cut or zero-padded, does not.
+    """
+    n, pos, drop = len(data), 8, []
+    if n >= 24 and data[12:16] == b"IHDR":
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if not w or not h:  # Pillow does not open these at all
+            raise DecodeError(f"too small: {w}x{h}")
+    while True:
+        if pos + 12 > n:
+            raise DecodeError("truncated image")
+        length, ctype = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if not ctype.isalpha() or end > n:  # zero padding or a cut inside a chunk
+            raise DecodeError("truncated image")
+        if ctype == b"IEND":
+            break
+        stored_crc = int.from_bytes(data[end - 4:end], "big")
+        if ctype[0] & 0x20 and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != stored_crc:  # ancillary, bad
+            drop.append((pos, end))
+        pos = end
+    if not drop:
+        return data
+    kept, start = [], 0
+    for a, b in drop:
+        kept.append(data[start:a])
+        start = b
+    return b"".join(kept) + data[start:]
+
+
+def check_stream(data: bytes) -> bytes:
+    """What the container says before Pillow opens it: a precise :class:`DecodeError`, or the bytes to open.
+
+    HEIF/AVIF (by their ``ftyp`` box) are ``unsupported format``; a JPEG of
+    other than 8-bit samples is ``unsupported format: N-bit JPEG``; a zero
+    side is ``too small: WxH``; a JPEG, PNG or WebP stream that does not reach
+    its end (cut, or zero-padded to full length) is ``truncated image``. PNG
+    ancillary chunks with a bad CRC are dropped (see :func:`_png_stream`).
+    Formats without an end marker (BMP, TIFF, pixel data inside WebP) cannot
+    tell zero padding from pixels. The one strictness check of both paths:
+    :func:`probe` (GPU path) and :func:`decode` (CPU path) call it.
+    """
+    if data[4:8] == b"ftyp" and (kind := _HEIF_BRANDS.get(data[8:12])):
+        raise DecodeError(f"unsupported format: {kind}")
+    if data[:3] == b"\xff\xd8\xff":
+        _jpeg_stream(data)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _png_stream(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
+        raise DecodeError("truncated image")
+    return data
+
+
 def _open(data: bytes, *, min_side: int, max_side: int, max_bytes: int | None) -> Image.Image:
     """Open ``data`` (headers only) and check everything the headers tell; call inside :func:`_reasons`."""
     if not data:
         raise DecodeError("empty file")
     if max_bytes is not None and len(data) > max_bytes:
         raise DecodeError(too_large_bytes(len(data), max_bytes))
+    data = check_stream(data)
     img = Image.open(io.BytesIO(data))
     if img.format not in SUPPORTED_FORMATS:
         raise DecodeError(f"unsupported format: {img.format}")
@@ -155,9 +265,10 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
     the exact size it needs; ``width``/``height`` are always the original's.
 
     Raises :class:`DecodeError` with a short reason: ``empty file``,
-    ``not an image``, ``unsupported format: X``, ``truncated image``,
-    ``too large: ...`` (over ``max_bytes``, a side over ``max_side``, or
-    Pillow's decompression-bomb limit), ``too small: WxH`` or ``undecodable: ...``.
+    ``not an image``, ``unsupported format: X`` (``HEIF``, ``12-bit JPEG``...),
+    ``truncated image`` (see :func:`check_stream`), ``too large: ...`` (over
+    ``max_bytes``, a side over ``max_side``, or Pillow's decompression-bomb
+    limit), ``too small: WxH`` or ``undecodable: ...``.
     Every check uses the original size, so ``reduce_to`` changes no reason.
     """
     with _reasons():

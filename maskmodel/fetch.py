@@ -66,14 +66,19 @@ def read_many(uris: list[str], *, max_bytes: int, concurrency: int = 32, head: b
         return list(pool.map(lambda p: one(p, max_bytes), paths))
 
 
+def _local_version(f: BinaryIO) -> tuple[int, str]:
+    """``(size, version)`` of an open local file: the size + mtime version a listing reports for it."""
+    st = os.fstat(f.fileno())
+    return st.st_size, object_version({"size": st.st_size, "mtime": st.st_mtime})
+
+
 def _read_local(path: str, max_bytes: int) -> Fetched:
     try:
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            version = object_version({"size": st.st_size, "mtime": st.st_mtime})
-            if st.st_size > max_bytes:
-                return Fetched(None, st.st_size, version)
-            return Fetched(f.read(), st.st_size, version)
+            size, version = _local_version(f)
+            if size > max_bytes:
+                return Fetched(None, size, version)
+            return Fetched(f.read(), size, version)
     except OSError as e:
         return Fetched(None, None, None, e)
 
@@ -150,8 +155,7 @@ def open_stream(uri: str, *, buffer: int = 1 << 20) -> tuple[BinaryIO, int, str]
     with storage_errors(uri, "read"):
         if scheme == "file":
             f = open(path, "rb", buffering=buffer)
-            st = os.fstat(f.fileno())
-            return f, st.st_size, object_version({"size": st.st_size, "mtime": st.st_mtime})
+            return (f, *_local_version(f))
         if scheme == "s3":
             from fsspec.asyn import sync
 
@@ -175,8 +179,7 @@ def open_ranged(uri: str, *, block_size: int = 32 << 20) -> tuple[BinaryIO, int,
     with storage_errors(uri, "read"):
         if split_uri(uri)[0] == "file":
             f = open(path, "rb")
-            st = os.fstat(f.fileno())
-            return f, st.st_size, object_version({"size": st.st_size, "mtime": st.st_mtime})
+            return (f, *_local_version(f))
         f = fs.open(path, "rb", block_size=block_size, cache_type="readahead")
         details = getattr(f, "details", None) or fs.info(path)
         return f, int(details.get("size") or 0), object_version(details)

@@ -47,14 +47,14 @@ def device_route(data: bytes, *, max_bytes: int | None = None) -> tuple[int, int
     """``(width, height)`` of a JPEG the device decodes as the CPU would; ``None``: decode it on the CPU.
 
     The device gets a baseline-colour (YCbCr or grey) JPEG that is complete
-    (:func:`complete_jpeg`), upright (nvJPEG ignores the EXIF orientation, so
+    (:func:`maskmodel.decode.probe` checks the stream reaches its end marker), upright (nvJPEG ignores the EXIF orientation, so
     a rotated or mirrored phone photo would be scored sideways) and at most
     :data:`DEVICE_MAX_PIXELS`. Raises :class:`DecodeError` for what the headers
     reveal (the CPU path's reasons).
     """
     p = probe(data, max_bytes=max_bytes)
     if (p.format in GPU_FORMATS and p.mode in GPU_MODES and p.orientation == 1
-            and p.width * p.height <= DEVICE_MAX_PIXELS and complete_jpeg(data)):
+            and p.width * p.height <= DEVICE_MAX_PIXELS):
         return p.width, p.height
     return None
 
@@ -206,12 +206,14 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
     """Rows for the image members of each archive (or zip range) in ``batch``, ``rows_per_batch`` at a time.
 
     A member's row: ``path`` ``<archive>#<member>``, the archive's version, the
-    member's size, ``archive`` and ``member``. A tar is read front to back
-    through one request; a zip range by ranged reads in large blocks. An
-    archive that breaks part-way gets one more row, for the archive itself,
-    with the reason; one that cannot be read at all gets that row only. A
-    whole archive whose ``(archive, version)`` is in ``skip_keys`` is skipped,
-    as is each member whose ``(path, version)`` is.
+    member's size, ``archive`` and the member's name in ``member`` (``path``
+    holds its key: :func:`maskmodel.archives.member_key`). A tar is read
+    front to back through one request; a zip range by ranged reads in large
+    blocks. An archive that breaks part-way gets one more row, for the archive
+    itself, with the reason; one that cannot be read at all, or holds no image
+    member, gets that row only. A whole archive whose ``(archive, version)``
+    is in ``skip_keys`` is skipped, as is each member (rejected ones too)
+    whose ``(path, version)`` is.
     """
     rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
     n = len(batch["path"])
@@ -230,8 +232,8 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
             f.close()
             continue
 
-        def skip(name: str) -> bool:
-            return has is not None and bool(has([archives.member_uri(path, name)])[0])
+        def skip(key: str) -> bool:  # every member, rejected ones too: a re-read archive adds no row twice
+            return has is not None and bool(has([archives.member_uri(path, key)])[0])
 
         with f:
             common = dict(extensions=extensions, max_bytes=max_bytes, max_ratio=max_ratio, skip=skip)
@@ -242,20 +244,9 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
                 if isinstance(item, archives.Damage):
                     rows.add(path, version, size, error=item.reason, archive=path)
                 else:
-                    rows.add(archives.member_uri(path, item.name), version, item.size, data=item.data,
+                    rows.add(archives.member_uri(path, item.key), version, item.size, data=item.data,
                              error=item.error, archive=path, member=item.name)
                 if len(rows) >= rows_per_batch:
                     yield rows.take()
     if len(rows):
         yield rows.take()
-
-
-def complete_jpeg(data: bytes) -> bool:
-    """Whether a JPEG stream ends with its end-of-image marker (trailing zero padding allowed).
-
-    Only complete streams go to the GPU: nvJPEG's handling of a cut-off file
-    is not libjpeg's, and a truncated image must get the CPU path's reason.
-    """
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
-
-

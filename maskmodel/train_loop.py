@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from maskmodel import testhooks
 from maskmodel.console import fmt_seconds
+from maskmodel.data import SKIPPED_LABEL
 from maskmodel.telemetry import TrainingMetrics
 from maskmodel.train_outputs import META_FILE, STATE_FILE, write_epoch_outputs, write_samples_grid
 
@@ -123,14 +124,18 @@ def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, pre
 
     Batches arrive as uint8 crops (pinned, copied asynchronously to a GPU);
     ``prepare`` turns them into the model's input on the device (augmentation
-    and normalisation). Sums stay on the device and are synchronised once, at
-    the end, with the other workers'.
+    and normalisation). Rows labelled ``SKIPPED_LABEL`` (the epoch could not
+    read or decode them) count in no loss, accuracy or image count, only in
+    ``skipped``; they stay in the batch, masked on the device, so that no
+    per-batch host sync is needed and every worker takes the same steps.
+    Sums stay on the device and are synchronised once, at the end, with the
+    other workers'.
     """
     training = optimizer is not None
     model.train(training)
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: summed on the device
-    seen = 0  # a host count: no host-to-device copy per batch
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=SKIPPED_LABEL)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images: summed on the device
+    seen = 0  # rows, skipped ones included: a host count, no host-to-device copy per batch
     cm = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     batches = shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64}, device=device,
@@ -142,8 +147,9 @@ def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, pre
         if watchdog is not None:
             watchdog.beat()
         images, labels = prepare(batch["image"]), batch["label"]
+        valid = labels != SKIPPED_LABEL
         if on_first_batch is not None and i == 0:
-            on_first_batch(images, labels)
+            on_first_batch(images[valid], labels[valid])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(training), _autocast(device, precision):
@@ -151,18 +157,21 @@ def _run_epoch(model, shard, *, device, batch_size, prepare, optimizer=None, pre
             loss = loss_fn(logits.float(), labels)
         if training:
             optimizer.zero_grad(set_to_none=True)
-            (loss / labels.shape[0]).backward()
+            (loss / valid.sum().clamp(min=1)).backward()
             optimizer.step()
         preds = logits.detach().argmax(dim=1)
-        sums += torch.stack([loss.detach().double(), (preds == labels).sum().double()])
+        sums += torch.stack([loss.detach().double(), ((preds == labels) & valid).sum().double(),
+                             valid.sum().double()])
         seen += labels.shape[0]
         if not training:
-            cm += torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).double()
+            cm += torch.bincount(labels.clamp(min=0) * num_classes + preds, weights=valid.double(),
+                                 minlength=num_classes * num_classes)
     elapsed = time.perf_counter() - start
     totals = _all_reduce(torch.cat([sums, sums.new_tensor([seen]), cm]))
     n = max(float(totals[2]), 1.0)
     return {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "images": int(totals[2]),
-            "seconds": elapsed, "cm": totals[3:].view(num_classes, num_classes).long().tolist()}
+            "skipped": int(totals[3]) - int(totals[2]), "seconds": elapsed,
+            "cm": totals[4:].view(num_classes, num_classes).long().tolist()}
 
 
 def _schedule(optimizer, cfg: dict[str, Any]):
@@ -262,8 +271,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "train_images": tr["images"], "val_images": va["images"],
                "images_per_s": tr["images"] / max(tr["seconds"], 1e-9), "lr": lr, "epoch_seconds": seconds,
-               "attempt": attempt, "skipped_train": cfg["skipped"].get("train", 0),
-               "skipped_val": cfg["skipped"].get("val", 0), "val_confusion": va["cm"]}
+               # Left out of this epoch: by the check pass, and by this epoch's own reads and decodes.
+               "attempt": attempt, "skipped_train": cfg["skipped"].get("train", 0) + tr["skipped"],
+               "skipped_val": cfg["skipped"].get("val", 0) + va["skipped"], "val_confusion": va["cm"]}
         history.append(row)
         metrics = {k: v for k, v in row.items() if k != "val_confusion"}
         if rank == 0:

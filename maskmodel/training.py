@@ -168,7 +168,9 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, 
                             f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
     if cache:
-        good = raw.randomize_block_order() if shuffle else raw  # unseeded: a new order on every epoch's pass
+        # The check pass's failures are counted above; what DecodeCrop finds is the epoch's own.
+        good = raw.filter(expr=col("error") == "")
+        good = good.randomize_block_order() if shuffle else good  # unseeded: a new order on every epoch's pass
     else:
         # The check pass found the unreadable objects: each epoch re-reads only the good ones and decodes
         # each once (in DecodeCrop). The block order is randomised over the listing, before the reads.

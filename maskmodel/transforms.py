@@ -14,7 +14,7 @@ bf16 check alike. Built on ``torchvision.transforms.v2``; no Ray.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -76,12 +76,15 @@ class EvalCrop:
         return self._t(img)
 
 
-def preprocess_image(data: bytes, crop: EvalCrop, *, max_bytes: int | None = None) -> tuple[np.ndarray, int, int]:
+def preprocess_image(data: bytes, crop: Any, *, max_bytes: int | None = None,
+                     reduce_to: int | None = None) -> tuple[np.ndarray, int, int]:
     """Decode (at the reduced size ``crop`` needs) and crop one image: ``(uint8 (3, S, S), width, height)``.
 
-    ``width``/``height`` are the original's. Raises :class:`DecodeError` if unusable.
+    ``crop``: an :class:`EvalCrop` (``reduce_to`` defaults to its resize size)
+    or, for training, a :class:`TrainCrop` with ``reduce_to`` given. ``width``/``height``
+    are the original's. Raises :class:`DecodeError` if unusable.
     """
-    d = decode(data, max_bytes=max_bytes, reduce_to=crop.resize_size)
+    d = decode(data, max_bytes=max_bytes, reduce_to=reduce_to or crop.resize_size)
     return crop(torch.from_numpy(to_uint8_chw(d.image))).numpy(), d.width, d.height
 
 

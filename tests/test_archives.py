@@ -7,6 +7,7 @@ import io
 import random
 import tarfile
 import zipfile
+import zlib
 
 import pytest
 
@@ -202,3 +203,147 @@ def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
 
     assert members([member_uri(uri, "1.jpg")]) == ["0.jpg", "2.jpg"]  # read again: the scored member is skipped
     assert members([uri]) == []  # the whole archive, unchanged: not read
+
+
+# --- one row for every object, with one identity per row (issue 20) ---
+
+def _load_rows(uri: str, *, skip: tuple[str, ...] = (), max_bytes: int = 1 << 20) -> list[tuple]:
+    """``(path, member, error)`` of every row :func:`load_archive` makes for the archive at ``uri``."""
+    import numpy as np
+
+    from maskmodel import fetch, incremental
+    from maskmodel.loading import load_archive, zip_ranges
+    from maskmodel.model import ModelCard
+
+    card = ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=16, resize_size=18)
+    version = fetch.open_stream(uri)[2]
+    keys = np.sort(incremental.object_keys(list(skip), [version] * len(skip)))
+    out = []
+    for batch in load_archive(zip_ranges({"path": np.array([uri], dtype=object)}), card=card, max_bytes=max_bytes,
+                              extensions=EXT, skip_keys=keys):
+        out += list(zip(batch["path"], batch["member"], batch["error"]))
+    return out
+
+
+def _write(tmp_path, name: str, data: bytes) -> str:
+    uri = str(tmp_path / name)
+    with open(uri, "wb") as f:
+        f.write(data)
+    return uri
+
+
+def _tar_entries(entries: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_name_repeated_in_a_tar_or_zip_gets_an_ordinal_from_its_second_occurrence(tmp_path):
+    pics = list(_jpegs(4, (20, 20), "{}").values())
+    entries = [("a.jpg", pics[0]), ("b.jpg", pics[1]), ("a.jpg", pics[2]), ("a.jpg", pics[3])]
+    tar = _write(tmp_path, "dup.tar", _tar_entries(entries))
+    assert _load_rows(tar) == [(f"{tar}#a.jpg", "a.jpg", None), (f"{tar}#b.jpg", "b.jpg", None),
+                               (f"{tar}#a.jpg#2", "a.jpg", None), (f"{tar}#a.jpg#3", "a.jpg", None)]
+    assert split_member_uri(f"{tar}#a.jpg#2") == (tar, "a.jpg#2")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        for name, data in entries:
+            z.writestr(name, data)
+    zp = _write(tmp_path, "dup.zip", buf.getvalue())
+    assert _load_rows(zp) == [(f"{zp}#a.jpg", "a.jpg", None), (f"{zp}#b.jpg", "b.jpg", None),
+                              (f"{zp}#a.jpg#2", "a.jpg", None), (f"{zp}#a.jpg#3", "a.jpg", None)]
+    # Ranges of a zip number names over the whole directory: the second range still says #3.
+    rows = _rows(iter_zip(io.BytesIO(buf.getvalue()), extensions=EXT, max_bytes=1 << 20, first=3, count=1))
+    assert [m.key for m in iter_zip(io.BytesIO(buf.getvalue()), extensions=EXT, max_bytes=1 << 20, first=3,
+                                     count=1)] == ["a.jpg#3"] and rows[0][0] == "a.jpg"
+
+
+def _unflag_utf8(data: bytes) -> bytes:
+    """The zip with the UTF-8 name flag cleared in every local and central header (as Info-ZIP on Linux writes)."""
+    out = bytearray(data)
+    for sig, at in ((b"PK\x03\x04", 7), (b"PK\x01\x02", 9)):
+        i = out.find(sig)
+        while i != -1:
+            out[i + at] &= ~0x08 & 0xFF
+            i = out.find(sig, i + 4)
+    return bytes(out)
+
+
+def test_zip_names_are_read_as_written_utf8_without_the_flag_and_the_unicode_path_field(tmp_path):
+    pics = list(_jpegs(3, (20, 20), "{}").values())
+    raw = _unflag_utf8(_zip({"café.jpg": pics[0]}))
+    assert zipfile.ZipFile(io.BytesIO(raw)).namelist() == ["caf├⌐.jpg"]  # what zipfile alone makes of it
+    zp = _write(tmp_path, "linux.zip", raw)
+    assert _load_rows(zp) == [(f"{zp}#café.jpg", "café.jpg", None)]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for header, unicode, crc_of, data in (("photo_1.jpg", "фото.jpg", b"photo_1.jpg", pics[1]),
+                                              ("old.jpg", "stale.jpg", b"renamed.jpg", pics[2])):
+            info = zipfile.ZipInfo(header)
+            body = b"\x01" + zlib.crc32(crc_of).to_bytes(4, "little") + unicode.encode()
+            info.extra = (0x7075).to_bytes(2, "little") + len(body).to_bytes(2, "little") + body
+            z.writestr(info, data)
+    zp = _write(tmp_path, "infozip.zip", buf.getvalue())
+    # The field wins when its CRC matches the header name; a stale one (name changed since) is ignored.
+    assert _load_rows(zp) == [(f"{zp}#фото.jpg", "фото.jpg", None), (f"{zp}#old.jpg", "old.jpg", None)]
+
+
+def test_a_multi_member_gzip_tar_is_read_to_its_end(tmp_path):
+    pics = _jpegs(5, (20, 20), "{}.jpg")
+    plain = _tar(pics)
+    cuts = [0, 1500, 4000, len(plain)]  # three gzip members, cut anywhere (bgzip cuts mid-header too)
+    multi = b"".join(gzip.compress(plain[a:b]) for a, b in zip(cuts, cuts[1:]))
+    uri = _write(tmp_path, "multi.tar.gz", multi + b"\0" * 64)  # zero padding after the last member is ignored
+    assert _load_rows(uri) == [(f"{uri}#{n}", n, None) for n in pics]
+    cut = _write(tmp_path, "cut.tar.gz", multi[: len(multi) - 40])
+    rows = _load_rows(cut)
+    assert rows[-1] == (cut, None, "truncated archive") and all(e is None for _, _, e in rows[:-1])
+
+
+def test_an_archive_without_image_members_gets_one_row_saying_why(tmp_path):
+    inner = _tar(_jpegs(2, (20, 20), "{}.jpg"))
+    nested = _write(tmp_path, "outer.tar", _tar({"inner.tar": inner, "notes.txt": b"x"}))
+    assert _load_rows(nested) == [(nested, None, "nested archive not read: inner.tar")]
+    texts = _write(tmp_path, "texts.tgz", _tar({"a.txt": b"x"}, gz=True))
+    assert _load_rows(texts) == [(texts, None, "no image members")]
+    zipped = _write(tmp_path, "outer.zip", _zip({"d/": b"", "inner.zip": _zip({"x.jpg": b"x"})}))
+    assert _load_rows(zipped) == [(zipped, None, "nested archive not read: inner.zip")]
+    empty = _write(tmp_path, "empty.zip", _zip({}))
+    assert _load_rows(empty) == [(empty, None, "no image members")]
+    # Image members and a nested archive: the members' rows account for the object.
+    both = _write(tmp_path, "both.tar", _tar({"inner.tar": inner, **_jpegs(1, (20, 20), "{}.jpg")}))
+    assert _load_rows(both) == [(f"{both}#0.jpg", "0.jpg", None)]
+
+
+def test_rejected_members_are_checked_against_the_skip_list_too(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in {"../up.jpg": b"u", "big.jpg": b"x" * 5000, "ok.jpg": b"fine"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "ok.jpg"
+        tar.addfile(link)
+    uri = _write(tmp_path, "rejects.tar", buf.getvalue())
+    first = _load_rows(uri, max_bytes=1000)
+    assert first == [(f"{uri}#../up.jpg", "../up.jpg", "unsafe member path: '..'"),
+                     (f"{uri}#big.jpg", "big.jpg", "too large: 5000 bytes > 1000"),
+                     (f"{uri}#ok.jpg", "ok.jpg", "not an image"),
+                     (f"{uri}#link.jpg", "link.jpg", "unsupported member: link or device")]
+    # Read again (say its last run also had a read failure): every row already written is skipped.
+    assert _load_rows(uri, max_bytes=1000, skip=tuple(p for p, _, _ in first)) == []
+    zp = _write(tmp_path, "rejects.zip", _encrypt_first(_zip({"secret.jpg": b"s", "big.jpg": b"x" * 5000})))
+    rows = _load_rows(zp, max_bytes=1000)
+    assert [e for _, _, e in rows] == ["encrypted member", "too large: 5000 bytes > 1000"]
+    assert _load_rows(zp, max_bytes=1000, skip=tuple(p for p, _, _ in rows)) == []
+
+
+def _encrypt_first(zip_bytes: bytes) -> bytes:
+    data = bytearray(zip_bytes)
+    data[data.find(b"PK\x01\x02") + 8] |= 0x1  # the central directory's "encrypted" flag
+    return bytes(data)

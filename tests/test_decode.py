@@ -122,3 +122,101 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
           f"accuracy {float((p_full.argmax(1) == truth).mean()):.3f}")
     assert (p_full.argmax(1) == truth).mean() > 0.65  # the model has learned something: its labels are not noise
     assert agreement >= 0.995, (agreement, float(diff.max()))
+
+
+# --- strictness: what the container says, shared by the CPU path (decode) and the GPU path (probe) ---
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _chunk(ctype: bytes, body: bytes, *, crc: int | None = None) -> bytes:
+    import zlib
+
+    return (len(body).to_bytes(4, "big") + ctype + body
+            + (zlib.crc32(ctype + body) if crc is None else crc).to_bytes(4, "big"))
+
+
+def _noise(w: int = 64, h: int = 48) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _both(data: bytes) -> str:
+    """The outcome on both paths: 'ok' or the reason; they must agree."""
+    from maskmodel.decode import probe
+
+    out = []
+    for step in (lambda: decode(data), lambda: probe(data)):
+        try:
+            step()
+            out.append("ok")
+        except DecodeError as e:
+            out.append(str(e))
+    assert out[0] == out[1], out
+    return out[0]
+
+
+def test_a_zero_padded_jpeg_is_truncated_and_data_after_the_end_marker_is_not():
+    full = _jpeg(_noise())
+    assert _both(full) == "ok"
+    half = full[: len(full) // 2]
+    assert _both(half + b"\0" * (len(full) - len(half))) == "truncated image"  # a pre-allocated partial download
+    assert _both(half) == "truncated image"
+    assert _both(full + b"\0" * 100) == "ok"  # trailing zero padding after a whole picture
+    assert _both(full + b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 8) == "ok"  # a motion photo's video
+    assert _both(full + b"ImageNet-style trailing junk \xff\xd8 \xff") == "ok"
+    # A thumbnail in an APP segment has its own SOS and EOI: the main scan must still reach its end.
+    thumb = _jpeg(_noise(16, 16))
+    app = b"XTHUMB\0" + thumb
+    with_thumb = full[:2] + b"\xff\xe2" + (len(app) + 2).to_bytes(2, "big") + app + full[2:]
+    assert _both(with_thumb) == "ok"
+    cut = with_thumb[: len(with_thumb) - len(full) // 2]
+    assert _both(cut + b"\0" * (len(with_thumb) - len(cut))) == "truncated image"
+
+
+def test_a_png_or_webp_that_does_not_reach_its_end_is_truncated():
+    full = _png(_noise())
+    assert _both(full + b"trailing") == "ok"
+    assert _both(full[:-12]) == "truncated image"  # IEND cut off
+    assert _both(full[:-12] + b"\0" * 12) == "truncated image"
+    webp = io.BytesIO()
+    _noise().save(webp, "WEBP", quality=80)
+    assert _both(webp.getvalue()[: len(webp.getvalue()) // 2]) == "truncated image"
+
+
+def test_a_bad_crc_in_an_ancillary_png_chunk_is_ignored_and_in_a_critical_one_is_not():
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    good = _png(_noise(), icc_profile=icc)
+    at = good.find(b"iCCP") - 4
+    length = int.from_bytes(good[at:at + 4], "big")
+    crc_at = at + 8 + length
+    bad = good[:crc_at] + bytes(b ^ 0xFF for b in good[crc_at:crc_at + 4]) + good[crc_at + 4:]
+    assert _both(bad) == "ok"
+    assert np.array_equal(np.asarray(decode(bad).image), np.asarray(decode(good).image))
+    ihdr_crc = 8 + 8 + 13
+    broken = good[:ihdr_crc] + b"\0\0\0\0" + good[ihdr_crc + 4:]
+    assert _both(broken) == "not an image"
+
+
+def test_reasons_name_the_cause_a_decoder_cannot_open():
+    jpeg = _jpeg(_noise())
+    sof = jpeg.find(b"\xff\xc0")
+    twelve = jpeg[:sof] + b"\xff\xc1" + jpeg[sof + 2:sof + 4] + b"\x0c" + jpeg[sof + 5:]
+    assert _both(twelve) == "unsupported format: 12-bit JPEG"
+    png = _png(_noise(64, 64))
+    zero_high = png[:8] + _chunk(b"IHDR", png[16:20] + b"\0\0\0\0" + png[24:29]) + png[33:]
+    assert _both(zero_high) == "too small: 64x0"
+    heif = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0\0\0\x08mdat" + bytes(200)
+    assert _both(heif) == "unsupported format: HEIF"
+
+
+def test_a_jpeg_cut_inside_its_headers_is_truncated_padded_or_not():
+    full = _jpeg(_noise())
+    sos = full.find(b"\xff\xda")
+    for cut in (sos - 40, sos):
+        assert _both(full[:cut]) == "truncated image"
+        assert _both(full[:cut] + bytes(len(full) - cut)) == "truncated image"
