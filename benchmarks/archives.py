@@ -1,6 +1,6 @@
 """Loose objects against tar shards: the same camera-sized JPEGs scored from S3 behind a 30 ms latency proxy.
 
-``--n`` images (``--distinct`` 1920x1080 photos from ``maskmodel.synth.render_photo``, repeated) are
+``--n`` images (``--distinct`` 1920x1080 photos from ``maskmodel.data.synth.render_photo``, repeated) are
 stored twice on a moto S3 server on loopback: as loose objects, and as WebDataset-style tar shards of
 ``--shard-size`` images. Each collection is scored by ``python -m jobs.score`` (its own local Ray),
 with every request to S3 going through a loopback proxy that adds ``--latency-ms`` and counts
@@ -24,13 +24,14 @@ import uuid
 
 import torch
 
-from maskmodel import storage, synth
-from maskmodel.latency_proxy import LatencyProxy
-from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
-from maskmodel.transforms import resize_for
-
 # Run as `python benchmarks/archives.py`, whose folder is first on sys.path: the sibling's helpers.
 from data_path import S3_ENV, score_job, start_moto
+
+from maskmodel.data import synth
+from maskmodel.data.transforms import resize_for
+from maskmodel.io import storage
+from maskmodel.io.latency_proxy import LatencyProxy
+from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes
 
 
 def shard(images: list[tuple[str, bytes]]) -> bytes:

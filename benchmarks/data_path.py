@@ -1,6 +1,6 @@
 """The scoring data path on camera-sized JPEGs from S3, side by side in one run.
 
-N distinct 1920x1080 photo-like JPEGs (``maskmodel.synth.render_photo``: busy scene plus sensor
+N distinct 1920x1080 photo-like JPEGs (``maskmodel.data.synth.render_photo``: busy scene plus sensor
 noise, 250-550 KB each, like a camera's) are served by a moto S3 server on loopback, directly and
 through a loopback proxy that adds ``--latency-ms`` to every request (real S3/GCS first-byte
 latency is 20-100 ms). The 10·N collection repeats the N photos under other keys. Reported:
@@ -39,12 +39,14 @@ import uuid
 import numpy as np
 import torch
 
-from maskmodel import loading, storage, synth
-from maskmodel.decode import decode, to_uint8_chw
-from maskmodel.latency_proxy import LatencyProxy
-from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
-from maskmodel.precision import BF16_AGREEMENT_KEY, label_agreement, predict, resolve_precision
-from maskmodel.transforms import EvalCrop, EvalPreset, preprocess_image, resize_for
+from maskmodel.data import synth
+from maskmodel.data.transforms import EvalCrop, EvalPreset, preprocess_image, resize_for
+from maskmodel.io import storage
+from maskmodel.io.decode import decode, to_uint8_chw
+from maskmodel.io.latency_proxy import LatencyProxy
+from maskmodel.models.classifier import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
+from maskmodel.models.precision import BF16_AGREEMENT_KEY, label_agreement, predict, resolve_precision
+from maskmodel.score import loading
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}

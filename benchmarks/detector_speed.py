@@ -1,6 +1,6 @@
 """The face detector on CPU: ms per image at its input size, torch (onnx2torch) against onnxruntime.
 
-On N camera-sized 1920x1080 JPEGs (``maskmodel.synth.render_photo``), decoded once up front:
+On N camera-sized 1920x1080 JPEGs (``maskmodel.data.synth.render_photo``), decoded once up front:
 
 - ``letterbox``: uint8 photo -> float (N, 3, H, W) detector batch (resize on the device, aspect kept);
 - ``torch``: CenterFace converted once with onnx2torch, forward only, and forward + decode + NMS
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskmodel import synth
-from maskmodel.detect import centerface
-from maskmodel.detect.detector import load_detector
-from maskmodel.detect.geometry import PRE_NMS_TOP_K, letterbox, postprocess
+from maskmodel.data import synth
+from maskmodel.models.detect import centerface
+from maskmodel.models.detect.detector import load_detector
+from maskmodel.models.detect.geometry import PRE_NMS_TOP_K, letterbox, postprocess
 
 
 def _ms(fn, repeats: int) -> float:

@@ -3,13 +3,13 @@
 Runs where only torch, torchvision, numpy, Pillow, pyarrow and fsspec are installed (the offline GPU host:
 no Ray, no s3fs), from the repository root with ``PYTHONPATH=.``. Everything it drives is what the jobs run:
 
-- ``score-decode``: :func:`maskmodel.loading.load_batch` and :class:`maskmodel.inference.Predictor` with
+- ``score-decode``: :func:`maskmodel.score.loading.load_batch` and :class:`maskmodel.score.inference.Predictor` with
   ``--decode gpu`` and ``--decode cpu`` on the same photos (camera-sized JPEGs, the same photos EXIF-rotated,
   as PNG, and a cut-off JPEG), from local files: the rows must agree (status, error, width, height, route);
   labels agree on at least 99 % of the photos, any other label being a near-tie; the largest probability
   difference (nvJPEG's full decode against libjpeg's scaled decode) is printed.
 - ``device-identity``: a predictor made with ``cuda`` takes a batch already on ``cuda:0`` without a copy.
-- ``train-step``: :func:`maskmodel.train_loop._run_epoch` with :class:`maskmodel.augment.DeviceAugment`
+- ``train-step``: :func:`maskmodel.train.loop._run_epoch` with :class:`maskmodel.data.augment.DeviceAugment`
   on the device (bf16, channels_last, SGD), fed uint8 crops as Ray Data's ``iter_torch_batches`` would.
 - then a table: decode + preprocess + forward img/s at a few batch sizes (bf16, channels_last): the
   predictor with GPU decoding, the load step decoding on CPU threads plus the predictor, and the forward alone.
@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskmodel import synth
-from maskmodel.augment import DeviceAugment
-from maskmodel.inference import Predictor
-from maskmodel.precision import predict, same_device
-from maskmodel.loading import load_batch
-from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
-from maskmodel.train_loop import _run_epoch
-from maskmodel.transforms import TrainCrop, resize_for
+from maskmodel.data import synth
+from maskmodel.data.augment import DeviceAugment
+from maskmodel.data.transforms import TrainCrop, resize_for
+from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes
+from maskmodel.models.precision import predict, same_device
+from maskmodel.score.inference import Predictor
+from maskmodel.score.loading import load_batch
+from maskmodel.train.loop import _run_epoch
 
 CLASSES = ("mask", "no_mask")
 FAILED: list[str] = []
@@ -173,7 +173,7 @@ class Shard:
 
 
 def train_crops(datas: list[bytes], size: int, n: int) -> torch.Tensor:
-    from maskmodel.decode import decode, to_uint8_chw
+    from maskmodel.io.decode import decode, to_uint8_chw
 
     crop = TrainCrop(crop_size=size)
     one = [crop(torch.from_numpy(to_uint8_chw(decode(d, reduce_to=crop.decode_side).image))) for d in datas]
@@ -214,7 +214,7 @@ def throughput(model_uri: str, args: argparse.Namespace, paths: list[str], card:
             pred(dict(compressed))
 
         def cpu():  # the load step's decode on every CPU thread, then the predictor
-            from maskmodel.loading import _Rows
+            from maskmodel.score.loading import _Rows
 
             r = _Rows(card, max_bytes=64 << 20, gpu_decode=False)
             with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -1,7 +1,7 @@
 """How long `--incremental` takes to collect the (path, version) keys of a large results table.
 
 Writes one committed run of N synthetic rows (paths and versions shaped like an S3 archive's) into a
-Delta results table, then times :func:`maskmodel.incremental.committed_keys` against a bare scan of the
+Delta results table, then times :func:`maskmodel.results.incremental.committed_keys` against a bare scan of the
 same two columns (the floor: reading them, nothing else)::
 
     python benchmarks/incremental_keys.py                 # 2,000,000 rows in a temp folder
@@ -17,7 +17,9 @@ import time
 
 import pyarrow as pa
 
-from maskmodel import incremental, results, storage
+from maskmodel import results
+from maskmodel.io import storage
+from maskmodel.results import incremental
 
 
 def main() -> None:

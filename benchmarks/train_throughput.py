@@ -1,6 +1,6 @@
 """Training's data path on camera-sized JPEGs, and the Ray Train job against a plain PyTorch loop, side by side.
 
-The images are ``--distinct`` 1920x1080 photo-like JPEGs (``maskmodel.synth.render_photo``, 250-550 KB,
+The images are ``--distinct`` 1920x1080 photo-like JPEGs (``maskmodel.data.synth.render_photo``, 250-550 KB,
 like a camera's) copied to ``--n-per-class`` files per class on local disk. Reported:
 
 - data-step CPU ms per training image, in-process on one core: the old path (full-size decode, then
@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from maskmodel import storage, synth
-from maskmodel.augment import DeviceAugment
-from maskmodel.data import discover
-from maskmodel.decode import decode, to_uint8_chw
-from maskmodel.model import build_model
-from maskmodel.training import TrainConfig, train
-from maskmodel.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainCrop
+from maskmodel.data import synth
+from maskmodel.data.augment import DeviceAugment
+from maskmodel.data.discovery import discover
+from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainCrop
+from maskmodel.io import storage
+from maskmodel.io.decode import decode, to_uint8_chw
+from maskmodel.models.classifier import build_model
+from maskmodel.train.training import TrainConfig, train
 
 
 def make_photos(root: str, *, n_per_class: int, distinct: int) -> None:

@@ -20,9 +20,10 @@ On a cluster, one GPU per trial (set RAY_AUTH_MODE=token when the cluster has to
 
 from __future__ import annotations
 
-from maskmodel import cli, storage
-from maskmodel.ablation import AblationConfig, run_ablation
+from maskmodel import cli
 from maskmodel.config import parse_config
+from maskmodel.io import storage
+from maskmodel.study.ablation import AblationConfig, run_ablation
 
 
 def _pct(v: float | None) -> str:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from maskmodel import cli, storage
+from maskmodel import cli
 from maskmodel.config import field, parse_config, resolve_paths
-from maskmodel.model import ARCHITECTURES
+from maskmodel.io import storage
+from maskmodel.models.classifier import ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
 
@@ -44,7 +45,10 @@ class DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from maskmodel import query, scoring, synth, training
+    from maskmodel.data import synth
+    from maskmodel.results import query
+    from maskmodel.score import scoring
+    from maskmodel.train import training
 
     cfg = parse_config(DemoConfig, argv, prog="python -m jobs.demo", description=__doc__)
     data, run, scores = (storage.join(cfg.out, p) for p in ("data", "train", "scores"))

@@ -20,9 +20,10 @@ listed in the report, never dropped.
 
 from __future__ import annotations
 
-from maskmodel import cli, storage
+from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.evaluation import EvalConfig, evaluate
+from maskmodel.io import storage
+from maskmodel.study.evaluation import EvalConfig, evaluate
 
 
 def _num(v: float | None) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.maintenance import MaintainConfig, maintain
+from maskmodel.results.maintenance import MaintainConfig, maintain
 
 
 def main(argv: list[str] | None = None) -> int:

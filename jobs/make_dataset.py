@@ -2,7 +2,7 @@
 
 Writes ``<out>/{train,val,test,scene}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``,
 ``dataset.json`` and ``scene.coco.json`` (the box, class and variant of every face of the
-``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.synth`);
+``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.data.synth`);
 with ``--format webdataset``, tar shards ``<out>/<split>/<split>-NNNNNN.tar`` of
 ``--shard-size`` images each (``<class>/NNNNNN.jpg`` + ``.cls``), which
 ``jobs.score`` reads as they are. The same ``--seed`` writes byte-identical files.
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from maskmodel import cli, storage, synth
+from maskmodel import cli
 from maskmodel.config import parse_config
+from maskmodel.data import synth
+from maskmodel.io import storage
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from maskmodel import cli
 from maskmodel.config import parse_config
 from maskmodel.errors import UserError
-from maskmodel.query import SUMMARY_SQL, QueryConfig, connect, format_table, run_sql
+from maskmodel.results.query import SUMMARY_SQL, QueryConfig, connect, format_table, run_sql
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.score_plan import ScoreConfig
-from maskmodel.scoring import score
+from maskmodel.score.plan import ScoreConfig
+from maskmodel.score.scoring import score
 
 
 def main(argv: list[str] | None = None) -> int:

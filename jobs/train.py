@@ -18,7 +18,7 @@ import logging
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.training import TrainConfig, train
+from maskmodel.train.training import TrainConfig, train
 
 log = logging.getLogger("jobs.train")
 

@@ -1,6 +1,6 @@
 """Which class raises an alert, and which face decides a photo's verdict: one rule for scoring and evaluation.
 
-Pure Python and numpy, no torch, no Ray: :mod:`maskmodel.evaluation` (the
+Pure Python and numpy, no torch, no Ray: :mod:`maskmodel.study.evaluation` (the
 alert class is its positive class), the scoring of photos with several faces
 and the synthetic scenes' image-level labels all use these two functions, so
 "flagged" means the same thing everywhere.

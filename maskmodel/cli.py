@@ -8,8 +8,8 @@ import sys
 from typing import Callable
 
 from maskmodel.console import LOG_LEVEL_ENV
-from maskmodel.raysession import filter_stderr
 from maskmodel.errors import UserError
+from maskmodel.raysession import filter_stderr
 
 log = logging.getLogger("maskmodel")
 

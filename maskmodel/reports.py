@@ -1,7 +1,7 @@
 """Plots a practitioner expects after training: curves, augmented samples, confusion matrix.
 
 Each function renders to PNG bytes (matplotlib's Agg backend, no display) so
-the caller can write them to any storage through :mod:`maskmodel.storage`.
+the caller can write them to any storage through :mod:`maskmodel.io.storage`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def pause(point: str) -> None:
     """Pause here if a test asked for ``point`` (see the module docstring)."""
     if os.environ.get(PAUSE_ENV) != point or not os.environ.get(PAUSE_DIR_ENV):
         return
-    from maskmodel import storage
+    from maskmodel.io import storage
 
     base = os.environ[PAUSE_DIR_ENV]
     paused, release = storage.join(base, f"{point}.paused"), storage.join(base, f"{point}.release")
@@ -47,7 +47,7 @@ def env(point: str, directory: str) -> dict[str, str]:
 
 def wait_paused(point: str, directory: str, *, alive=lambda: True, timeout: float = 300.0) -> None:
     """Block until the job has paused at ``point``; ``alive()`` false (the job ended) or a timeout fails it."""
-    from maskmodel import storage
+    from maskmodel.io import storage
 
     marker = storage.join(directory, f"{point}.paused")
     deadline = time.monotonic() + timeout
@@ -61,6 +61,6 @@ def wait_paused(point: str, directory: str, *, alive=lambda: True, timeout: floa
 
 def release(point: str, directory: str) -> None:
     """Let a job paused at ``point`` go on."""
-    from maskmodel import storage
+    from maskmodel.io import storage
 
     storage.write_text(storage.join(directory, f"{point}.release"), "go\n")

@@ -123,7 +123,7 @@ def write_tiny_tree(root: str, *, splits=(("train", 24), ("val", 8)), classes=("
     import numpy as np
     from PIL import Image
 
-    from maskmodel import storage
+    from maskmodel.io import storage
 
     rng = np.random.default_rng(seed)
     counts = {}

@@ -8,9 +8,16 @@ import io
 import pytest
 from PIL import Image
 
-from maskmodel import storage
-from maskmodel.ablation import FAIL_TRIAL_ENV, AblationConfig, run_ablation, summarize, summarize_trial, trial_specs
 from maskmodel.errors import UserError
+from maskmodel.io import storage
+from maskmodel.study.ablation import (
+    FAIL_TRIAL_ENV,
+    AblationConfig,
+    run_ablation,
+    summarize,
+    summarize_trial,
+    trial_specs,
+)
 from tests.conftest import write_tiny_tree
 
 TINY = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16",

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from maskmodel import alert, storage, synth
-from maskmodel.detect import ImageBoxes, read_annotations, read_coco, read_voc, write_coco
+from maskmodel import alert
+from maskmodel.data import synth
+from maskmodel.data.annotations import ImageBoxes, read_annotations, read_coco, read_voc, write_coco
 from maskmodel.errors import UserError
+from maskmodel.io import storage
 
 VOC = """<annotation>
   <folder>images</folder><filename>{name}</filename>

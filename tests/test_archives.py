@@ -11,8 +11,16 @@ import zlib
 
 import pytest
 
-from maskmodel.archives import (Damage, Member, archive_kind, iter_tar, iter_zip, member_uri, split_member_uri,
-                                zip_index)
+from maskmodel.io.archives import (
+    Damage,
+    Member,
+    archive_kind,
+    iter_tar,
+    iter_zip,
+    member_uri,
+    split_member_uri,
+    zip_index,
+)
 
 EXT = ("jpg", "png")
 
@@ -161,8 +169,8 @@ def _jpegs(n: int, size: tuple[int, int], name: str) -> dict[str, bytes]:
 def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
     import numpy as np
 
-    from maskmodel.loading import load_archive, zip_ranges
-    from maskmodel.model import ModelCard
+    from maskmodel.models.classifier import ModelCard
+    from maskmodel.score.loading import load_archive, zip_ranges
 
     pics = _jpegs(7, (40, 30), "m/{}.jpg")
     uri = str(tmp_path / "a.zip")
@@ -184,9 +192,9 @@ def test_a_zip_split_into_ranges_is_read_once_member_by_member(tmp_path):
 def test_load_archive_skips_scored_members_and_whole_archives(tmp_path):
     import numpy as np
 
-    from maskmodel import fetch, objectkeys
-    from maskmodel.loading import load_archive
-    from maskmodel.model import ModelCard
+    from maskmodel.io import fetch, objectkeys
+    from maskmodel.models.classifier import ModelCard
+    from maskmodel.score.loading import load_archive
 
     pics = _jpegs(3, (20, 20), "{}.jpg")
     uri = str(tmp_path / "a.tar")
@@ -211,9 +219,10 @@ def _load_rows(uri: str, *, skip: tuple[str, ...] = (), max_bytes: int = 1 << 20
     """``(path, member, error)`` of every row :func:`load_archive` makes for the archive at ``uri``."""
     import numpy as np
 
-    from maskmodel import fetch, incremental
-    from maskmodel.loading import load_archive, zip_ranges
-    from maskmodel.model import ModelCard
+    from maskmodel.io import fetch
+    from maskmodel.models.classifier import ModelCard
+    from maskmodel.results import incremental
+    from maskmodel.score.loading import load_archive, zip_ranges
 
     card = ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=16, resize_size=18)
     version = fetch.open_stream(uri)[2]

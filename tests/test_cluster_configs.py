@@ -114,8 +114,12 @@ def _config_flags(module: str) -> set[str]:
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
                 and getattr(n.func, "id", getattr(n.func, "attr", None)) == "parse_config")
     arg = call.args[0]
-    if isinstance(arg, ast.Attribute):  # from maskmodel import synth; synth.DatasetConfig
-        cls_name, source = arg.attr, ROOT / "maskmodel" / f"{arg.value.id}.py"
+    if isinstance(arg, ast.Attribute):  # from maskmodel.data import synth; synth.DatasetConfig
+        cls_name = arg.attr
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and any((a.asname or a.name) == arg.value.id for a in n.names))
+        name = next(a.name for a in node.names if (a.asname or a.name) == arg.value.id)
+        source = ROOT / (f"{node.module}.{name}".replace(".", "/") + ".py")
     else:  # from maskmodel.scoring import ScoreConfig, or a class in the job itself
         cls_name, source = arg.id, job
         for node in ast.walk(tree):

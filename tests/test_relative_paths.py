@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from maskmodel.config import absolute_uri
-from maskmodel.training import TrainConfig
+from maskmodel.train.training import TrainConfig
 from tests.conftest import write_tiny_tree
 
 pytestmark = pytest.mark.ray

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from maskmodel import delta, incremental, objectkeys, results, storage
+from maskmodel import results
 from maskmodel.errors import UserError
+from maskmodel.io import objectkeys, storage
+from maskmodel.results import delta, incremental
 
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 

@@ -20,8 +20,10 @@ import pyarrow.dataset as pads
 import pytest
 from deltalake import DeltaTable
 
-from maskmodel import delta, query, results, storage
-from maskmodel.maintenance import MaintainConfig, compact_run, maintain
+from maskmodel import results
+from maskmodel.io import storage
+from maskmodel.results import delta, query
+from maskmodel.results.maintenance import MaintainConfig, compact_run, maintain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("mask", "no_mask")
@@ -223,7 +225,8 @@ def test_jobs_maintain_opens_the_table_once(crashed_night, table_reads):
 
 
 def test_committed_keys_scan_the_table_once(tmp_path, table_reads):
-    from maskmodel import incremental, objectkeys
+    from maskmodel.io import objectkeys
+    from maskmodel.results import incremental
 
     out = str(tmp_path / "scores")
     table = rows("r1", ["s3://in/a.jpg", "s3://in/b.tar#x.jpg"]).append_column("archive", pa.array([None, "s3://in/b.tar"]))

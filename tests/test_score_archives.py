@@ -9,9 +9,11 @@ import zipfile
 
 import pytest
 
-from maskmodel import results, scoring, storage
-from maskmodel.archives import member_uri
-from maskmodel.scoring import ScoreConfig
+from maskmodel import results
+from maskmodel.io import storage
+from maskmodel.io.archives import member_uri
+from maskmodel.score import scoring
+from maskmodel.score.scoring import ScoreConfig
 from tests.test_archives import _tar
 from tests.test_scoring import encode, face, write_model
 
@@ -34,8 +36,9 @@ def _encrypt_first_member(zip_bytes: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def archive_input(s3_endpoint, ray_local):
-    import s3fs
     import uuid
+
+    import s3fs
 
     name = f"arch-{uuid.uuid4().hex[:10]}"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, use_listings_cache=False).mkdir(name)
@@ -99,7 +102,7 @@ def test_one_row_per_image_member_and_a_reason_for_every_bad_case(archive_input)
     assert {rows[p]["version"] for p in rows if rows[p]["archive"] == tar} == {version}  # the archive's ETag
 
     # The README's query: no-mask images per archive.
-    from maskmodel import query
+    from maskmodel.results import query
 
     per_archive = {r["archive"]: r for r in query.query(out, query.EXAMPLES["no-mask images per archive"]).to_pylist()}
     assert per_archive[tar]["images"] == 2 and per_archive[zp]["images"] == 2

@@ -22,14 +22,17 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import (delta, fetch, inference, loading, objectkeys, pipeline, precision, results, scoring,
-                       storage, testhooks)
+from maskmodel import results, testhooks
 from maskmodel.config import parse_config
-from maskmodel.decode import decode_image, to_uint8_chw
+from maskmodel.data.transforms import EvalPreset
 from maskmodel.errors import UserError
-from maskmodel.model import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
-from maskmodel.scoring import ScoreConfig
-from maskmodel.transforms import EvalPreset
+from maskmodel.io import fetch, objectkeys, storage
+from maskmodel.io.decode import decode_image, to_uint8_chw
+from maskmodel.models import precision
+from maskmodel.models.classifier import ModelCard, build_model, load_model_dir, save_model_dir, state_dict_bytes
+from maskmodel.results import delta
+from maskmodel.score import inference, loading, pipeline, scoring
+from maskmodel.score.scoring import ScoreConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("mask", "no_mask")
@@ -161,7 +164,7 @@ def test_read_many_reads_in_order_with_listing_versions(where, tmp_path, request
 
 
 def test_load_batch_reads_concurrently_with_one_get_per_object(s3_bucket, s3_endpoint, monkeypatch):
-    from maskmodel.latency_proxy import LatencyProxy
+    from maskmodel.io.latency_proxy import LatencyProxy
 
     uris = [f"{s3_bucket}/m/{i:02d}.jpg" for i in range(24)]
     datas = [encode(face(i % 2, i), "JPEG") for i in range(24)]
@@ -454,7 +457,7 @@ def test_manifest_input_gives_the_same_rows(scored):
 
 @pytest.mark.ray
 def test_query_summary_over_scored_s3_results(scored):
-    from maskmodel import query
+    from maskmodel.results import query
 
     s = query.summary(scored["cfg"].output).to_pylist()
     assert len(s) == 1 and s[0]["run_id"] == "night-1" and s[0]["images"] == scored["result"].images

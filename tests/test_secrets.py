@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from maskmodel import storage
+from maskmodel.io import storage
 from tests.conftest import RayCluster, write_tiny_tree
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from maskmodel import storage
 from maskmodel.errors import UserError
+from maskmodel.io import storage
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

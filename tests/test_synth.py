@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from maskmodel import storage, synth
-from maskmodel.decode import IMAGE_EXTENSIONS, decode_image
+from maskmodel.data import synth
 from maskmodel.errors import UserError
+from maskmodel.io import storage
+from maskmodel.io.decode import IMAGE_EXTENSIONS, decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 N, SIZE = 4, 32  # tiny: the whole file must stay fast on a shared 2-core machine
@@ -167,7 +168,7 @@ def test_webdataset_shards_hold_the_same_images(tmp_path):
     import io
     import tarfile
 
-    from maskmodel import synth
+    from maskmodel.data import synth
 
     kw = dict(n_per_class=6, image_size=40, workers=4)
     synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "folders"), **kw))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from maskmodel import storage
+from maskmodel.io import storage
 from tests.conftest import free_port, write_tiny_tree
 
 

@@ -13,10 +13,11 @@ import time
 import pytest
 from PIL import Image
 
-from maskmodel import storage, testhooks
-from maskmodel.model import load_model_dir
-from maskmodel.train_loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
-from maskmodel.training import TrainConfig, train
+from maskmodel import testhooks
+from maskmodel.io import storage
+from maskmodel.models.classifier import load_model_dir
+from maskmodel.train.loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+from maskmodel.train.training import TrainConfig, train
 from tests.conftest import write_tiny_tree
 
 pytestmark = pytest.mark.ray
@@ -117,9 +118,9 @@ STREAMING_SCRIPT = """
 import sys
 import ray
 from maskmodel import testhooks
-from maskmodel.data import discover
-from maskmodel.training import TrainConfig, _prepare_split
-from maskmodel.transforms import TrainCrop
+from maskmodel.data.discovery import discover
+from maskmodel.train.training import TrainConfig, _prepare_split
+from maskmodel.data.transforms import TrainCrop
 
 data, pause = sys.argv[1], sys.argv[2]
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

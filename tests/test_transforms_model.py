@@ -7,11 +7,18 @@ import urllib.error
 import pytest
 import torch
 
-from maskmodel import storage
+from maskmodel.data.transforms import EvalCrop, EvalPreset, TrainCrop, denormalize, normalize
 from maskmodel.errors import UserError
-from maskmodel.model import (ModelCard, build_model, init_weights, load_card, load_model_dir, save_model_dir,
-                             state_dict_bytes)
-from maskmodel.transforms import EvalCrop, EvalPreset, TrainCrop, denormalize, normalize
+from maskmodel.io import storage
+from maskmodel.models.classifier import (
+    ModelCard,
+    build_model,
+    init_weights,
+    load_card,
+    load_model_dir,
+    save_model_dir,
+    state_dict_bytes,
+)
 
 
 def _img(h=60, w=80, seed=0):
@@ -46,7 +53,7 @@ def test_train_crop_varies_and_is_reproducible_under_a_seed():
 
 
 def test_device_augment_draws_per_image_and_keeps_order():
-    from maskmodel.augment import DeviceAugment
+    from maskmodel.data.augment import DeviceAugment
 
     batch = torch.stack([_img(32, 32, seed=s) for s in range(8)])
     aug = DeviceAugment()
@@ -72,7 +79,7 @@ def test_device_augment_draws_per_image_and_keeps_order():
 
 
 def test_device_rotation_turns_the_picture():
-    from maskmodel.augment import rotate
+    from maskmodel.data.augment import rotate
 
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 4, 6:] = 1  # a bar to the right of the centre

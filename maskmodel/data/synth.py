@@ -1,0 +1,330 @@
+"""A procedurally drawn face-mask dataset: the built-in data when no photos are reachable.
+
+What separates the classes. ``mask``: a face wearing a surgical mask (pale,
+horizontal pleats), an N95-like rounded cup (centre seam, sometimes a valve) or
+a cloth mask (solid or patterned, sometimes skin-coloured). A mask always covers
+nose *and* mouth, follows the face outline from just below the eyes to under
+the chin, and is held by ear loops or head straps. ``no_mask``: the same kind of
+faces with the mouth visible, and, as hard negatives (``hard_negative_fraction``
+of them, 30 % by default: the original model's stated failure modes), the lower
+face covered by something that is not a mask: a skin-coloured hand with fingers
+and a wrist, a rectangular sheet of paper held by its corners with no straps, or
+a scarf wrapped below the chin that leaves the mouth visible. So "something
+covers the mouth" is not enough: a model has to tell a mask's shape, texture
+and straps from skin, fingers and straight paper edges. Everything else (skin
+tone, hair, eyes, glasses, beard, position, scale, rotation, lighting,
+background, blur, JPEG quality) is drawn from the same distributions for both
+classes, so it carries no label.
+
+Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset"``, tar shards
+``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
+(``n_per_class`` images per class), ``val``, ``test`` and ``scene``
+(``max(2, round(n/4))`` each). ``train``/``val``/``test`` are tight face crops;
+``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
+hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
+picture (:mod:`maskmodel.data.scenes`); their folder is the picture's verdict
+(``no_mask`` if any face is unmasked, else ``mask``, a picture with no face
+included), so tools that score whole pictures by folder keep working. Every
+scene face's box, class and variant is in ``scene.coco.json`` (COCO JSON, paths
+relative to ``<out>``; read it with :func:`maskmodel.models.detect.read_coco`).
+``dataset.json`` records the generator's parameters and the counts;
+``variants.csv`` gives each file's variant (``surgical``, ``n95``, ``cloth``,
+``plain``, ``hand``, ``paper``, ``scarf``; for a scene its faces' variants
+joined by ``+``, or ``empty``) to break accuracy down by failure mode.
+
+Determinism: image ``i`` of a split and class is drawn from
+``numpy.random.default_rng((seed, split_index, class_index, i))`` alone, so a
+seed gives byte-identical files whatever the order or parallelism of generation.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import tarfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from maskmodel.config import field, resolve_paths
+from maskmodel.data.drawing import (
+    SUPERSAMPLE,
+    background,
+    camera,
+    draw_hand,
+    draw_mask,
+    draw_paper,
+    draw_person,
+    draw_scarf,
+)
+from maskmodel.data.scenes import Scene, render_scene
+from maskmodel.errors import UserError
+from maskmodel.io import storage
+
+log = logging.getLogger(__name__)
+
+VERSION = 2  # bump whenever a seed would draw different pictures (2: scenes of 0-4 faces with boxes)
+SPLITS = ("train", "val", "test", "scene")
+CLASSES = ("mask", "no_mask")
+MASK_STYLES = ("surgical", "n95", "cloth")
+HARD_NEGATIVES = ("hand", "paper", "scarf")
+SCENE_ANNOTATIONS = "scene.coco.json"  # COCO boxes of the scene split, next to it
+OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv", SCENE_ANNOTATIONS)
+
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Everything that decides what ``jobs.make_dataset`` writes, and where."""
+
+    out: str = field(path=True, help="where to write the dataset tree: a local path or a URI such as s3://bucket/faces")
+    n_per_class: int = field(500, help="train images per class; val, test and scene get max(2, round(N/4)) each")
+    image_size: int = field(96, help="side of the square images in pixels")
+    scene_size: int = field(0, help="side of the scene pictures in pixels (0: four times --image-size, at least "
+                                    "128): room for up to 4 faces of at least 24 px")
+    seed: int = field(0, help="random seed; the same seed writes byte-identical files")
+    hard_negative_fraction: float = field(0.3, help="share of no_mask images whose face is covered by a hand, "
+                                                    "paper or scarf")
+    workers: int = field(16, help="threads drawing and writing images (writes to object storage are I/O bound)")
+    overwrite: bool = field(False, help="replace a dataset already at --out (only its own folders and files)")
+    format: str = field("folders", choices=("folders", "webdataset"),
+                        help="folders: one JPEG per object, <split>/<class>/<index>.jpg; webdataset: tar shards "
+                             "<split>/<split>-NNNNNN.tar holding <class>/<index>.jpg and .cls (the class index)")
+    shard_size: int = field(1000, help="images per tar shard (webdataset)")
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
+        if self.n_per_class < 2:
+            raise ValueError(f"n_per_class must be at least 2, got {self.n_per_class}")
+        if not 32 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be between 32 and 1024 pixels, got {self.image_size}")
+        if self.scene_size and not 96 <= self.scene_size <= 2048:
+            raise ValueError(f"scene_size must be 0 or between 96 and 2048 pixels, got {self.scene_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be zero or positive, got {self.seed}")
+        if not 0.0 <= self.hard_negative_fraction <= 1.0:
+            raise ValueError(f"hard_negative_fraction must be between 0 and 1, got {self.hard_negative_fraction}")
+        if not 1 <= self.workers <= 256:
+            raise ValueError(f"workers must be between 1 and 256, got {self.workers}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
+
+
+def scene_side(config: DatasetConfig) -> int:
+    """Side of the scene pictures: ``scene_size``, or four times ``image_size`` and at least 128."""
+    return config.scene_size or max(128, 4 * config.image_size)
+
+
+def render_scene_sample(label: str, index: int, *, size: int = 256, seed: int = 0,
+                        hard_negative_fraction: float = 0.3) -> Scene:
+    """Scene ``index`` of ``label`` (the picture's verdict), drawn from its own seed like :func:`render_sample`."""
+    if label not in CLASSES:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    rng = np.random.default_rng((seed, SPLITS.index("scene"), CLASSES.index(label), index))
+    return render_scene(label, index, rng, size=size,
+                        variant_for=lambda cls, i: variant_for(cls, i, rng, hard_negative_fraction))
+
+
+def split_sizes(n_per_class: int) -> dict[str, int]:
+    """Images per class in each split: ``n_per_class`` in train, ``max(2, round(n/4))`` in the others."""
+    small = max(2, round(n_per_class / 4))
+    return {"train": n_per_class, "val": small, "test": small, "scene": small}
+
+
+def variant_for(label: str, index: int, rng: np.random.Generator, hard_negative_fraction: float) -> str:
+    """The variant of image ``index``: a mask style for ``mask``; ``plain`` or a hard negative for ``no_mask``."""
+    if label == "mask":
+        return MASK_STYLES[int(rng.integers(len(MASK_STYLES)))]
+    # A golden-ratio sequence instead of coin flips: every split, however small,
+    # gets close to the requested share of hard negatives and all three kinds.
+    u = ((index + 1) * 0.6180339887498949) % 1.0
+    if u < hard_negative_fraction:
+        return HARD_NEGATIVES[min(2, int(3 * u / hard_negative_fraction))]
+    return "plain"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One drawn picture: the RGB image, its variant and the JPEG quality it is stored at."""
+
+    image: Image.Image
+    variant: str
+    jpeg_quality: int
+
+    def jpeg(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, "JPEG", quality=self.jpeg_quality)
+        return buf.getvalue()
+
+
+def render_sample(split: str, label: str, index: int, *, image_size: int = 96, seed: int = 0,
+                  hard_negative_fraction: float = 0.3) -> Sample:
+    """Draw image ``index`` of ``split``/``label`` (names from :data:`SPLITS` / :data:`CLASSES`).
+
+    The result depends on its arguments only, never on which other images were
+    drawn before, so images can be made in any order and in parallel. For
+    ``scene`` it draws one face in a busy picture (what :func:`render_photo`
+    builds on); the dataset's ``scene`` split is :func:`render_scene_sample`.
+    """
+    if split not in SPLITS or label not in CLASSES:
+        raise ValueError(f"unknown split/class {split!r}/{label!r}; expected one of {SPLITS} / {CLASSES}")
+    rng = np.random.default_rng((seed, SPLITS.index(split), CLASSES.index(label), index))
+    variant = variant_for(label, index, rng, hard_negative_fraction)
+    size, scene = image_size * SUPERSAMPLE, split == "scene"
+    canvas = background(size, rng, busy=scene)
+    # The layer holds head and shoulders; the head is 0.44 of its width, 0.56 of its height.
+    layer_px = int(size * (rng.uniform(0.57, 1.02) if scene else rng.uniform(1.0, 1.45)))
+    layer = Image.new("RGBA", (layer_px, layer_px), (0, 0, 0, 0))
+    g = draw_person(layer, rng)
+    draw = {"hand": draw_hand, "paper": draw_paper, "scarf": draw_scarf}.get(variant)
+    if label == "mask":
+        draw_mask(layer, rng, variant, g)
+    elif draw:
+        draw(layer, rng, g)
+    layer = layer.rotate(rng.uniform(-20, 20), resample=Image.BICUBIC, expand=True)
+    if scene:  # anywhere, as long as the head stays in the picture
+        cx, cy = rng.uniform(0.22, 0.78, 2) * size
+    else:
+        cx, cy = (0.5 + rng.uniform(-0.08, 0.08, 2)) * size + np.array([0, 0.05 * size])
+    canvas.paste(layer, (int(cx - layer.width / 2), int(cy - layer.height / 2)), layer)
+    image = camera(canvas.resize((image_size, image_size), Image.LANCZOS), rng)
+    return Sample(image=image, variant=variant, jpeg_quality=int(rng.integers(60, 96)))
+
+
+def render_photo(label: str, index: int, *, width: int = 1920, height: int = 1080, seed: int = 0,
+                 quality: int = 90) -> bytes:
+    """A camera-sized JPEG: scene ``index`` of ``label`` drawn at ``height`` px, on a wider busy background.
+
+    For benchmarks and tests of the data path at the sizes users have: with
+    sensor noise over the whole frame a 1920x1080 photo encodes to roughly
+    250-550 KB at quality 90, like a real camera frame, where a flat drawing
+    would compress to a few tens of KB and decode several times faster.
+    """
+    rng = np.random.default_rng((seed, 99, CLASSES.index(label), index))
+    frame = background(width, rng, busy=True).crop((0, 0, width, height))
+    frame.paste(render_sample("scene", label, index, image_size=height, seed=seed).image,
+                (int(rng.integers(0, max(1, width - height + 1))), 0))
+    noisy = np.asarray(frame, dtype=np.float32) + rng.normal(0, rng.uniform(2.5, 4.5), (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _webdataset_tar(samples: list[tuple[str, int, bytes]]) -> bytes:
+    """A WebDataset shard: per sample ``<key>.jpg`` and ``<key>.cls``; fixed metadata, so the bytes are reproducible."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, label, data in samples:
+            key = name.rsplit(".", 1)[0]
+            for member, payload in ((name, data), (f"{key}.cls", f"{label}\n".encode())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def write_dataset(config: DatasetConfig) -> dict:
+    """Draw the whole dataset and write it under ``config.out``; returns what ``dataset.json`` holds.
+
+    Refuses (:class:`UserError`) to write over an earlier dataset there unless
+    ``config.overwrite``, which deletes only this generator's own entries
+    (:data:`OWN_ENTRIES`). ``dataset.json`` is written last, so its presence
+    marks a complete dataset. Storage failures surface as :class:`UserError`.
+    """
+    existing = sorted(set(storage.listdir(config.out)) & set(OWN_ENTRIES))
+    if existing and not config.overwrite:
+        raise UserError(f"{config.out!r} already holds a dataset ({', '.join(existing)}); "
+                        f"pass --overwrite to replace it or choose another --out.")
+    for name in existing:
+        storage.delete(storage.join(config.out, name))
+    sizes, started, done = split_sizes(config.n_per_class), time.monotonic(), itertools.count(1)
+    # Classes interleaved, so that every shard holds both.
+    files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for i in range(sizes[s]) for c in CLASSES]
+    last_log = [started]
+    shards = config.format == "webdataset"
+
+    scene_px = scene_side(config)
+
+    def make(split: str, label: str, path: str) -> tuple[str, bytes, tuple]:
+        if split == "scene":
+            scene = render_scene_sample(label, int(path[-10:-4]), size=scene_px, seed=config.seed,
+                                        hard_negative_fraction=config.hard_negative_fraction)
+            sample, faces = Sample(scene.image, scene.variant, scene.jpeg_quality), scene.faces
+        else:
+            faces = ()
+            sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
+                                   hard_negative_fraction=config.hard_negative_fraction)
+        data = sample.jpeg()
+        if not shards:
+            storage.write_bytes(storage.join(config.out, path), data)
+        n, now = next(done), time.monotonic()  # count() is atomic under the GIL
+        if now - last_log[0] >= 5 or n == len(files):  # alive, not chatty
+            last_log[0] = now
+            log.info("%d/%d images %s", n, len(files), "drawn" if shards else "written")
+        return sample.variant, (data if shards else b""), faces
+
+    # Threads, not processes: object-store writes wait on the network, and
+    # Pillow releases the GIL while resizing, blurring and encoding.
+    rows, scene_faces = [], []
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+        for split in SPLITS:  # one shard's images in memory at a time
+            todo = [f for f in files if f[0] == split]
+            for k in range(0, len(todo), config.shard_size if shards else len(todo)):
+                chunk = todo[k:k + config.shard_size] if shards else todo
+                futures = [pool.submit(make, *f) for f in chunk]
+                try:
+                    made = [f.result() for f in futures]
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+                if shards:
+                    shard = f"{split}/{split}-{k // config.shard_size:06d}.tar"
+                    storage.write_bytes(storage.join(config.out, shard),
+                                        _webdataset_tar([(p.split("/", 1)[1], CLASSES.index(c), d)
+                                                         for (_, c, p), (_, d, _) in zip(chunk, made)]))
+                    names = [f"{shard}#{p.split('/', 1)[1]}" for _, _, p in chunk]
+                else:
+                    names = [p for _, _, p in chunk]
+                rows += [(n, c, s, v) for n, (s, c, _), (v, _, _) in zip(names, chunk, made)]
+                scene_faces += [(n, c, faces) for n, (s, c, _), (_, _, faces) in zip(names, chunk, made)
+                                if s == "scene"]
+    _write_scene_annotations(config.out, scene_faces, scene_px)
+    storage.write_text(storage.join(config.out, "variants.csv"),
+                       "path,label,split,variant\n" + "".join(",".join(r) + "\n" for r in rows))
+    # Only what decides the pictures: the same seed gives the same file wherever it is written.
+    record = {"generator": "maskmodel.data.synth", "version": VERSION, "seed": config.seed,
+              "image_size": config.image_size, "scene_size": scene_px, "n_per_class": config.n_per_class,
+              "hard_negative_fraction": config.hard_negative_fraction, "classes": list(CLASSES),
+              "splits": {s: {c: sizes[s] for c in CLASSES} for s in SPLITS},
+              "variants": {s: dict(sorted(Counter(r[3] for r in rows if r[2] == s).items())) for s in SPLITS},
+              "total": len(rows), "format": config.format,
+              "scene_annotations": {"file": SCENE_ANNOTATIONS, "format": "coco",
+                                    "faces": dict(Counter(f.label for _, _, fs in scene_faces for f in fs)),
+                                    "images_without_faces": sum(not fs for _, _, fs in scene_faces)},
+              "layout": ("<split>/<split>-<shard:06d>.tar holding <class>/<index:06d>.jpg and .cls" if shards
+                         else "<split>/<class>/<index:06d>.jpg")}
+    if shards:
+        record["shard_size"] = config.shard_size
+    storage.write_json(storage.join(config.out, "dataset.json"), record)
+    log.info("wrote %d images to %s in %.1f s", len(rows), config.out, time.monotonic() - started)
+    return record
+
+
+def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], size: int) -> None:
+    """``<out>/scene.coco.json``: per scene picture (path relative to ``out``) its faces' boxes, classes, variants."""
+    from maskmodel.data.annotations import ImageBoxes, write_coco
+
+    records = [ImageBoxes(path=storage.join(out, name), width=size, height=size,
+                          boxes=np.asarray([f.box for f in faces], np.float32).reshape(-1, 4),
+                          classes=tuple(f.label for f in faces), labels=tuple("face" for _ in faces),
+                          attributes=tuple({"variant": f.variant} for f in faces), extra={"label": label})
+               for name, label, faces in scenes]
+    write_coco(records, storage.join(out, SCENE_ANNOTATIONS), categories=CLASSES,
+               info={"description": "maskmodel.data.synth scene split: every face's box, class (mask/no_mask) and "
+                                    "variant; images[].label is the picture's verdict (its folder)",
+                     "version": VERSION})

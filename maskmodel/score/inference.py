@@ -1,0 +1,318 @@
+"""The predict step of scoring, on the model's device, without Ray: load-step batches in, result rows out.
+
+:class:`Predictor` finishes what :mod:`maskmodel.score.loading` started: GPU JPEG
+decoding (:class:`DeviceDecoder`: batched, memory-bounded, with a per-image CPU
+fallback that keeps the CPU path's reasons and is logged and counted),
+normalisation on the device, the model, and rows of the results schema.
+:mod:`maskmodel.score.scoring` runs it in a Ray Data actor pool. The forward pass and
+device placement (:mod:`maskmodel.models.precision`) are shared with training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from maskmodel import results, telemetry, testhooks
+from maskmodel.data.transforms import EvalCrop, preprocess_image
+from maskmodel.models.classifier import load_model_dir
+from maskmodel.models.precision import HostCopy, host_buffer, predict_async, resolve_device, to_device
+from maskmodel.score.loading import column, decode_reason
+
+log = logging.getLogger(__name__)
+
+
+def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema: pa.Schema, classes: Sequence[str],
+                 model_id: str, run_id: str, scored_at: Any) -> pa.Table:
+    """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order).
+
+    ``probs`` may still be on its way from the device (:class:`HostCopy`): the
+    columns that do not need it are built first.
+    """
+    n = len(batch["path"])
+    errors, versions, sizes = (column(batch, c, n) for c in ("error", "version", "size"))
+    ok = np.array([e is None for e in errors], dtype=bool)
+    cols: dict[str, pa.Array] = {
+        "path": pa.array(list(batch["path"]), pa.string()),
+        "archive": pa.array(column(batch, "archive", n), pa.string()),
+        "member": pa.array(column(batch, "member", n), pa.string()),
+        "version": pa.array(versions, pa.string()),
+        "size": pa.array([None if s is None else int(s) for s in sizes], pa.int64()),
+        "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "width": pa.array(np.asarray(batch["width"], np.int32), pa.int32(), mask=~ok),
+        "height": pa.array(np.asarray(batch["height"], np.int32), pa.int32(), mask=~ok),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+    }
+    full = np.zeros((n, len(classes)), dtype=np.float32)
+    full[ok] = np.asarray(probs)
+    best = full.argmax(1) if len(classes) else np.zeros(n, int)
+    cols["label"] = pa.array([classes[b] if o else None for b, o in zip(best, ok)], pa.string())
+    cols["confidence"] = pa.array(full.max(1) if len(classes) else full.sum(1), pa.float32(), mask=~ok)
+    for j, c in enumerate(classes):
+        cols[results.prob_column(c)] = pa.array(full[:, j], pa.float32(), mask=~ok)
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
+
+
+# A batched JPEG decoder: compressed bytes as 1-D uint8 tensors in, (3, H, W) uint8 images on `device` out.
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+#: Decoded bytes (3 x width x height, full size) one device decode call may hold at once: about 40 frames of
+#: 1080p or 7 twelve-megapixel photos. nvJPEG decodes at full size; each chunk is cropped before the next
+#: (stacking a chunk's pictures for the resize about doubles its peak).
+DEVICE_DECODE_BYTES = 256 << 20
+#: Device failures in a row, with no image ever decoded there, after which an actor stops trying its device.
+DEVICE_GIVE_UP = 64
+
+
+def torchvision_jpeg_decoder(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA), RGB.
+
+    No EXIF orientation: torchvision applies it on the CPU only, so it is not
+    asked for here either (the same picture on either device);
+    :func:`maskmodel.score.loading.device_route` sends only upright JPEGs to the device.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (``torch.cuda.OutOfMemoryError``, or nvJPEG's
+    allocation failure as a RuntimeError)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(error, oom) or "out of memory" in str(error).lower()
+
+
+def chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` (``(width, height)``) grouped so that each group's full-size RGB bytes
+    stay within ``budget``; a picture larger than the budget alone is a group of its own."""
+    out: list[list[int]] = []
+    used = budget + 1
+    for i, (w, h) in enumerate(sizes):
+        need = 3 * max(w, 1) * max(h, 1)
+        if used + need > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += need
+    return out
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+
+
+class DeviceDecoder:
+    """Decode and crop JPEGs on one device, in memory-bounded batches: ``uint8 (3, S, S)`` crops on the device.
+
+    Pictures go to ``decoder`` in chunks of at most ``budget`` decoded bytes
+    (:func:`chunks`); each chunk is cropped (resize + centre crop, one call per
+    picture size) before the next is decoded, so memory stays bounded whatever
+    the batch. A chunk the decoder rejects is retried image by image, so one
+    bad file costs its own row only. Out of device memory, a chunk is split in
+    half (the budget too, for the rest of this decoder's life) and retried; a
+    single picture that does not fit raises, never turning into a silent slow
+    path. Each failure is a *fallback* (the caller decodes that picture on the
+    CPU): counted in :attr:`fallbacks` by kind of reason, logged once per kind, and
+    passed to ``on_fallback``. After :data:`DEVICE_GIVE_UP` failures with no
+    success the device is given up (:attr:`enabled` false), with a warning.
+    """
+
+    def __init__(self, crop: EvalCrop, device: torch.device | str, *, decoder: JpegDecoder = torchvision_jpeg_decoder,
+                 budget: int = DEVICE_DECODE_BYTES, on_fallback: Callable[[str, int], None] | None = None) -> None:
+        self.crop, self.device, self.decoder = crop, resolve_device(device), decoder
+        self.budget, self.on_fallback = budget, on_fallback
+        self.fallbacks: Counter[str] = Counter()
+        self.decoded = 0
+        self.enabled = True
+
+    def __call__(self, datas: Sequence[bytes], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | str]:
+        """One crop on the device per picture, or the reason the device could not decode it (a string)."""
+        out: list[torch.Tensor | str] = ["device decoding given up"] * len(datas)
+        if not self.enabled:
+            self._fail("device decoding given up", len(datas))
+            return out
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        pending = chunks(sizes, self.budget)
+        while pending:
+            idx = pending.pop(0)
+            try:
+                images = self._decode(idx, tensors)
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                if not is_out_of_memory(e):
+                    raise
+                if len(idx) == 1:
+                    raise  # one picture the device cannot hold: a real problem, not a slow path
+                self.budget = max(1, self.budget // 2)
+                log.warning("device %s ran out of memory decoding %d JPEGs at once; halving the decode budget to "
+                            "%d MiB", self.device, len(idx), self.budget >> 20)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(idx) // 2
+                pending[:0] = [idx[:half], idx[half:]]
+                continue
+            for i, img in zip(idx, images):
+                out[i] = img
+        return out
+
+    def _decode(self, idx: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | str]:
+        """Decode and crop the pictures ``idx`` of ``tensors``; raises only when the device is out of memory."""
+        try:
+            images: list[torch.Tensor | str] = list(self.decoder([tensors[i] for i in idx], self.device))
+        except Exception as e:  # noqa: BLE001 - nvJPEG refuses a whole batch for one odd image
+            if is_out_of_memory(e):
+                raise
+            images = []
+            for i in idx:
+                try:
+                    images.append(self.decoder([tensors[i]], self.device)[0])
+                except Exception as e1:  # noqa: BLE001 - this image falls back to the CPU
+                    if is_out_of_memory(e1):
+                        raise
+                    images.append(_reason(e1))
+        out: list[torch.Tensor | str] = list(images)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for j, img in enumerate(images):
+            if isinstance(img, str):
+                continue
+            if img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8:
+                by_size.setdefault(tuple(img.shape), []).append(j)
+            else:
+                out[j] = f"unexpected output: {tuple(img.shape)} {img.dtype}"  # a grey picture...
+        for group in by_size.values():
+            try:
+                cropped = self.crop(torch.stack([images[j] for j in group]))
+            except Exception as e:  # noqa: BLE001 - a size the resize refuses: CPU fallback
+                if is_out_of_memory(e):
+                    raise
+                for j in group:
+                    out[j] = _reason(e)
+                continue
+            for k, j in enumerate(group):
+                out[j] = cropped[k]
+        del images  # the full-size pictures: freed before the next chunk
+        for r in out:
+            if isinstance(r, str):
+                self._fail(r, 1)
+            else:
+                self.decoded += 1
+        return out
+
+    def _fail(self, reason: str, n: int) -> None:
+        kind = telemetry.error_kind(reason)  # the reason without per-file detail: a bounded set
+        if kind not in self.fallbacks:
+            log.warning("decoding a JPEG on %s failed (%s); it is decoded on the CPU instead. Counted in the metric "
+                        "%s; logged once per kind of failure", self.device, reason, telemetry.SCORE_DECODE_FALLBACKS)
+        self.fallbacks[kind] += n
+        if self.on_fallback is not None:
+            self.on_fallback(reason, n)
+        if self.enabled and not self.decoded and sum(self.fallbacks.values()) >= DEVICE_GIVE_UP:
+            self.enabled = False
+            log.warning("no JPEG has decoded on %s after %d failures; this actor decodes on the CPU from now on",
+                        self.device, sum(self.fallbacks.values()))
+
+
+class Predictor:
+    """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows.
+
+    Batches come as :data:`~maskmodel.score.loading.COLUMNS` (crops) or, with GPU
+    decoding, :data:`~maskmodel.score.loading.DEVICE_COLUMNS`: the rows whose
+    ``encoded`` bytes are a JPEG are decoded on the predictor's device
+    (:class:`DeviceDecoder`); one the device cannot decode is decoded on the
+    CPU here, and one that fails there too gets the CPU path's reason, exactly
+    as if it had never been sent to the GPU. Host crops are gathered into one
+    pinned buffer and copied to the device without blocking; the probabilities
+    come back the same way while the other result columns are built.
+    """
+
+    def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
+                 decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None) -> None:
+        if device == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        else:
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        self.device = resolve_device(device)  # cuda -> cuda:N: compared by what it is, never by spelling
+        model, self.card = load_model_dir(model_uri)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.schema = results.results_schema(self.card.classes)
+        self.crop = EvalCrop(crop_size=self.card.input_size, resize_size=self.card.resize_size)
+        self.run_id, self.precision = run_id, precision
+        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder,
+                                    budget=decode_budget or DEVICE_DECODE_BYTES,
+                                    on_fallback=telemetry.decode_fallback_recorder(run_id))
+        self.calls = 0
+
+    def gather(self, batch: dict[str, Any], errors: list[str | None]) -> torch.Tensor | np.ndarray | None:
+        """The ok rows' crops, ``uint8 (n_ok, 3, S, S)`` in row order (on the device where any was decoded there);
+        sets ``errors`` of rows that fail their CPU fallback. ``None`` when no row is ok."""
+        n, shape = len(errors), (3, self.card.input_size, self.card.input_size)
+        if "data" not in batch:  # CPU-decoded crops: as Ray hands them over, copied only where needed
+            ok = np.array([e is None for e in errors], dtype=bool)
+            if not ok.any():
+                return None
+            with warnings.catch_warnings():  # Ray hands Arrow-backed, read-only arrays over; nothing writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.from_numpy(batch["pixels"])
+            if self.device.type == "cpu":
+                return pixels if ok.all() else pixels[torch.from_numpy(ok)]
+            buf = host_buffer((int(ok.sum()), *shape), dtype=torch.uint8, device=self.device)
+            return torch.index_select(pixels, 0, torch.from_numpy(np.flatnonzero(ok)), out=buf)
+        datas, encoded = batch["data"], np.asarray(batch["encoded"], dtype=bool)
+        width, height = np.asarray(batch["width"]), np.asarray(batch["height"])
+        jpegs = [i for i in range(n) if errors[i] is None and encoded[i]]
+        on_device: dict[int, torch.Tensor] = {}
+        host: dict[int, np.ndarray] = {}
+        for i, got in zip(jpegs, self.decode([datas[i] for i in jpegs], [(int(width[i]), int(height[i]))
+                                                                           for i in jpegs]) if jpegs else ()):
+            if not isinstance(got, str):
+                on_device[i] = got
+                continue
+            try:  # the CPU path, with its reasons
+                host[i] = preprocess_image(datas[i], self.crop)[0]
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
+                errors[i] = decode_reason(e)
+        for i in range(n):
+            if errors[i] is None and not encoded[i]:
+                host[i] = np.frombuffer(datas[i], dtype=np.uint8).reshape(shape)
+        ok_rows = [i for i in range(n) if errors[i] is None]
+        if not ok_rows:
+            return None
+        rank = {i: r for r, i in enumerate(ok_rows)}
+        staged, in_host = None, sorted(host)  # row order: with no device crops, this is the whole batch
+        if host:
+            buf = host_buffer((len(host), *shape), dtype=torch.uint8, device=self.device)
+            view = buf.numpy()  # the crops are written straight into the (pinned) buffer: one copy each
+            for j, i in enumerate(in_host):
+                view[j] = host[i]
+            staged = to_device(buf, self.device)
+            if not on_device:
+                return staged
+        x = torch.empty((len(ok_rows), *shape), dtype=torch.uint8, device=self.device)
+        if staged is not None:
+            x[torch.tensor([rank[i] for i in in_host], device=self.device)] = staged
+        x[torch.tensor([rank[i] for i in on_device], device=self.device)] = torch.stack(list(on_device.values()))
+        return x
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        self.calls += 1
+        testhooks.pause(f"score-predict-{self.calls}")  # test-only: lose a node while actors hold work
+        n = len(batch["path"])
+        errors = column(batch, "error", n)
+        x = self.gather(batch, errors)
+        batch["error"] = np.array(errors, dtype=object)
+        probs: np.ndarray | HostCopy = np.zeros((0, len(self.card.classes)), np.float32)
+        if x is not None:
+            probs = predict_async(self.model, x, mean=self.card.mean, std=self.card.std, device=self.device,
+                                  precision=self.precision)
+        return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
+                            model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())

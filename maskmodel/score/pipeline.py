@@ -1,0 +1,180 @@
+"""The Ray side of scoring: where the objects come from, the load step, the predictor actor pool.
+
+::
+
+    list       a prefix listing (driver), or Ray reads a manifest (CSV/Parquet, `path` column)
+    load       loose objects: read many at once, decode, crop   (maskmodel.score.loading.load_batch)
+               archives: one task per tar, per range of a zip's members (zip_ranges, load_archive)
+    predict    actor pool: the model loaded once per actor     (maskmodel.score.inference.Predictor)
+
+The pipeline streams: its memory does not grow with the number of images.
+:func:`ensure_ray` starts or joins Ray and sizes the actor pool;
+:func:`build_dataset` returns the lazy dataset of result rows that
+:func:`maskmodel.score.scoring.execute` writes and commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pyarrow as pa
+
+from maskmodel import rayshim
+from maskmodel.errors import UserError
+from maskmodel.io import storage
+from maskmodel.io.archives import archive_kind
+from maskmodel.io.storage import ObjectInfo
+from maskmodel.raysession import init_ray
+from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus
+from maskmodel.score.inference import Predictor
+from maskmodel.score.loading import load_archive, load_batch, zip_ranges
+from maskmodel.score.plan import ScoreConfig, ScorePlan
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_BLOCKS = 10_000
+
+
+def _source(plan: ScorePlan):
+    """The objects to score as ``(loose, archives)`` datasets of ``path`` [, ``version``, ``size``]; ``None`` if empty."""
+    import ray
+
+    cfg = plan.config
+    if plan.objects is not None:
+        loose = [o for o in plan.objects if not archive_kind(o.uri)]
+        packed = [o for o in plan.objects if archive_kind(o.uri)]
+
+        def table(objs: list[ObjectInfo], per_block: int):
+            if not objs:
+                return None
+            t = pa.table({"path": [o.uri for o in objs], "version": [o.version for o in objs],
+                          "size": pa.array([o.size for o in objs], pa.int64())})
+            return ray.data.from_arrow(t, override_num_blocks=min(MAX_INPUT_BLOCKS, max(1, -(-len(objs) // per_block))))
+
+        return table(loose, cfg.read_batch), table(packed, 1)
+    fs, path = storage.pyarrow_filesystem(plan.manifest)
+    keep = [c for c in ("path", "version", "size") if c in plan.manifest_columns]
+    if plan.manifest.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        types = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
+        ds = ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
+            column_types={c: types[c] for c in keep}, include_columns=keep))
+    else:
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=keep)
+    base = plan.manifest.rsplit("/", 1)[0] if "://" in plan.manifest else os.path.dirname(storage.filesystem(plan.manifest)[1])
+    ds = ds.map_batches(_resolve_paths, fn_kwargs={"base": base}, batch_format="pyarrow")
+    if not cfg.archives:
+        return ds, None
+    # Vectorised over Arrow batches (a row-wise ``ds.filter(fn)`` is slower, and Ray warns about it).
+    return (ds.map_batches(_only, fn_kwargs={"archives": False}, batch_format="pyarrow"),
+            ds.map_batches(_only, fn_kwargs={"archives": True}, batch_format="pyarrow"))
+
+
+def _only(batch: pa.Table, *, archives: bool) -> pa.Table:
+    """The rows of a manifest batch that are archives (``archives=True``) or loose objects."""
+    keep = [(archive_kind(p) is not None) == archives for p in batch.column("path").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def resolve_manifest_path(base: str, path: str) -> str:
+    """A manifest entry as the URI a prefix listing would give: absolute URIs kept, relative ones under ``base``."""
+    path = path.strip()
+    uri = path if "://" in path or ("://" not in base and os.path.isabs(path)) else storage.join(base, path)
+    return storage.to_uri(uri, storage.filesystem(uri)[1])
+
+
+def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:
+    paths = [resolve_manifest_path(base, p) for p in table.column("path").to_pylist()]
+    return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths, pa.string()))
+
+
+def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
+    """Start or join Ray; return ``(actors, device)`` for the predictor pool.
+
+    With ``--num-gpus`` and fewer GPUs up than one actor needs, the run goes on
+    (its pending GPU actors make the autoscaler add nodes) when ``--actors`` is
+    given or the cluster's autoscaler can add GPUs; otherwise :class:`UserError`.
+    """
+    import ray
+
+    init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
+    if cfg.num_gpus:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus >= cfg.num_gpus:
+            actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
+            check_actor_cpus(cluster_cpus(), actors, load_tasks=True)
+            return actors, "cuda"
+        most = autoscaler_max("GPU")
+        if most is not None and most < cfg.num_gpus:
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs and its "
+                            f"autoscaler can add at most {most:g}; use --num-gpus 0 to score on CPU, or give the "
+                            f"cluster a GPU node group.")
+        if rayshim.started_local_ray():  # a Ray instance of this process: nothing will ever add a GPU
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but this machine has {gpus:g} GPUs; use --num-gpus 0 "
+                            f"to score on CPU, or set RAY_ADDRESS to a cluster with GPU nodes.")
+        if not cfg.actors and most is None:
+            raise UserError(f"--num-gpus {cfg.num_gpus:g} but the Ray cluster has {gpus:g} GPUs; use --num-gpus 0 "
+                            f"to score on CPU, or pass --actors N to wait for an autoscaler to start GPU nodes.")
+        # Without --actors: one per GPU the autoscaler may add (1 if it has no upper limit).
+        actors = cfg.actors or (max(1, int(most // cfg.num_gpus)) if most < sys.maxsize else 1)
+        log.info("the Ray cluster has %g GPUs now; waiting for the autoscaler to start GPU nodes for %d predictor "
+                 "actor(s) of %g GPU", gpus, actors, cfg.num_gpus)
+        return actors, "cuda"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    actors = cfg.actors or max(1, len(nodes))
+    check_actor_cpus(cluster_cpus(), actors, load_tasks=cfg.load_tasks)
+    return actors, "cpu"
+
+
+def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
+    """The lazy Ray Dataset of result rows (pyarrow blocks of ``plan.schema``)."""
+    import ray
+
+    cfg = plan.config
+    gpu = device == "cuda"
+    # On CPU both steps ask for one CPU, so Ray fuses the load step into the actor: loading runs
+    # between forward passes, never competes with torch's threads (which use every core), and no
+    # pixels cross the object store (measured against separate tasks: benchmarks/README.md). With
+    # GPUs the resources differ, so the load step runs in CPU tasks on every core, feeding the GPU
+    # actors uint8 crops, or, with GPU decoding, the compressed bytes. --load-tasks on CPU keeps
+    # the steps apart: Ray Data never fuses an operator that has a ray_remote_args_fn.
+    separate = {"ray_remote_args_fn": _one_cpu} if cfg.load_tasks and not gpu else {}
+    common = {"card": plan.card, "max_bytes": cfg.max_image_bytes, "gpu_decode": gpu and cfg.decode != "cpu",
+              "skip_keys": plan.skip_keys if len(plan.skip_keys) else None}
+    loose, packed = _source(plan)
+    parts = []
+    if loose is not None:
+        # Fused into a CPU actor, the load step has the actor's cores to itself while it runs.
+        threads = (cfg.threads or _node_cpus()) if not gpu and not separate else 1
+        parts.append(loose.map_batches(load_batch, batch_size=cfg.read_batch, batch_format="numpy",
+                                       fn_kwargs={**common, "concurrency": cfg.read_concurrency,
+                                                  "decode_threads": threads}, num_cpus=1, **separate))
+    if packed is not None:
+        # One task per tar (read front to back through one GET) and per range of a zip's members.
+        ranges = packed.map_batches(zip_ranges, batch_size=8, batch_format="numpy", num_cpus=1)
+        parts.append(ranges.map_batches(load_archive, batch_size=1, batch_format="numpy", num_cpus=1,
+                                        fn_kwargs={**common, "extensions": cfg.extensions,
+                                                   "rows_per_batch": cfg.read_batch,
+                                                   "max_ratio": cfg.max_compression_ratio}, **separate))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return ds.map_batches(
+        Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
+                               "device": device, "threads": cfg.threads},
+        num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+
+
+def _node_cpus() -> int:
+    """CPUs of the smallest node with CPUs: what a predictor actor's threads default to (a conservative guess)."""
+    import ray
+
+    cpus = [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    return max(1, int(min(cpus))) if cpus else 1
+
+
+def _one_cpu() -> dict:
+    return {"num_cpus": 1}

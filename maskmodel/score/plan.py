@@ -1,0 +1,102 @@
+"""What a scoring run is: the job's config (:class:`ScoreConfig`) and a checked run (:class:`ScorePlan`).
+
+Below both halves of scoring: :mod:`maskmodel.score.scoring` (the driver: checks,
+writes, commits) builds the plan, and :mod:`maskmodel.score.pipeline` (the Ray side)
+runs it; neither imports the other's types from the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from maskmodel import results
+from maskmodel.config import field, resolve_paths
+from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
+from maskmodel.io.decode import IMAGE_EXTENSIONS
+from maskmodel.io.storage import ObjectInfo
+from maskmodel.models.classifier import ModelCard
+from maskmodel.models.precision import BF16_AGREEMENT_KEY
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``jobs.score`` needs; the resolved copy is stored in the run's Delta commit.
+
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    input: str = field(path=True, help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
+                            "with a `path` column (paths absolute, or relative to the manifest's folder)")
+    model: str = field(path=True, help="URI of a model directory written by jobs.train")
+    output: str = field(path=True, help="URI of the results folder (a Delta Lake table partitioned by run_id)")
+    run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
+    incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
+    allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
+    extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix and inside "
+                                                               "archives, any case")
+    archives: bool = field(True, help="score the image members of .tar, .tar.gz, .tgz and .zip objects (under the "
+                                      "prefix or in the manifest); a member's path is <archive>#<member>")
+    max_compression_ratio: float = field(DEFAULT_MAX_RATIO, help="an archive member (or a gzip stream) expanding "
+                                                                 "more than this many times is a decompression "
+                                                                 "bomb: an error row")
+    batch_size: int = field(0, help="images per model call (0: 64 on CPU, 512 on GPU)")
+    read_batch: int = field(32, help="images per load batch (read, decode, crop)")
+    read_concurrency: int = field(32, help="object reads in flight per load batch (object stores reward "
+                                           "concurrency: 30 ms per request one at a time is 33 images/s)")
+    decode: str = field("auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu = nvJPEG in the predictor (the load step only checks "
+                             "headers and ships the compressed bytes; other formats and failures on the GPU "
+                             "decode on the CPU); auto = gpu when predictors have a GPU")
+    load_tasks: bool = field(False, help="on CPU, run the load step in tasks of its own instead of inside the "
+                                         "predictor actors (with GPUs it always runs in CPU tasks)")
+    num_gpus: float = field(0.0, help="GPUs per predictor actor; 0 scores on CPU")
+    actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
+    threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
+    precision: str = field("auto", choices=("auto", "fp32", "bf16"),
+                           help="auto: bf16 on GPU; on CPU bf16 only with native bf16 and a model.json "
+                                f"'{BF16_AGREEMENT_KEY}' of 1.0, else fp32")
+    max_image_bytes: int = field(64 << 20, help="objects larger than this become 'too large' error rows unread")
+    rows_per_file: int = field(250_000, help="rows per output Parquet file")
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
+        if self.run_id:
+            results.validate_run_id(self.run_id)
+        if self.decode == "gpu" and not self.num_gpus:
+            raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
+        at_least = {"read_batch": 1, "max_image_bytes": 1, "max_compression_ratio": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
+                    "threads": 0, "num_gpus": 0, "read_concurrency": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+
+
+@dataclass(frozen=True)
+class ScorePlan:
+    """A checked run: resolved config, the model card, and the input (a listing or a manifest)."""
+
+    config: ScoreConfig
+    card: ModelCard
+    schema: pa.Schema
+    objects: list[ObjectInfo] | None       # prefix input, already filtered for --incremental
+    manifest: str | None                   # manifest input (read by Ray)
+    manifest_columns: tuple[str, ...] = ()
+    skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
+    skipped: int | None = 0                # None: not known up front (manifest + --incremental)
+    manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
+
+    @property
+    def total(self) -> int | None:
+        """Objects this run will score, when known before it starts (for the progress display)."""
+        if self.objects is not None:  # an archive's members are counted only as it is read
+            return None if any(archive_kind(o.uri) for o in self.objects) else len(self.objects)
+        return self.manifest_rows if not len(self.skip_keys) else None
+
+    @property
+    def has_work(self) -> bool:
+        return self.manifest is not None or bool(self.objects)

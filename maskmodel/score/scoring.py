@@ -1,0 +1,195 @@
+"""Batch scoring on Ray Data: image objects (loose, or inside archives) in, one committed Parquet row per image out.
+
+The pipeline streams; its memory does not grow with the number of images
+(beyond a prefix listing's ~100 bytes per object on the driver; use a manifest
+for huge collections)::
+
+    list      driver: a prefix listing, or Ray reads a manifest (CSV/Parquet, `path` column)
+    load      Ray tasks (on CPU fused into the actors): read, decode, crop; archives member by member
+    predict   actor pool, the model loaded once per actor       (maskmodel.score.pipeline)
+    write     driver: rolling Parquet files of this attempt     (maskmodel.results.AttemptWriter)
+    commit    driver: one Delta commit, made last, adds them and replaces the run id's old files (results.commit)
+
+:func:`prepare` makes every check a user can fail (input, model, output,
+credentials) before anything runs or is written; :func:`execute` runs the
+pipeline; :func:`score` does both. The per-batch steps
+(:mod:`maskmodel.score.loading`, :mod:`maskmodel.score.inference`) run without Ray.
+
+Progress: a live line in a terminal, a log line every few seconds otherwise
+(:class:`maskmodel.console.Progress`); images, errors by kind and img/s are Ray
+metrics (:mod:`maskmodel.telemetry`). Test-only pause point ``score-batch-<k>``
+(:mod:`maskmodel.testhooks`): the driver waits after writing its k-th batch,
+so a test can kill a run mid-way without racing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from maskmodel import results, testhooks
+from maskmodel.config import config_to_dict
+from maskmodel.console import Progress
+from maskmodel.errors import UserError
+from maskmodel.io import objectkeys, storage
+from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
+from maskmodel.models.classifier import load_model_dir
+from maskmodel.models.precision import resolve_precision
+from maskmodel.results import incremental
+from maskmodel.score.pipeline import build_dataset, ensure_ray
+from maskmodel.score.plan import ScoreConfig, ScorePlan
+from maskmodel.telemetry import ScoringMetrics
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+
+
+def default_run_id() -> str:
+    """A UTC timestamp id such as ``20250101T020000Z``."""
+    return f"{results.utc_now():%Y%m%dT%H%M%SZ}"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    run_id: str
+    commit_uri: str
+    images: int
+    ok: int
+    errors: int
+    skipped: int | None
+    elapsed_s: float
+
+    def summary_line(self) -> str:
+        rate = self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        skipped = f", {self.skipped} skipped as already scored" if self.skipped else ""
+        return (f"{self.images} images: {self.ok} ok, {self.errors} errors{skipped}, {rate:.1f} images/s; "
+                f"committed run {self.run_id} at {self.commit_uri}")
+
+
+# ----------------------------------------------------------------------------- door checks
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def _manifest_head(uri: str) -> tuple[tuple[str, ...], int]:
+    """Column names and (a lower bound of) the row count of a manifest, reading only its head."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    storage.info(uri)  # a clear "does not exist" / credentials message first
+    fs, path = storage.filesystem(uri)
+    with storage.storage_errors(uri, "read"), fs.open(path, "rb") as f:
+        try:
+            if not uri.lower().endswith(".csv"):
+                meta = pq.ParquetFile(f).metadata
+                return tuple(meta.schema.names), meta.num_rows
+            reader = pacsv.open_csv(f)
+            rows = 0
+            for batch in reader:
+                rows += batch.num_rows
+                if rows:
+                    break
+            return tuple(reader.schema.names), rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"Manifest {uri!r} is not a readable {'CSV' if uri.lower().endswith('.csv') else 'Parquet'} "
+                            f"file ({str(e).splitlines()[0]}); fix or regenerate it.") from e
+
+
+def prepare(config: ScoreConfig) -> ScorePlan:
+    """Check input, model and output and resolve the run; nothing is written (a write probe is removed).
+
+    Raises :class:`UserError` (one sentence) for a missing or empty input
+    (unless ``allow_empty``), a missing or invalid model directory, an
+    output that cannot be written, or missing credentials.
+    """
+    cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
+    objects, manifest, columns, rows = None, None, (), 0
+    if is_manifest(cfg.input):
+        columns, rows = _manifest_head(cfg.input)
+        if "path" not in columns:
+            raise UserError(f"Manifest {cfg.input!r} has no 'path' column (columns: {', '.join(columns)}); "
+                            f"add one with the image URIs.")
+        if not rows and not cfg.allow_empty:
+            raise UserError(f"Manifest {cfg.input!r} lists no images; pass --allow-empty to commit an empty run.")
+        manifest = cfg.input if rows else None
+        objects = None if rows else []
+    else:
+        listed = cfg.extensions + (ARCHIVE_EXTENSIONS if cfg.archives else ())
+        objects = storage.list_files(cfg.input, extensions=listed)
+        if not objects and not cfg.allow_empty:
+            raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
+                            f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
+    model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
+    del model
+    try:
+        schema = results.results_schema(card.classes)
+    except ValueError as e:
+        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
+    storage.check_writable(cfg.output)
+    results.check_output(cfg.output)
+    skip, skipped = np.empty(0, np.uint64), 0
+    if cfg.incremental:
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        if objects is not None:
+            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
+            if not any(archive_kind(o.uri) for o in objects):
+                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
+        else:
+            skipped = None
+    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
+
+
+def execute(plan: ScorePlan) -> ScoreResult:
+    """Run the pipeline and commit the run; returns its counts. Error rows do not fail the run.
+
+    ``elapsed_s`` (and images/s) counts from a running Ray to the commit: actor start
+    and model load included, starting a local Ray instance (``ray_start_s``) not.
+    """
+    cfg, started = plan.config, results.utc_now()
+    writer = results.AttemptWriter(cfg.output, cfg.run_id, plan.schema, rows_per_file=cfg.rows_per_file)
+    images = ok = actors = 0
+    ray_start_s = first_batch_s = first_batch_rows = None
+    precision = resolve_precision(cfg.precision, device="cuda" if cfg.num_gpus else "cpu", card=plan.card)
+    t0 = time.monotonic()
+    if plan.has_work:
+        actors, device = ensure_ray(cfg)
+        ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
+        log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
+                 device, precision, actors, cfg.output)
+        ds = build_dataset(plan, actors=actors, device=device, precision=precision)
+        progress = Progress(f"scoring {cfg.run_id}", plan.total)
+        metrics = ScoringMetrics(cfg.run_id)
+        for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
+            if first_batch_s is None:  # actor start + model load + the first batch
+                first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
+            writer.write(table)
+            n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
+            images, ok = images + table.num_rows, ok + n_ok
+            progress.update(table.num_rows, table.num_rows - n_ok)
+            metrics.record(table.num_rows, table.column("error").to_pylist() if n_ok < table.num_rows else (),
+                           images / max(time.monotonic() - t0, 1e-9))
+            testhooks.pause(f"score-batch-{batch_no}")
+        progress.close()
+    elapsed = time.monotonic() - t0
+    counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
+    record = results.commit(writer, meta={
+        "counts": counts, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
+        "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
+        "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
+        "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
+    return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed)
+
+
+def score(config: ScoreConfig) -> ScoreResult:
+    """Check, score and commit: :func:`prepare` then :func:`execute`."""
+    return execute(prepare(config))

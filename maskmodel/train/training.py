@@ -1,0 +1,353 @@
+"""The training job: configuration, data preparation on the driver, Ray Train, and the outputs.
+
+:func:`train` checks everything a user can get wrong (data layout, classes,
+weights, output storage, a checkpoint of another run, CPUs left for data)
+before any worker starts, streams the images through Ray Data (reduced-size
+decode + random crop and flip on CPUs, uint8 through the object store;
+rotation, colour jitter and normalisation on the workers' devices), runs
+:func:`maskmodel.train.loop.train_loop_per_worker` on ``num_workers`` Ray
+Train workers, and exports the best model with its reports to ``output``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from maskmodel import reports
+from maskmodel.config import config_to_dict, field, resolve_paths
+from maskmodel.errors import UserError
+from maskmodel.io import storage
+from maskmodel.models.classifier import ARCHITECTURES, WEIGHT_KEYWORDS
+from maskmodel.train.outputs import CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = CHECKPOINTS[1]  # fixed, so re-submitting with the same --output resumes the run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; the CLI of ``jobs.train`` is derived from it.
+
+    Local paths become absolute here, on construction in the driver (``path=`` fields,
+    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    """
+
+    data: str = field(path=True, help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
+                           "CSV/Parquet manifest path,label[,split]")
+    output: str = field(path=True, help="output URI for checkpoints, the model directory and reports (local, s3://, gs://)")
+    arch: str = field("resnet50", help="torchvision architecture", choices=ARCHITECTURES)
+    weights: str = field("imagenet", path=WEIGHT_KEYWORDS, help="initial weights: imagenet (torchvision download), none, or a URI "
+                                          "of a saved state dict")
+    epochs: int = field(50, help="number of epochs")
+    batch_size: int = field(64, help="global batch size, split evenly across workers (per-GPU batch = "
+                                     "batch size / workers)")
+    lr: float = field(0.005, help="SGD learning rate (for the reference batch of 64)")
+    lr_scaling: str = field("none", help="'linear' multiplies lr by batch_size/64 (use with --warmup-epochs "
+                                         "for large global batches)", choices=("none", "linear"))
+    lr_schedule: str = field("constant", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
+    warmup_epochs: int = field(0, help="epochs over which the learning rate rises linearly to --lr")
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(0.0, help="SGD weight decay")
+    image_size: int = field(224, help="input edge in pixels (random-resized / centre crop size)")
+    augment: bool = field(True, help="random resized crop and flip (CPU), rotation and colour jitter (on the "
+                                     "worker's device) during training")
+    rotation_degrees: float = field(15.0, help="random rotation range, +/- degrees")
+    jitter: float = field(0.2, help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
+    val_fraction: float = field(0.2, help="share of images held out by path hash when the data has no val split")
+    num_workers: int = field(1, help="Ray Train workers (one per GPU with --gpu)")
+    gpu: bool = field(False, help="train on GPUs: DDP over NCCL, bf16 autocast, channels_last")
+    cpus_per_worker: float = field(0.0, help="CPUs reserved per training worker; the rest read and decode images. "
+                                             "0 = 1 each if that leaves a CPU free, else an even share of all "
+                                             "CPUs but one")
+    torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
+    precision: str = field("auto", help="auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
+    max_failures: int = field(3, help="worker failures to recover from, from the latest checkpoint (an error that "
+                                      "fails every attempt stops after this many); spot preemptions and lost "
+                                      "nodes are counted apart and always retried")
+    stall_minutes: float = field(10.0, help="log a warning when a worker has had no batch for this long (0: never)")
+    cache_raw: str = field("auto", help="keep the raw image bytes in Ray's object store so each object is "
+                                        "fetched once per job: auto = when they fit in 30%% of it",
+                           choices=("auto", "on", "off"))
+    max_unreadable: float = field(0.01, help="stop when more than this share of a split is unreadable")
+    seed: int = field(0, help="random seed for the initial head and data order")
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
+        if self.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        if self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("--batch-size and --num-workers must be at least 1")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError("--image-size must be between 16 and 1024")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("--val-fraction must be between 0 and 1")
+        if self.max_failures < 0 or self.warmup_epochs < 0 or self.cpus_per_worker < 0 or self.stall_minutes < 0:
+            raise ValueError("--max-failures, --warmup-epochs, --cpus-per-worker and --stall-minutes must be >= 0")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr * self.batch_size / 64 if self.lr_scaling == "linear" else self.lr
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a finished run put its outputs."""
+
+    output: str
+    model_dir: str
+    model_id: str
+    val_acc: float
+    epochs_run: int
+
+
+# --- driver side ---
+
+def _init_ray() -> None:
+    from maskmodel.raysession import init_ray
+
+    init_ray()  # connects to RAY_ADDRESS under `ray job submit`, else starts a local instance
+
+
+def _initial_state(config: TrainConfig, num_classes: int) -> dict:
+    import torch
+
+    from maskmodel.models.classifier import build_model, init_weights
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, num_classes)
+    init_weights(model, config.arch, config.weights)
+    return model.state_dict()
+
+
+def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, reduce_to: int, shuffle: bool):
+    """Raw bytes checked once (unreadable images counted and dropped) → reduced decode + uint8 crop per epoch.
+
+    Streaming (``cache`` off): each epoch reads the objects again, in a new
+    block order: the shuffle is over the list of objects, before any byte is
+    read, so the first batch is on its way after the first block, not after the
+    whole split. Cached: the bytes are kept in Ray's object store, materialised
+    once; each epoch reorders references to those blocks and copies nothing.
+    Either way a local shuffle buffer in the training loop mixes across blocks.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    from maskmodel.data.discovery import DecodeCrop, fetch_and_check
+
+    rows = [{"uri": it.uri, "label": it.label} for it in items]
+    if shuffle:
+        # Listings come sorted, i.e. grouped by class; a shuffle buffer alone would still feed
+        # single-class batches. Shuffle once here, then reorder blocks every epoch below.
+        random.Random(config.seed).shuffle(rows)
+
+    def listing(rows):
+        return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200)))
+
+    raw = listing(rows).map_batches(fetch_and_check, batch_size=64)
+    if cache:
+        raw = raw.materialize()  # the only copy: bad rows hold no bytes, and the decode step drops them
+    errors = raw.select_columns(["uri", "error"]).filter(expr=col("error") != "").materialize()
+    bad = errors.count()
+    if bad:
+        examples = "; ".join(f"{r['uri']} ({r['error']})" for r in errors.take(3))
+        if bad > config.max_unreadable * len(rows):
+            raise UserError(f"{bad} of {len(rows)} images in the {name} split are unreadable "
+                            f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
+        log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
+    if cache:
+        # The check pass's failures are counted above; what DecodeCrop finds is the epoch's own.
+        good = raw.filter(expr=col("error") == "")
+        good = good.randomize_block_order() if shuffle else good  # unseeded: a new order on every epoch's pass
+    else:
+        # The check pass found the unreadable objects: each epoch re-reads only the good ones and decodes
+        # each once (in DecodeCrop). The block order is randomised over the listing, before the reads.
+        skip = {r["uri"] for r in errors.iter_rows()}
+        source = listing([r for r in rows if r["uri"] not in skip])
+        good = (source.randomize_block_order() if shuffle else source).map_batches(
+            fetch_and_check, batch_size=64, fn_kwargs={"check": False})
+    return good.map_batches(DecodeCrop(crop, reduce_to=reduce_to), batch_size=32), bad
+
+
+def _object_store_bytes() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("object_store_memory", 0.0))
+
+
+def train(config: TrainConfig) -> TrainOutputs:
+    """Run one training job end to end; see the module docstring. Raises :class:`UserError` on bad input."""
+    trainer, classes = prepare_training(config)
+    return export(config, trainer.fit(), classes)
+
+
+def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
+                     worker_env: dict[str, str] | None = None) -> tuple[Any, tuple[str, ...]]:
+    """Check the input and build (but do not fit) the run's ``TorchTrainer``; returns it and the class names.
+
+    ``callbacks`` go into the Ray Train ``RunConfig`` (e.g. Ray Tune's
+    ``TuneReportCallback`` when a Tune trial runs this); ``worker_env`` adds
+    environment variables for the workers. Raises :class:`UserError` on bad
+    input, before any worker starts.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from maskmodel.data.discovery import discover
+    from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
+    from maskmodel.raysession import train_logging_config
+    from maskmodel.resources import cluster_cpus, cpus_per_worker
+    from maskmodel.train.loop import TEST_ENV, train_loop_per_worker
+    from maskmodel.train.outputs import check_resumable, run_meta
+    from maskmodel.train.sharding import ExactEvalDataConfig
+
+    storage.check_writable(config.output)
+    data = discover(config.data, val_fraction=config.val_fraction)
+    counts = data.counts()
+    meta = run_meta(config.arch, data.classes, config.image_size)
+    check_resumable(config.output, meta)  # a different run's checkpoints are refused here, not in a worker
+    log.info("data %s: classes %s; %s", config.data, list(data.classes),
+             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()))
+    initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
+
+    _init_ray()
+    worker_cpus = cpus_per_worker(config.cpus_per_worker, config.num_workers, cluster_cpus())
+    cache = config.cache_raw == "on" or (
+        config.cache_raw == "auto" and data.total_bytes < 0.3 * _object_store_bytes())
+    # The CPU side of augmentation is crop + flip; everything else happens on the worker's device.
+    evaluate = EvalCrop(crop_size=config.image_size)
+    train_crop = TrainCrop(crop_size=config.image_size) if config.augment else evaluate
+    train_ds, bad_train = _prepare_split(data.splits["train"], name="train", config=config, cache=cache,
+                                         crop=train_crop, shuffle=True,
+                                         reduce_to=getattr(train_crop, "decode_side", evaluate.resize_size))
+    val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache, crop=evaluate,
+                                     reduce_to=evaluate.resize_size, shuffle=False)
+    storage.write_json(storage.join(config.output, "train_config.json"),
+                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
+
+    env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
+    env.update(worker_env or {})
+    fs, path = storage.pyarrow_filesystem(storage.join(config.output, CHECKPOINTS[0]))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "classes": list(data.classes), "arch": config.arch, "epochs": config.epochs,
+            "batch_size": config.batch_size, "lr": config.effective_lr, "momentum": config.momentum,
+            "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
+            "precision": config.precision, "output": config.output, "compile": config.compile,
+            "warmup_epochs": config.warmup_epochs, "augment": config.augment,
+            "rotation_degrees": config.rotation_degrees, "jitter": config.jitter,
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "meta": meta, "stall_s": 60 * config.stall_minutes,
+            "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
+            "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.gpu,
+            resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if config.gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks) or None,
+            logging_config=train_logging_config(),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ExactEvalDataConfig(exact=("val",)),
+    )
+    return trainer, data.classes
+
+
+def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutputs:
+    """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
+    import torch
+
+    from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
+    from maskmodel.metrics import classification_report
+    from maskmodel.models.classifier import ModelCard, save_model_dir
+    from maskmodel.train.outputs import STATE_FILE, write_epoch_outputs
+
+    def load(ckpt) -> dict:
+        with ckpt.as_directory() as d:
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    latest = load(result.checkpoint)
+    history = latest["history"]
+    best_ckpt = result.get_best_checkpoint(metric="val_acc", mode="max") or result.checkpoint
+    best = load(best_ckpt)
+    best_row = best["history"][-1]
+    buf = io.BytesIO()
+    torch.save(best["model"], buf)
+    card = ModelCard(
+        arch=config.arch, classes=tuple(classes), input_size=config.image_size,
+        resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        config=config_to_dict(config),
+        metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+    )
+    agreement = bf16_agreement(config, card, best["model"])
+    if agreement is not None:
+        from maskmodel.models.precision import BF16_AGREEMENT_KEY
+
+        card = dataclasses.replace(card, metrics={**card.metrics, BF16_AGREEMENT_KEY: agreement})
+    model_dir = storage.join(config.output, "model")
+    card = save_model_dir(model_dir, buf.getvalue(), card)
+
+    cm = np.asarray(best_row["val_confusion"])
+    report = classification_report(cm, classes)
+    report.update(model_id=card.model_id, best_epoch=best_row["epoch"], epochs_run=len(history),
+                  data=config.data, split="val")
+    write_epoch_outputs(config.output, history)
+    storage.write_json(storage.join(config.output, "report.json"), report)
+    storage.write_bytes(storage.join(config.output, "confusion_matrix.png"),
+                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch'] + 1}"))
+    return TrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id,
+                        val_acc=float(best_row["val_acc"]), epochs_run=len(history))
+
+
+def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) -> float | None:
+    """Share of held-out images (test split, else val; at most ``limit``) whose bf16 label equals fp32's.
+
+    Recorded in ``model.json`` so that scoring's ``--precision auto`` uses bf16 on a CPU only
+    where it was shown to change no label. ``None`` when this CPU has no native bf16 to check with.
+    """
+    from maskmodel.data.discovery import discover
+    from maskmodel.data.transforms import EvalCrop, preprocess_image
+    from maskmodel.io.decode import DecodeError
+    from maskmodel.models.classifier import build_model
+    from maskmodel.models.precision import cpu_has_native_bf16, label_agreement
+
+    if not cpu_has_native_bf16():
+        return None
+    data = discover(config.data, val_fraction=config.val_fraction)
+    items = (data.splits.get("test") or data.splits["val"])[:limit]
+    crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
+    pixels = []
+    for it in items:
+        try:
+            pixels.append(preprocess_image(storage.read_bytes(it.uri), crop)[0])
+        except (DecodeError, UserError):
+            continue  # unreadable images were already counted and skipped during training
+    if not pixels:
+        return None
+    model = build_model(card.arch, len(card.classes))
+    model.load_state_dict(state)
+    batches = [np.stack(pixels[i:i + 64]) for i in range(0, len(pixels), 64)]
+    agreement = label_agreement(model, batches, mean=card.mean, std=card.std)
+    log.info("bf16 gives the fp32 label on %.1f%% of %d held-out images", 100 * agreement, len(pixels))
+    return agreement
