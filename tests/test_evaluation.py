@@ -166,7 +166,7 @@ def test_report_numbers_equal_the_committed_rows(evaluated):
         assert r["accuracy_all_images"] == pytest.approx(ind["accuracy"] * ind["scored"] / ind["images"])
     test = report["splits"]["test"]
     assert test["errors"] == 1 and test["error_rows"][0]["path"].endswith("test/mask/broken.jpg")
-    assert test["error_rows"][0]["error"] == "not an image"  # the scoring row's own reason, passed through
+    assert test["error_rows"][0]["error"] == "truncated image"  # the scoring row's own reason, passed through
     md = storage.read_text(storage.join(evaluated["out"], "report.md"))
     assert report["model_id"] in md and evaluated["data"] in md and "**1 error rows**" in md
 
