@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         auc, ece = r["binary"]["roc_auc"], r["calibration"]["ece"]
         print(f"{split}: {r['images']} images, {r['errors']} errors, accuracy {r['accuracy']:.4f}, "
               f"ROC AUC {_num(auc)}, ECE {_num(ece)}", flush=True)
-        for line in _detection_lines(split, r["detection"]):
+        for line in _detection_lines(split, r["detection"]) if r["detection"]["annotations"] else ():
             print(line, flush=True)
     print(f"report: {storage.join(result.output, 'report.md')} (all numbers: {result.report_uri})")
     return 0

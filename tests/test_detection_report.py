@@ -169,8 +169,9 @@ def test_evaluate_detection_reads_coco_and_writes_the_sheet(tmp_path):
     none = dr.evaluate_detection(_scored(root, faces=False), dr.default_annotations(root, "scene"), paths, CLASSES,
                                  "no_mask", iou=0.5, max_tiles=8, output=str(tmp_path / "o2"), split="scene")
     assert none["available"] is False and not os.path.exists(tmp_path / "o2" / "boxes_scene.png")
-    assert dr.evaluate_detection(_scored(root), None, paths, CLASSES, "no_mask", iou=0.5, max_tiles=8,
-                                 output=out, split="val")["available"] is False
+    unannotated = dr.evaluate_detection(_scored(root), None, paths, CLASSES, "no_mask", iou=0.5, max_tiles=8,
+                                        output=out, split="val")
+    assert unannotated["available"] is False and unannotated["annotations"] is None
 
 
 def test_face_options_reach_scoring_only_when_it_has_them(tmp_path):

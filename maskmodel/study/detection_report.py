@@ -209,9 +209,9 @@ def evaluate_detection(table, annotations: str | None, paths: Sequence[str], cla
     ``annotations``: the split's COCO/VOC URI (``None``: the section says there are none); ``paths``: the
     split's scored URIs. Raises :class:`maskmodel.errors.UserError` for an unusable annotation file.
     """
-    if annotations is None:
-        return {"available": False, "reason": "no annotations: pass --annotations (COCO JSON or Pascal VOC XML) "
-                                              f"or put {split}.coco.json next to the split"}
+    if annotations is None:  # crops, say: the report leaves the section out
+        return {"available": False, "annotations": None,
+                "reason": f"no face annotations for {split!r}: pass --annotations (COCO JSON or Pascal VOC XML)"}
     truth, outside = load_truth(annotations, paths)
     section, images = detection_section(truth, face_rows(table), classes, positive, iou=iou)
     section.update(annotations=annotations, annotated_images_not_scored=outside,

@@ -255,7 +255,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"Contact sheet: {sheet['tiles']} images, the {sheet['misclassified']} misclassified ones first "
                 f"(red border; green = right), captions *predicted label, confidence / true label*:", "",
                 f"![contact sheet](contact_sheet_{split}.png)", ""]
-        if "detection" in r:
+        if r.get("detection", {}).get("annotations"):  # a split without face annotations has no faces section
             out += detection_markdown(r["detection"], split, report["positive_class"])
         if r["error_rows"]:
             out += ["Error rows (not scored):", ""]
