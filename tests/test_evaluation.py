@@ -99,6 +99,26 @@ def test_contact_sheet_has_one_tile_per_image():
     assert _tiles(png, layout) == ["wrong", "wrong"] + ["right"] * 9 + ["empty"]
 
 
+def test_bad_annotations_fail_before_anything_is_scored(tmp_path):
+    """No Ray: these checks run before the first split is scored."""
+    from maskmodel.study.evaluation import EvalConfig, evaluate
+
+    data, model = str(tmp_path / "data"), str(tmp_path / "model")
+    write_tiny_tree(data, splits=(("train", 2), ("test", 2)), size=40)
+    save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
+                   ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
+    base = dict(model=model, data=data, output=str(tmp_path / "o"))
+    with pytest.raises(UserError, match="--annotations .* does not exist"):
+        evaluate(EvalConfig(**base, annotations=str(tmp_path / "none.json")))
+    (tmp_path / "test.coco.json").write_text('{"images": []}')
+    with pytest.raises(UserError, match="not a COCO annotation file"):
+        evaluate(EvalConfig(**base, annotations=str(tmp_path / "test.coco.json")))
+    storage.write_text(os.path.join(data, "test.coco.json"), "not json")
+    with pytest.raises(UserError, match="is not valid JSON"):  # the default, <data>/<split>.coco.json, is read too
+        evaluate(EvalConfig(**base))
+    assert not os.path.exists(tmp_path / "o" / "scores")
+
+
 # ----------------------------------------------------------------------------- the job on a real local Ray
 
 @pytest.fixture(scope="module")

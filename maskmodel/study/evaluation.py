@@ -300,7 +300,8 @@ def _contact_sheet(joined: dict[str, Any], classes: Sequence[str], max_tiles: in
     return png, layout
 
 
-def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> dict[str, Any]:
+def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str,
+                    annotations: str | None) -> dict[str, Any]:
     from maskmodel import reports, results
     from maskmodel.score import pipeline, scoring
     from maskmodel.study import detection_report, eval_reports, eval_scoring
@@ -328,8 +329,8 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> 
     for name, data in pngs.items():
         storage.write_bytes(storage.join(cfg.output, name), data)
     out["detection"] = detection_report.evaluate_detection(
-        table, cfg.annotations or detection_report.default_annotations(cfg.data, split), list(truth), classes,
-        positive, iou=cfg.iou, max_tiles=cfg.max_tiles, output=cfg.output, split=split)
+        table, annotations, list(truth), classes, positive, iou=cfg.iou, max_tiles=cfg.max_tiles,
+        output=cfg.output, split=split)
     out["files"] = sorted([*pngs, *out["detection"].get("files", [])])
     log.info("%s: accuracy %.4f on %d scored image(s), %d error row(s)", split, out["accuracy"], out["scored"],
              out["errors"])
@@ -341,11 +342,14 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     Raises :class:`UserError` (one sentence) for an unwritable output, a
     missing or invalid model directory, unreadable data, a requested split
-    without labelled images, data classes the model does not know, or an
-    unknown ``positive_class``, all before anything is scored.
+    without labelled images, data classes the model does not know, an
+    unknown ``positive_class``, a missing or unusable annotation file, or a
+    face option scoring cannot take, all before anything is scored.
     """
+    from maskmodel.data.annotations import read_annotations
     from maskmodel.data.discovery import discover
     from maskmodel.models.classifier import load_card
+    from maskmodel.study import detection_report, eval_scoring
     from maskmodel.study.eval_reports import report_markdown
 
     storage.check_writable(config.output)
@@ -370,9 +374,16 @@ def evaluate(config: EvalConfig) -> EvalResult:
                               "classes": list(card.classes), "positive_class": positive,
                               "scores": storage.join(config.output, "scores"), "config": config_to_dict(config),
                               "splits": {}}
+    if config.annotations and not storage.exists(config.annotations):
+        raise UserError(f"--annotations {config.annotations!r} does not exist; give a COCO .json file or Pascal VOC "
+                        f".xml file or folder.")
+    boxes = {s: config.annotations or detection_report.default_annotations(config.data, s) for s in splits}
+    for uri in dict.fromkeys(u for u in boxes.values() if u):
+        read_annotations(uri)  # an unusable file fails here, not after scoring
+    eval_scoring.score_config(config, config.model, config.output, "check")  # so do face options scoring lacks
     for s in splits:
         items = [type(it)(it.uri, remap[it.label], it.split) for it in data.splits[s]]
-        report["splits"][s] = _evaluate_split(config, card, items, s, positive)
+        report["splits"][s] = _evaluate_split(config, card, items, s, positive, boxes[s])
     uri = storage.join(config.output, "report.json")
     storage.write_json(uri, report)
     storage.write_text(storage.join(config.output, "report.md"), report_markdown(report))
