@@ -16,6 +16,11 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
 --data takes the layouts jobs.train reads (an ImageFolder tree such as Kaggle's Train|Validation|Test/
 WithMask|WithoutMask, or a path,label[,split] manifest). Unreadable images are error rows: counted and
 listed in the report, never dropped.
+
+With face boxes for a split (--annotations COCO JSON or Pascal VOC XML; by default <data>/<split>.coco.json,
+which the synthetic scene split has), each split also gets a detection section: detection recall and precision
+at --iou, COCO AP, per-face and image-level accuracy, tables by variant and face size, and boxes_<split>.png
+(faces found right / wrong, missed, false detections). Scored rows without face boxes say so instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,20 @@ def _num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
+def _detection_lines(split: str, d: dict) -> list[str]:
+    """The detection section of one split: headline numbers, then the table by variant (or class)."""
+    if not d.get("available"):
+        return [f"{split} faces: {d['reason']}"]
+    lines = [f"{split} faces: detection recall {_num(d['recall'])}, precision {_num(d['precision'])} at IoU "
+             f"{d['iou']}, AP50 {_num(d['ap50'])}, AP {_num(d['ap'])} ({d['matched']}/{d['faces']} faces found, "
+             f"{d['detections']} detections); per-face accuracy {_num(d['face_accuracy'])}, "
+             f"image-level accuracy {_num(d['image_accuracy'])}",
+             f"  {d['breakdown_by']:<12} faces  found  recall  accuracy"]
+    lines += [f"  {r[d['breakdown_by']]:<12} {r['faces']:>5}  {r['found']:>5}  {_num(r['recall']):>6}  "
+              f"{_num(r['accuracy']):>8}" for r in d["by_group"]]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(EvalConfig, argv, prog="python -m jobs.evaluate", description=__doc__)
     result = evaluate(config)
@@ -37,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         auc, ece = r["binary"]["roc_auc"], r["calibration"]["ece"]
         print(f"{split}: {r['images']} images, {r['errors']} errors, accuracy {r['accuracy']:.4f}, "
               f"ROC AUC {_num(auc)}, ECE {_num(ece)}", flush=True)
+        for line in _detection_lines(split, r["detection"]) if r["detection"]["annotations"] else ():
+            print(line, flush=True)
     print(f"report: {storage.join(result.output, 'report.md')} (all numbers: {result.report_uri})")
     return 0
 

@@ -99,6 +99,26 @@ def test_contact_sheet_has_one_tile_per_image():
     assert _tiles(png, layout) == ["wrong", "wrong"] + ["right"] * 9 + ["empty"]
 
 
+def test_bad_annotations_fail_before_anything_is_scored(tmp_path):
+    """No Ray: these checks run before the first split is scored."""
+    from maskmodel.study.evaluation import EvalConfig, evaluate
+
+    data, model = str(tmp_path / "data"), str(tmp_path / "model")
+    write_tiny_tree(data, splits=(("train", 2), ("test", 2)), size=40)
+    save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
+                   ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
+    base = dict(model=model, data=data, output=str(tmp_path / "o"))
+    with pytest.raises(UserError, match="--annotations .* does not exist"):
+        evaluate(EvalConfig(**base, annotations=str(tmp_path / "none.json")))
+    (tmp_path / "test.coco.json").write_text('{"images": []}')
+    with pytest.raises(UserError, match="not a COCO annotation file"):
+        evaluate(EvalConfig(**base, annotations=str(tmp_path / "test.coco.json")))
+    storage.write_text(os.path.join(data, "test.coco.json"), "not json")
+    with pytest.raises(UserError, match="is not valid JSON"):  # the default, <data>/<split>.coco.json, is read too
+        evaluate(EvalConfig(**base))
+    assert not os.path.exists(tmp_path / "o" / "scores")
+
+
 # ----------------------------------------------------------------------------- the job on a real local Ray
 
 @pytest.fixture(scope="module")
@@ -182,6 +202,9 @@ def test_contact_sheets_decode_with_one_tile_per_requested_image(evaluated):
         assert len(tiles) == sheet["tiles"]
         wrong = min(_independent(evaluated["out"], split)["wrong"], sheet["tiles"])
         assert tiles == ["wrong"] * wrong + ["right"] * (sheet["tiles"] - wrong)  # misclassified first
+        # crops without face annotations: no faces section, no boxed sheet, and report.json says why
+        assert r["detection"]["annotations"] is None and f"boxes_{split}.png" not in r["files"]
+        assert "### Faces" not in storage.read_text(storage.join(evaluated["out"], "report.md"))
         for name in ("confusion_matrix", "roc_pr", "reliability"):
             Image.open(io.BytesIO(storage.read_bytes(storage.join(evaluated["out"], f"{name}_{split}.png")))).verify()
 
@@ -203,3 +226,64 @@ def test_bad_input_is_one_sentence(evaluated, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "not a model directory" in res.stderr
+
+
+@pytest.mark.ray
+def test_synthetic_scene_split_gets_a_complete_detection_section(tmp_path, ray_local, capsys):
+    """jobs.evaluate on the synthetic scene split (its scene.coco.json found by default). Scoring without a face
+    stage writes no `faces` column: the section says so; with the face stage the same run has every number."""
+    from jobs.evaluate import main
+    from maskmodel.data.synth import DatasetConfig, write_dataset
+    from maskmodel.study import detection_report
+
+    data, model, out = str(tmp_path / "data"), str(tmp_path / "model"), str(tmp_path / "out")
+    write_dataset(DatasetConfig(out=data, n_per_class=4, image_size=32, workers=2))
+    torch.manual_seed(5)
+    save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
+                   ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
+    assert main(["--model", model, "--data", data, "--output", out, "--split", "scene", "--max-tiles", "4"]) == 0
+    printed = capsys.readouterr().out
+    report = storage.read_json(os.path.join(out, "report.json"))
+    det, md = report["splits"]["scene"]["detection"], storage.read_text(os.path.join(out, "report.md"))
+    assert det["annotations"] == os.path.join(data, "scene.coco.json") and det["scored_images_not_annotated"] == 0
+    assert "Faces: detection and per-face classification" in md
+    scored = results.read_results(os.path.join(out, "scores"), run_ids=["scene"])
+    face_stage = "faces" in scored.column_names
+    if not face_stage:  # scoring without a face stage: the 'no boxes' path, not a crash
+        assert det["available"] is False and det["reason"] == detection_report.NO_BOXES
+        assert "no face boxes in the scored rows" in printed and "no face boxes in the scored rows" in md
+        assert not os.path.exists(os.path.join(out, "boxes_scene.png"))
+        scored = _with_true_faces(scored, det["annotations"])  # a perfect detector's rows: the joins line up
+        det = detection_report.evaluate_detection(scored, det["annotations"], scored.column("path").to_pylist(),
+                                                  CLASSES, "no_mask", iou=0.5, max_tiles=4, output=out,
+                                                  split="scene")
+        assert det["recall"] == det["precision"] == det["ap50"] == 1.0 and det["face_accuracy"] is not None
+    coco = storage.read_json(os.path.join(data, "scene.coco.json"))
+    assert det["available"] is True and det["images"] == len(coco["images"]) == 4
+    assert det["faces"] == len(coco["annotations"])
+    assert det["by_group"] and det["by_size"]
+    for key in ("recall", "precision", "ap50", "ap", "face_accuracy", "image_accuracy", "by_group", "by_size"):
+        assert key in det
+    assert det["breakdown_by"] == "variant"
+    assert sum(r["faces"] for r in det["by_group"]) == sum(r["faces"] for r in det["by_size"]) == det["faces"]
+    if face_stage:  # printed by the job itself
+        assert "detection recall" in printed and "AP50" in printed and "variant" in printed
+    assert det["files"] == ["boxes_scene.png"]
+    Image.open(os.path.join(out, "boxes_scene.png")).verify()
+
+
+def _with_true_faces(table, annotations: str):
+    """``table`` with the face stage's columns holding each image's annotated faces (score 1, the row's label)."""
+    import pyarrow as pa
+
+    from maskmodel.study.detection_report import load_truth
+
+    truth, _ = load_truth(annotations, table.column("path").to_pylist())
+    faces = [[{"x0": b[0], "y0": b[1], "x1": b[2], "y1": b[3], "score": 1.0, "label": label, "confidence": 1.0,
+               "probs": [1.0, 0.0]} for b in truth[p].boxes.tolist()]
+             for p, label in zip(table.column("path").to_pylist(), table.column("label").to_pylist())]
+    struct = pa.struct([*(pa.field(k, pa.float32()) for k in ("x0", "y0", "x1", "y1", "score")),
+                        pa.field("label", pa.string()), pa.field("confidence", pa.float32()),
+                        pa.field("probs", pa.list_(pa.float32()))])
+    return (table.append_column("faces", pa.array(faces, pa.list_(struct)))
+            .append_column("detector", pa.array(["centerface"] * table.num_rows)))

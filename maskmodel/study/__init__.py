@@ -1,8 +1,9 @@
 """The study on top of training and scoring: evaluation reports and the ablation grid.
 
 Owns: ``jobs.evaluate`` (:mod:`.evaluation`: metrics, thresholds, calibration, contact sheets;
-:mod:`.eval_reports`: its plots and Markdown) and ``jobs.ablation`` (:mod:`.ablation`: a Ray Tune grid of
-training runs, each scored on the scene split).
+:mod:`.eval_scoring`: scoring a split and joining the rows back; :mod:`.detection_report`: face boxes
+against annotations; :mod:`.eval_reports`: its plots, sheets and Markdown) and ``jobs.ablation``
+(:mod:`.ablation`: a Ray Tune grid of training runs, each scored on the scene split).
 
 May import: every layer below (train, score, models, results, data, io, shared); only ``jobs`` imports it.
 """

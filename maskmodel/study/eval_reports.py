@@ -23,6 +23,13 @@ WRONG_COLOR = (215, 48, 39)   # red border: misclassified
 TILE = 112                    # image area of a contact-sheet tile, pixels
 BORDER = 4
 CAPTION = 28                  # two caption lines under each image
+# Face boxes on the boxed sheet (detection_report.FACE_KINDS): colours apart for colour-blind readers too.
+BOX_COLORS = {"right": RIGHT_COLOR, "wrong": WRONG_COLOR, "missed": (254, 196, 79), "false": (69, 117, 180)}
+BOX_LEGEND = {"right": "found, right class", "wrong": "found, wrong class", "missed": "missed (annotated box)",
+              "false": "false detection"}
+BOX_TILE = 224                # scene pictures hold faces down to 24 px: a bigger tile keeps their boxes visible
+BOX_WIDTH = 2
+LEGEND = 20                   # height of the legend strip above a boxed sheet
 
 
 def _png(fig) -> bytes:
@@ -87,35 +94,67 @@ def reliability_png(cal: dict[str, Any], *, title: str = "") -> bytes:
 
 
 def contact_sheet_png(images: Sequence[Image.Image], captions: Sequence[tuple[str, str]], correct: Sequence[bool],
-                      *, cols: int = 8) -> tuple[bytes, dict[str, Any]]:
+                      *, cols: int = 8, tile: int = TILE,
+                      legend: Sequence[tuple[str, tuple[int, int, int]]] = ()) -> tuple[bytes, dict[str, Any]]:
     """A grid of one tile per image, in the given order, and its layout.
 
-    Each tile is the image scaled to fit ``TILE`` pixels, over two caption lines,
+    Each tile is the image scaled to fit ``tile`` pixels, over two caption lines,
     framed by a ``BORDER``-pixel border in :data:`RIGHT_COLOR` or
-    :data:`WRONG_COLOR`. The PNG is exactly ``columns * tile_width`` by
-    ``rows * tile_height`` pixels, as the returned layout says.
+    :data:`WRONG_COLOR`. With a ``legend`` (``(text, colour)`` pairs) a strip of
+    ``legend_height`` pixels above the grid names the colours. The PNG is exactly
+    ``columns * tile_width`` by ``legend_height + rows * tile_height`` pixels, as
+    the returned layout says (wider only if the legend needs it).
     """
     n = len(images)
     cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
-    tw, th = TILE + 2 * BORDER, TILE + CAPTION + 2 * BORDER
-    sheet = Image.new("RGB", (cols * tw, rows * th), "white")
-    draw = ImageDraw.Draw(sheet)
+    tw, th, top = tile + 2 * BORDER, tile + CAPTION + 2 * BORDER, LEGEND if legend else 0
     font = ImageFont.load_default()
+    width = max(cols * tw, sum(int(font.getlength(t)) + 26 for t, _ in legend))
+    sheet = Image.new("RGB", (width, top + rows * th), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = BORDER
+    for text, color in legend:  # a filled swatch, then its meaning
+        draw.rectangle([x, 5, x + 10, 15], fill=color)
+        draw.text((x + 14, 4), text, fill=(0, 0, 0), font=font)
+        x += int(font.getlength(text)) + 26
     for k, (img, (line1, line2), ok) in enumerate(zip(images, captions, correct)):
-        x, y = (k % cols) * tw, (k // cols) * th
+        x, y = (k % cols) * tw, top + (k // cols) * th
         draw.rectangle([x, y, x + tw - 1, y + th - 1], outline=RIGHT_COLOR if ok else WRONG_COLOR, width=BORDER)
-        thumb = ImageOps.contain(img.convert("RGB"), (TILE, TILE))  # small images are enlarged to the tile
-        sheet.paste(thumb, (x + BORDER + (TILE - thumb.width) // 2, y + BORDER + (TILE - thumb.height) // 2))
-        draw.text((x + BORDER + 2, y + BORDER + TILE + 1), line1, fill=(0, 0, 0), font=font)
-        draw.text((x + BORDER + 2, y + BORDER + TILE + 14), line2, fill=(90, 90, 90), font=font)
+        thumb = ImageOps.contain(img.convert("RGB"), (tile, tile))  # small images are enlarged to the tile
+        sheet.paste(thumb, (x + BORDER + (tile - thumb.width) // 2, y + BORDER + (tile - thumb.height) // 2))
+        draw.text((x + BORDER + 2, y + BORDER + tile + 1), line1, fill=(0, 0, 0), font=font)
+        draw.text((x + BORDER + 2, y + BORDER + tile + 14), line2, fill=(90, 90, 90), font=font)
     if not n:
-        draw.text((BORDER, BORDER), "no scored images", fill=(0, 0, 0), font=font)
+        draw.text((BORDER, top + BORDER), "no scored images", fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue(), {"tiles": n, "columns": cols if n else 0, "rows": rows if n else 0,
                             "tile_width": tw, "tile_height": th, "width": sheet.width, "height": sheet.height,
-                            "border": BORDER}
+                            "border": BORDER, "legend_height": top}
+
+
+def boxed_contact_sheet_png(images: Sequence[Image.Image], boxes: Sequence[Sequence[tuple[Sequence[float], str]]],
+                            captions: Sequence[tuple[str, str]], correct: Sequence[bool], *,
+                            cols: int = 4) -> tuple[bytes, dict[str, Any]]:
+    """:func:`contact_sheet_png` of ``BOX_TILE`` tiles with face boxes drawn, under a legend of :data:`BOX_COLORS`.
+
+    ``boxes[k]``: ``((x0, y0, x1, y1), kind)`` in pixels of ``images[k]``, kind a key of
+    :data:`BOX_COLORS`; each is outlined ``BOX_WIDTH`` pixels wide on the image scaled to the tile,
+    so a box's top-left corner lands at ``tile origin + BORDER + offset + scale * (x0, y0)``.
+    The tile's border is the image-level verdict (right/wrong).
+    """
+    thumbs = []
+    for img, faces in zip(images, boxes):
+        thumb = ImageOps.contain(img.convert("RGB"), (BOX_TILE, BOX_TILE))
+        sx, sy = thumb.width / img.width, thumb.height / img.height
+        draw = ImageDraw.Draw(thumb)
+        for (x0, y0, x1, y1), kind in faces:
+            draw.rectangle([round(x0 * sx), round(y0 * sy), round(x1 * sx) - 1, round(y1 * sy) - 1],
+                           outline=BOX_COLORS[kind], width=BOX_WIDTH)
+        thumbs.append(thumb)
+    return contact_sheet_png(thumbs, captions, correct, cols=cols, tile=BOX_TILE,
+                             legend=[(BOX_LEGEND[k], c) for k, c in BOX_COLORS.items()])
 
 
 def ablation_curves_png(curves: Sequence[tuple[str, Sequence[dict], bool]]) -> bytes:
@@ -137,6 +176,44 @@ def ablation_curves_png(curves: Sequence[tuple[str, Sequence[dict], bool]]) -> b
 
 def _f(v: Any, digits: int = 4) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _group_rows(rows: Sequence[dict[str, Any]], key: str) -> list[str]:
+    out = [f"| {key} | faces | found | recall | classified | right | accuracy (found) | found and right |",
+           "|---|---|---|---|---|---|---|---|"]
+    return out + [f"| {r[key]} | {r['faces']} | {r['found']} | {_f(r['recall'])} | {r['classified']} | "
+                  f"{r['right']} | {_f(r['accuracy'])} | {_f(r['found_and_right'])} |" for r in rows]
+
+
+def detection_markdown(det: dict[str, Any], split: str, positive: str) -> list[str]:
+    """The detection section of one split (:mod:`maskmodel.study.detection_report`) as Markdown lines."""
+    out = [f"### Faces: detection and per-face classification (`{split}`)", ""]
+    if not det.get("available"):
+        return out + [f"**{det['reason']}.**", ""]
+    a = det["image_alerts"]
+    out += [f"Annotations: `{det['annotations']}`: {det['images']} annotated images scored "
+            f"({det['error_rows']} error rows, {det['whole_image_rows']} scored whole because no face was found), "
+            f"{det['faces']} annotated faces, {det['detections']} detections. Matching at IoU {det['iou']}.", "",
+            "| metric | value |", "|---|---|",
+            f"| detection recall (faces found / annotated) | {_f(det['recall'])} ({det['matched']}/{det['faces']}) |",
+            f"| detection precision (found / detections) | {_f(det['precision'])} "
+            f"({det['matched']}/{det['detections']}) |",
+            f"| AP50 (COCO, over the run's kept faces) | {_f(det['ap50'])} |",
+            f"| AP 0.50:0.95 (COCO) | {_f(det['ap'])} |",
+            f"| per-face accuracy (matched faces) | {_f(det['face_accuracy'])} ({det['classified']} faces) |",
+            f"| faces found and classified right / annotated | {_f(det['found_and_right'])} |",
+            f"| image-level accuracy (alert verdict, `{positive}`) | {_f(det['image_accuracy'])} |",
+            f"| image alerts: recall / precision | {_f(a['recall'])} / {_f(a['precision'])} "
+            f"({a['tp']} of {a['true']} true, {a['flagged']} flagged) |", "",
+            f"By {det['breakdown_by']}:", ""]
+    out += _group_rows(det["by_group"], det["breakdown_by"]) + ["", "By face size (sqrt of box area, pixels):", ""]
+    out += _group_rows(det["by_size"], "size") + [""]
+    if det.get("files"):
+        sheet = det["contact_sheet"]
+        out += [f"Boxed contact sheet: {sheet['tiles']} images, most problems first; boxes green = found and "
+                "right, red = found and wrong class, amber = missed (the annotated box), blue = false detection; "
+                "the tile's border is the image-level verdict:", "", f"![boxed contact sheet]({det['files'][0]})", ""]
+    return out
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -178,6 +255,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"Contact sheet: {sheet['tiles']} images, the {sheet['misclassified']} misclassified ones first "
                 f"(red border; green = right), captions *predicted label, confidence / true label*:", "",
                 f"![contact sheet](contact_sheet_{split}.png)", ""]
+        if r.get("detection", {}).get("annotations"):  # a split without face annotations has no faces section
+            out += detection_markdown(r["detection"], split, report["positive_class"])
         if r["error_rows"]:
             out += ["Error rows (not scored):", ""]
             out += [f"- `{e['path']}`: {e['error']}" for e in r["error_rows"][:20]]

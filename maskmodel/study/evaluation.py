@@ -14,6 +14,11 @@ joins them to the true labels by path and computes every number from those
 rows. Error rows (unreadable, undecodable) are counted and listed, never
 silently dropped: the metrics over scored images say how many images they
 cover, and ``accuracy_all_images`` counts an error as a wrong answer.
+With face boxes annotated for a split (``--annotations``, or
+``<data>/<split>.coco.json``), each split also gets a detection section
+(:mod:`maskmodel.study.detection_report`: detection recall, precision and AP,
+per-face and image-level accuracy, tables by variant and face size, a boxed
+contact sheet) from the same committed rows.
 
 Conventions: the *positive* class is the one an alert is raised for (``no_mask``
 by default); its probability is the score; an image is flagged when its score
@@ -23,9 +28,7 @@ is ``>= threshold``. Undefined ratios (no positives, nothing flagged) are
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -240,6 +243,16 @@ class EvalConfig:
     bins: int = field(10, help="equal-width confidence bins for the calibration error and reliability diagram")
     max_tiles: int = field(48, help="images on each contact sheet (misclassified first)")
     num_gpus: float = field(0.0, help="GPUs per scoring actor; 0 scores on CPU")
+    annotations: str = field("", path=True, help="face boxes of the split(s), COCO JSON or Pascal VOC XML (file or "
+                                                 "folder), for the detection section (default: <data>/<split>.coco"
+                                                 ".json where present, as the synthetic scene split has)")
+    faces: str = field("auto", path=("none", "auto", "centerface"),
+                       help="how scoring finds faces (jobs.score --faces): none, auto, centerface or a detector "
+                            "model directory URI")
+    detector_weights: str = field("", path=True, help="a CenterFace ONNX file for scoring (jobs.score "
+                                                      "--detector-weights)")
+    iou: float = field(0.5, help="IoU at which a detected face matches an annotated one (detection recall, "
+                                 "precision and per-face accuracy)")
 
     def __post_init__(self) -> None:
         resolve_paths(self)
@@ -249,6 +262,8 @@ class EvalConfig:
             raise ValueError("--bins and --max-tiles must be at least 1")
         if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
             raise ValueError("--thresholds must lie in [0, 1]")
+        if not 0.0 < self.iou <= 1.0:
+            raise ValueError("--iou must lie in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -264,46 +279,6 @@ def _canonical_split(name: str) -> str:
     from maskmodel.data.discovery import SPLIT_ALIASES
 
     return SPLIT_ALIASES.get(name.lower(), name.lower())
-
-
-def _write_manifest(uri: str, items, classes: Sequence[str]) -> list[str]:
-    """Write the Parquet manifest of ``items``; returns its ``path`` column."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # Absolute URIs: a manifest on object storage must not resolve local paths against its own folder.
-    paths = [it.uri if "://" in it.uri else "file://" + os.path.abspath(it.uri) for it in items]
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"path": paths, "label": [classes[it.label] for it in items],
-                             "split": [it.split for it in items]}), buf)
-    storage.write_bytes(uri, buf.getvalue())
-    return paths
-
-
-def join_rows(table, truth: dict[str, int], classes: Sequence[str]) -> dict[str, Any]:
-    """Join committed result rows to ``truth`` (path -> class index), in ``truth``'s order.
-
-    Returns arrays ``paths, truth, ok, pred, probs, confidence`` and ``errors``
-    (``[{"path", "error"}]``). A labelled image without a committed row counts
-    as an error (``missing: no committed result row``); it is never dropped.
-    """
-    from maskmodel.results import prob_column
-
-    rows = {p: i for i, p in enumerate(table.column("path").to_pylist())}
-    status, error, label = (table.column(c).to_pylist() for c in ("status", "error", "label"))
-    pcols = [table.column(prob_column(c)).to_pylist() for c in classes]
-    n = len(truth)
-    ok, pred, probs = np.zeros(n, bool), np.full(n, -1), np.zeros((n, len(classes)))
-    errors = []
-    for k, path in enumerate(truth):
-        i = rows.get(path)
-        if i is None or status[i] != "ok":
-            errors.append({"path": path, "error": "missing: no committed result row" if i is None else error[i]})
-            continue
-        ok[k], pred[k] = True, classes.index(label[i])
-        probs[k] = [col[i] for col in pcols]
-    return {"paths": list(truth), "truth": np.array(list(truth.values()), int), "ok": ok, "pred": pred,
-            "probs": probs, "errors": errors}
 
 
 def _contact_sheet(joined: dict[str, Any], classes: Sequence[str], max_tiles: int) -> tuple[bytes, dict[str, Any]]:
@@ -325,22 +300,22 @@ def _contact_sheet(joined: dict[str, Any], classes: Sequence[str], max_tiles: in
     return png, layout
 
 
-def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> dict[str, Any]:
+def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str,
+                    annotations: str | None) -> dict[str, Any]:
     from maskmodel import reports, results
     from maskmodel.score import pipeline, scoring
-    from maskmodel.study import eval_reports
+    from maskmodel.study import detection_report, eval_reports, eval_scoring
 
     classes = list(card.classes)
     manifest = storage.join(cfg.output, "manifests", f"{split}.parquet")
     scores = storage.join(cfg.output, "scores")
-    listed = _write_manifest(manifest, items, classes)
-    run = scoring.score(scoring.ScoreConfig(input=manifest, model=cfg.model, output=scores, run_id=split,
-                                            num_gpus=cfg.num_gpus))
+    listed = eval_scoring.write_manifest(manifest, items, classes)
+    run = scoring.score(eval_scoring.score_config(cfg, manifest, scores, split))
     # The truth side goes through the same path resolution as the scoring job's manifest reader.
     base = manifest.rsplit("/", 1)[0]
     truth = {pipeline.resolve_manifest_path(base, p): it.label for p, it in zip(listed, items)}
     table = results.read_results(scores, run_ids=[split])
-    joined = join_rows(table, truth, classes)
+    joined = eval_scoring.join_rows(table, truth, classes)
     out = split_metrics(joined["truth"], joined["ok"], joined["pred"], joined["probs"], classes=classes,
                         positive=positive, thresholds=cfg.thresholds, n_bins=cfg.bins)
     out.update(run_id=split, commit=run.commit_uri, model_ids=sorted(set(table.column("model_id").to_pylist())),
@@ -353,7 +328,10 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str) -> 
     pngs[f"contact_sheet_{split}.png"] = sheet
     for name, data in pngs.items():
         storage.write_bytes(storage.join(cfg.output, name), data)
-    out["files"] = sorted(pngs)
+    out["detection"] = detection_report.evaluate_detection(
+        table, annotations, list(truth), classes, positive, iou=cfg.iou, max_tiles=cfg.max_tiles,
+        output=cfg.output, split=split)
+    out["files"] = sorted([*pngs, *out["detection"].get("files", [])])
     log.info("%s: accuracy %.4f on %d scored image(s), %d error row(s)", split, out["accuracy"], out["scored"],
              out["errors"])
     return out
@@ -364,11 +342,14 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     Raises :class:`UserError` (one sentence) for an unwritable output, a
     missing or invalid model directory, unreadable data, a requested split
-    without labelled images, data classes the model does not know, or an
-    unknown ``positive_class``, all before anything is scored.
+    without labelled images, data classes the model does not know, an
+    unknown ``positive_class``, a missing or unusable annotation file, or a
+    face option scoring cannot take, all before anything is scored.
     """
+    from maskmodel.data.annotations import read_annotations
     from maskmodel.data.discovery import discover
     from maskmodel.models.classifier import load_card
+    from maskmodel.study import detection_report, eval_scoring
     from maskmodel.study.eval_reports import report_markdown
 
     storage.check_writable(config.output)
@@ -393,9 +374,16 @@ def evaluate(config: EvalConfig) -> EvalResult:
                               "classes": list(card.classes), "positive_class": positive,
                               "scores": storage.join(config.output, "scores"), "config": config_to_dict(config),
                               "splits": {}}
+    if config.annotations and not storage.exists(config.annotations):
+        raise UserError(f"--annotations {config.annotations!r} does not exist; give a COCO .json file or Pascal VOC "
+                        f".xml file or folder.")
+    boxes = {s: config.annotations or detection_report.default_annotations(config.data, s) for s in splits}
+    for uri in dict.fromkeys(u for u in boxes.values() if u):
+        read_annotations(uri)  # an unusable file fails here, not after scoring
+    eval_scoring.score_config(config, config.model, config.output, "check")  # so do face options scoring lacks
     for s in splits:
         items = [type(it)(it.uri, remap[it.label], it.split) for it in data.splits[s]]
-        report["splits"][s] = _evaluate_split(config, card, items, s, positive)
+        report["splits"][s] = _evaluate_split(config, card, items, s, positive, boxes[s])
     uri = storage.join(config.output, "report.json")
     storage.write_json(uri, report)
     storage.write_text(storage.join(config.output, "report.md"), report_markdown(report))
