@@ -199,7 +199,8 @@ def test_an_old_table_is_appended_to_and_every_reader_sees_the_faces(photos):
     counts = query.query(out, "SELECT run_id, count(*) AS n, sum(faces_found) AS faces FROM predictions "
                               "GROUP BY run_id ORDER BY run_id").to_pylist()
     assert {r["run_id"]: r["faces"] for r in counts} == {"auto": 3, "cf": 3, "old": None, "whole": 0}
-    df = pl.from_arrow(photos["table"]).filter(pl.col("run_id") == "auto").explode("faces").unnest("faces")
+    df = (pl.from_arrow(photos["table"]).filter(pl.col("run_id") == "auto").select("path", "faces")
+          .explode("faces").unnest("faces"))  # the README's polars query
     assert df.filter(pl.col("score").is_not_null()).height == 3
     meta = {r.run_id: r.raw for r in results.list_commits(out)}
     assert meta["auto"]["classes"] == list(CLASSES) and meta["auto"]["detector"] == "centerface"

@@ -35,9 +35,10 @@ from maskmodel.results import NO_DETECTOR
 
 log = logging.getLogger(__name__)
 
-#: Photos per detector call. On CPU batches of 1-2 were measured faster than 8 (cache-bound convolutions on
-#: 640x384 inputs, benchmarks/README.md); on a GPU a larger batch keeps it busy.
-DETECT_BATCH = {"cpu": 2, "cuda": 16}
+#: Photos per detector call. On CPU torch's time per image grows with the batch (65-90 ms at 1, 137 at 2,
+#: 171-269 at 8: cache-bound depthwise convolutions; benchmarks/README.md), so one at a time; on a GPU a
+#: larger batch keeps it busy.
+DETECT_BATCH = {"cpu": 1, "cuda": 16}
 #: --faces values that name the pretrained CenterFace (``auto`` falls back to the whole image where it finds none).
 CENTERFACE_MODES = ("auto", "centerface")
 
