@@ -211,3 +211,21 @@ def test_incremental_does_not_rescore_images_scored_without_faces(photos):
     cfg = dataclasses.replace(photos["cfg"], run_id="again", incremental=True)
     res = scoring.score(cfg)
     assert res.images == 0 and res.skipped == 4  # the policy: a new run id without --incremental rescores
+
+
+def test_job_exits_2_with_one_sentence_for_a_bad_detector(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    storage.write_bytes(str(tmp_path / "in/a.jpg"), _jpeg(_hopper()))
+    write_model(str(tmp_path / "m"))
+    base = ["-m", "jobs.score", "--input", str(tmp_path / "in"), "--model", str(tmp_path / "m"), "--output",
+            str(tmp_path / "o")]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for extra, says in ((["--faces", str(tmp_path / "nodir")], "error: "),
+                        (["--detector-size", "600x384"], "multiples of 32")):
+        res = subprocess.run([sys.executable, *base, *extra], cwd=repo, capture_output=True, text=True, timeout=120)
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and says in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "o")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -97,6 +98,9 @@ class FaceStage:
         self._detect_options = self.options.but(min_face=0.0, max_faces=1 << 30)
         self.crop, self.device = crop, torch.device(device)
         self.batch = DETECT_BATCH.get(self.device.type, 8)
+        # Faces found but not kept, over this actor's life: beyond --max-faces (also in each row), smaller than
+        # --min-face, degenerate (no area once clipped to the picture).
+        self.counts: Counter[str] = Counter()
 
     @property
     def detector_id(self) -> str:
@@ -118,6 +122,9 @@ class FaceStage:
                 out.append(Found(boxes=boxes[keep], scores=f.scores[keep], crops=f.crops[keep],
                                  dropped=int(big.sum()) - len(keep), small=int((~big).sum()),
                                  degenerate=f.dropped_degenerate))
+                self.counts.update(over_max=out[-1].dropped, small=out[-1].small, degenerate=out[-1].degenerate)
+        if self.counts:
+            log.debug("faces found but not kept so far: %s", dict(self.counts))
         return out
 
     def cut(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
