@@ -42,8 +42,8 @@ from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import resolve_precision
 from maskmodel.results import incremental
-from maskmodel.data.transforms import EvalCrop
-from maskmodel.score.faces import FaceStage
+from maskmodel.models.detect import load_detector
+from maskmodel.score.faces import CENTERFACE_MODES, run_options
 from maskmodel.score.pipeline import build_dataset, ensure_ray
 from maskmodel.score.plan import ScoreConfig, ScorePlan
 from maskmodel.telemetry import ScoringMetrics
@@ -158,9 +158,13 @@ def check_faces(cfg: ScoreConfig) -> str:
     missing or unreadable detector is one sentence before any work; :class:`UserError` otherwise."""
     if cfg.faces == "none":
         return results.NO_DETECTOR
-    stage = FaceStage(cfg.faces, weights=cfg.detector_weights, options=cfg.detect_options(),
-                      crop=EvalCrop(crop_size=32))
-    return stage.detector_id
+    detector = load_detector("centerface" if cfg.faces in CENTERFACE_MODES else cfg.faces,
+                             weights=cfg.detector_weights or None)
+    try:
+        run_options(cfg.detect_options(), detector.options())
+    except ValueError as e:
+        raise UserError(f"The detector {cfg.faces!r} cannot run with these options: {e}.") from e
+    return detector.model_id
 
 
 def execute(plan: ScorePlan) -> ScoreResult:
