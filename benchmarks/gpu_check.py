@@ -8,6 +8,10 @@ no Ray, no s3fs), from the repository root with ``PYTHONPATH=.``. Everything it 
   as PNG, and a cut-off JPEG), from local files: the rows must agree (status, error, width, height, route);
   labels agree on at least 99 % of the photos, any other label being a near-tie; the largest probability
   difference (nvJPEG's full decode against libjpeg's scaled decode) is printed.
+- ``face-stage``: ``load_batch(max_pixels=...)`` (one whole decode per photo) and the predictor with
+  ``--faces centerface`` on the device and on the CPU, on Grace Hopper's photograph (matplotlib's sample) pasted
+  into camera-sized frames: the same faces found (box IoU >= 0.9), the same labels up to near-ties; prints the
+  detector's ms/image on the device and the decoded bytes/image that would cross the object store.
 - ``device-identity``: a predictor made with ``cuda`` takes a batch already on ``cuda:0`` without a copy.
 - ``train-step``: :func:`maskmodel.train.loop._run_epoch` with :class:`maskmodel.data.augment.DeviceAugment`
   on the device (bf16, channels_last, SGD), fed uint8 crops as Ray Data's ``iter_torch_batches`` would.
@@ -143,6 +147,60 @@ def score_decode(model_uri: str, batch: dict, card: ModelCard, device: torch.dev
     return None, detail
 
 
+def face_stage(model_uri: str, root: str, card: ModelCard, device: torch.device, args: argparse.Namespace):
+    """The face path (detector + face crops + classifier) on ``device`` against the CPU: (problem, detail)."""
+    import io
+
+    from matplotlib import cbook
+    from PIL import Image
+    from torchvision.ops import box_iou
+
+    from maskmodel.models.detect import DetectOptions
+    from maskmodel.score.plan import DEFAULT_MAX_PIXELS
+
+    w, h = (int(v) for v in args.photo_size.split("x"))
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        hopper = im.convert("RGB")
+    paths = []
+    for i in range(max(2, args.distinct)):
+        frame = Image.new("RGB", (max(w, 640), max(h, 640)), (90 + 5 * i, 110, 120))
+        scale = 0.4 + 0.6 * (i % 4) / 3
+        face = hopper.resize((round(hopper.width * scale), round(hopper.height * scale)))
+        frame.paste(face, ((37 * i) % max(1, frame.width - face.width), (23 * i) % max(1, frame.height - face.height)))
+        buf = io.BytesIO()
+        frame.save(buf, "JPEG", quality=90)
+        paths.append(os.path.join(root, f"faces-{i}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(buf.getvalue())
+    batch = load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=64 << 20,
+                       max_pixels=DEFAULT_MAX_PIXELS, decode_threads=os.cpu_count() or 1)
+    tables = {}
+    for dev in (device, torch.device("cpu")):
+        pred = Predictor(model_uri, run_id="check", precision=args.precision if dev.type == "cuda" else "fp32",
+                         device=str(dev), faces="centerface", detect_options=DetectOptions())
+        pred(dict(batch))  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        images = [np.frombuffer(b, np.uint8).reshape(hh, ww, 3)
+                  for b, ww, hh in zip(batch["image"], batch["image_w"], batch["image_h"])]
+        pred.faces.find(images, list(zip(batch["width"], batch["height"])))
+        sync(dev)
+        ms = (time.perf_counter() - t0) * 1000 / len(paths)
+        tables[dev.type] = (pred(dict(batch)).to_pylist(), ms)
+    (got, ms_dev), (ref, ms_cpu) = tables[device.type], tables["cpu"]
+    for a, b in zip(got, ref):
+        if a["faces_found"] != b["faces_found"] or not a["faces_found"]:
+            return f"{a['path']}: {a['faces_found']} faces on {device}, {b['faces_found']} on the CPU", ""
+        ba, bb = (torch.tensor([[f[k] for k in ("x0", "y0", "x1", "y1")] for f in r["faces"]]) for r in (a, b))
+        if float(box_iou(ba, bb).diagonal().min()) < 0.9:
+            return f"{a['path']}: face boxes differ between {device} and the CPU", ""
+        if a["label"] != b["label"] and abs(b["p_mask"] - b["p_no_mask"]) > 0.05:
+            return f"{a['path']}: label {a['label']} on {device}, {b['label']} on the CPU", ""
+    crossing = float(np.mean([len(x) for x in batch["image"]]))
+    return None, (f"{len(paths)} photos, one face each found on both; detector {ms_dev:.1f} ms/image on {device}, "
+                  f"{ms_cpu:.1f} on the CPU; {crossing / 1e6:.2f} MB uint8 per decoded photo crosses to a GPU actor")
+
+
 def device_identity(model_uri: str, card: ModelCard, device: torch.device):
     pred = Predictor(model_uri, run_id="check", precision="fp32", device=device.type)  # 'cuda', no index
     x = torch.randint(0, 256, (2, 3, card.input_size, card.input_size), dtype=torch.uint8, device=device)
@@ -276,6 +334,7 @@ def main() -> int:
         plain = [files[n] for n in files if n.startswith("plain/")]
         print(f"{len(files)} photos and a {args.arch} model written in {time.perf_counter() - t0:.0f} s", flush=True)
         check("score-decode", lambda: score_decode(model_uri, batch, card, device, args.precision))
+        check("face-stage", lambda: face_stage(model_uri, root, card, device, args))
         check("device-identity", lambda: device_identity(model_uri, card, device))
         check("train-step", lambda: train_step(args, plain, device))
         try:

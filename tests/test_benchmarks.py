@@ -29,7 +29,7 @@ def test_gpu_check_runs_every_check_without_ray():
     res = run_check("--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--photo-size", "160x120",
                     "--distinct", "3", "--batch-sizes", "4", "--iters", "1", "--precision", "fp32")
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("score-decode", "device-identity", "train-step"):
+    for name in ("score-decode", "face-stage", "device-identity", "train-step"):
         assert f"{name}: ok" in res.stdout, res.stdout
     assert "| 4 |" in res.stdout and "all checks ok" in res.stdout, res.stdout
 

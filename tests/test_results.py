@@ -39,8 +39,11 @@ def out(request, tmp_path):
 def test_schema_constant_and_class_columns():
     schema = results.results_schema(["mask", "no mask", "Without-Mask"])
     assert schema.names == ["path", "archive", "member", "version", "size", "status", "error", "label", "confidence",
-                            "p_mask", "p_no_mask", "p_Without_Mask", "width", "height", "model_id", "run_id",
-                            "scored_at"]
+                            "p_mask", "p_no_mask", "p_Without_Mask", "width", "height", "faces", "faces_found",
+                            "faces_dropped", "detector", "model_id", "run_id", "scored_at"]
+    face = schema.field("faces").type.value_type
+    assert [f.name for f in face] == ["x0", "y0", "x1", "y1", "score", "label", "confidence", "probs"]
+    assert face.field("probs").type == pa.list_(pa.float32()) and schema.field("faces_found").type == pa.int32()
     assert all(schema.field(n).type == pa.float32() for n in results.classes_of(schema))
     assert schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     assert results.RESULTS_SCHEMA.names == [n for n in schema.names if not n.startswith("p_")]

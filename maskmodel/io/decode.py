@@ -254,7 +254,7 @@ def probe(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,
 
 
 def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, max_bytes: int | None = None,
-           reduce_to: int | None = None) -> Decoded:
+           reduce_to: int | None = None, max_pixels: int | None = None) -> Decoded:
     """Decode ``data`` to an RGB picture with EXIF orientation applied, plus the original's size.
 
     ``reduce_to``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or
@@ -270,10 +270,19 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
     ``max_bytes``, a side over ``max_side``, or Pillow's decompression-bomb
     limit), ``too small: WxH`` or ``undecodable: ...``.
     Every check uses the original size, so ``reduce_to`` changes no reason.
+
+    ``max_pixels`` (instead of ``reduce_to``): the picture is decoded as large
+    as possible with at most this many pixels: a JPEG at the largest DCT scale
+    that fits (never allocating the full size), then anything still over it
+    resized down (aspect kept). A 16k x 16k JPEG at ``max_pixels=4e6`` decodes
+    at 1/8 (2048 x 2048) and is resized to 2000 x 2000.
     """
     with _reasons():
         img = _open(data, min_side=min_side, max_side=max_side, max_bytes=max_bytes)
         w, h = img.size
+        if max_pixels and w * h > max_pixels and img.format in ("JPEG", "MPO"):
+            scale = next((k for k in (1, 2, 4, 8) if (w // k) * (h // k) <= max_pixels), 8)
+            reduce_to = -(-min(w, h) // scale)  # draft picks the smallest scale keeping both sides >= this
         if reduce_to and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (reduce_to, reduce_to))
         reduced = img.size
@@ -281,7 +290,12 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
         img = ImageOps.exif_transpose(img)
     if img.size != reduced:  # EXIF rotated it by 90 degrees: so is the original
         w, h = h, w
-    return Decoded(_to_rgb(img), w, h)
+    img = _to_rgb(img)
+    if max_pixels and img.width * img.height > max_pixels:
+        r = (max_pixels / (img.width * img.height)) ** 0.5
+        img = img.resize((max(1, int(img.width * r)), max(1, int(img.height * r))), Image.BILINEAR,
+                         reducing_gap=2.0)
+    return Decoded(img, w, h)
 
 
 def decode_image(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE,

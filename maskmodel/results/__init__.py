@@ -52,6 +52,8 @@ from maskmodel.results.schema import (
     FORMAT_VERSION,
     PARTITION,
     PROB_PREFIX,
+    FACE_TYPE,
+    NO_DETECTOR,
     RESULTS_SCHEMA,
     RETRIED_ERROR_PREFIX,
     classes_of,
@@ -69,5 +71,5 @@ from maskmodel.results.schema import (
 from maskmodel.results.writer import AttemptWriter
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "PARTITION", "DESCRIPTION", "PROB_PREFIX", "RETRIED_ERROR_PREFIX", "RESULTS_SCHEMA", "prob_column", "results_schema", "classes_of", "validate_run_id", "utc_now", "run_partition", "run_dir", "log_uri", "file_schema", "conform", "merge_schemas", "AttemptWriter", "commit", "CommitRecord", "open_results", "check_output", "Snapshot", "open_snapshot", "list_commits", "results_dataset", "read_results", "FileEntry",
+    "FORMAT", "FORMAT_VERSION", "PARTITION", "DESCRIPTION", "PROB_PREFIX", "RETRIED_ERROR_PREFIX", "RESULTS_SCHEMA", "FACE_TYPE", "NO_DETECTOR", "prob_column", "results_schema", "classes_of", "validate_run_id", "utc_now", "run_partition", "run_dir", "log_uri", "file_schema", "conform", "merge_schemas", "AttemptWriter", "commit", "CommitRecord", "open_results", "check_output", "Snapshot", "open_snapshot", "list_commits", "results_dataset", "read_results", "FileEntry",
 ]

@@ -24,6 +24,21 @@ PROB_PREFIX = "p_"
 RETRIED_ERROR_PREFIX = "unreadable"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+#: One face of a photo in the ``faces`` column: its box in pixels of the original image after EXIF rotation
+#: (``x1``/``y1`` exclusive edges), the detector's score, and the face's classification. ``probs`` is in the
+#: run's class order (the ``classes`` of its commit metadata), so runs of models with other classes share
+#: the column without a nested schema change.
+FACE_TYPE = pa.struct([
+    pa.field("x0", pa.float32()), pa.field("y0", pa.float32()),
+    pa.field("x1", pa.float32()), pa.field("y1", pa.float32()),
+    pa.field("score", pa.float32()),
+    pa.field("label", pa.string()),
+    pa.field("confidence", pa.float32()),
+    pa.field("probs", pa.list_(pa.float32())),
+])
+#: What the ``detector`` column says when no detector decided the row (``--faces none``, or ``auto`` found none).
+NO_DETECTOR = "none"
+
 #: The fixed columns of every results file; :func:`results_schema` inserts one
 #: ``p_<class>`` column per class after ``confidence``.
 RESULTS_SCHEMA = pa.schema([
@@ -38,6 +53,10 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("confidence", pa.float32()),                # probability of label; null on error
     pa.field("width", pa.int32()),                       # decoded size after EXIF rotation
     pa.field("height", pa.int32()),
+    pa.field("faces", pa.list_(FACE_TYPE)),              # faces found, highest detector score first; null on error
+    pa.field("faces_found", pa.int32()),                 # len(faces); null on error
+    pa.field("faces_dropped", pa.int32()),               # faces found beyond --max-faces; null on error
+    pa.field("detector", pa.string()),                   # "none" | "centerface" | a detector model id
     pa.field("model_id", pa.string(), nullable=False),  # content hash of the model weights
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),

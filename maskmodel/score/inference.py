@@ -14,6 +14,7 @@ import logging
 import os
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,20 +22,41 @@ import pyarrow as pa
 import torch
 
 from maskmodel import results, telemetry, testhooks
+from maskmodel.alert import alert_class
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir
+from maskmodel.models.detect import DetectOptions
 from maskmodel.models.precision import HostCopy, host_buffer, predict_async, resolve_device, to_device
+from maskmodel.score.faces import FaceStage, face_records, verdict
 from maskmodel.score.loading import column, decode_reason
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class FaceColumns:
+    """The face columns of a batch's rows, one entry per row (``None`` on error rows): ``faces`` (lists of
+    :data:`maskmodel.results.FACE_TYPE` dicts), ``dropped`` (over --max-faces) and ``detector``."""
+
+    faces: list[list[dict] | None]
+    dropped: list[int | None]
+    detector: list[str | None]
+
+    @classmethod
+    def without_faces(cls, ok: Sequence[bool]) -> "FaceColumns":
+        """``--faces none``: every ok row's face is the whole image, and no detector looked."""
+        return cls([[] if o else None for o in ok], [0 if o else None for o in ok],
+                   [results.NO_DETECTOR if o else None for o in ok])
+
+
 def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema: pa.Schema, classes: Sequence[str],
-                 model_id: str, run_id: str, scored_at: Any) -> pa.Table:
+                 model_id: str, run_id: str, scored_at: Any, faces: FaceColumns | None = None) -> pa.Table:
     """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order).
 
     ``probs`` may still be on its way from the device (:class:`HostCopy`): the
-    columns that do not need it are built first.
+    columns that do not need it are built first. An ok row whose ``probs`` are
+    NaN has no label (an explicit detector found no face): label, confidence and
+    ``p_<class>`` null. ``faces``: the face columns (default: ``--faces none``'s).
     """
     n = len(batch["path"])
     errors, versions, sizes = (column(batch, c, n) for c in ("error", "version", "size"))
@@ -53,13 +75,20 @@ def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema:
         "run_id": pa.array([run_id] * n, pa.string()),
         "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
     }
+    faces = faces or FaceColumns.without_faces(ok)
+    cols["faces"] = pa.array(faces.faces, pa.list_(results.FACE_TYPE))
+    cols["faces_found"] = pa.array([None if f is None else len(f) for f in faces.faces], pa.int32())
+    cols["faces_dropped"] = pa.array(faces.dropped, pa.int32())
+    cols["detector"] = pa.array(faces.detector, pa.string())
     full = np.zeros((n, len(classes)), dtype=np.float32)
     full[ok] = np.asarray(probs)
+    labelled = ok & ~np.isnan(full).any(1)
+    full[~labelled] = 0.0
     best = full.argmax(1) if len(classes) else np.zeros(n, int)
-    cols["label"] = pa.array([classes[b] if o else None for b, o in zip(best, ok)], pa.string())
-    cols["confidence"] = pa.array(full.max(1) if len(classes) else full.sum(1), pa.float32(), mask=~ok)
+    cols["label"] = pa.array([classes[b] if o else None for b, o in zip(best, labelled)], pa.string())
+    cols["confidence"] = pa.array(full.max(1) if len(classes) else full.sum(1), pa.float32(), mask=~labelled)
     for j, c in enumerate(classes):
-        cols[results.prob_column(c)] = pa.array(full[:, j], pa.float32(), mask=~ok)
+        cols[results.prob_column(c)] = pa.array(full[:, j], pa.float32(), mask=~labelled)
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
@@ -236,7 +265,8 @@ class Predictor:
     """
 
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
-                 decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None) -> None:
+                 decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None,
+                 faces: str = "none", detector_weights: str = "", detect_options: DetectOptions | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
@@ -250,6 +280,11 @@ class Predictor:
         self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder,
                                     budget=decode_budget or DEVICE_DECODE_BYTES,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
+        self.alert = list(self.card.classes).index(alert_class(self.card.classes))
+        # The detector on this actor's device, batched, at the classifier's precision (None: --faces none).
+        self.faces = None if faces == "none" else FaceStage(
+            faces, weights=detector_weights, options=detect_options or DetectOptions(), crop=self.crop,
+            device=self.device, precision=precision)
         self.calls = 0
 
     def gather(self, batch: dict[str, Any], errors: list[str | None]) -> torch.Tensor | np.ndarray | None:
@@ -306,6 +341,8 @@ class Predictor:
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.calls += 1
         testhooks.pause(f"score-predict-{self.calls}")  # test-only: lose a node while actors hold work
+        if self.faces is not None:
+            return self.score_faces(batch)
         n = len(batch["path"])
         errors = column(batch, "error", n)
         x = self.gather(batch, errors)
@@ -316,3 +353,35 @@ class Predictor:
                                   precision=self.precision)
         return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
                             model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+
+    def score_faces(self, batch: dict[str, Any]) -> pa.Table:
+        """Rows of a :data:`~maskmodel.score.loading.FACE_COLUMNS` batch: faces found, each classified, the
+        deciding face's verdict as the row's (:mod:`maskmodel.score.faces`)."""
+        n, stage, classes = len(batch["path"]), self.faces, self.card.classes
+        errors = column(batch, "error", n)
+        ok = [i for i in range(n) if errors[i] is None]
+        images = [np.frombuffer(batch["image"][i], np.uint8).reshape(int(batch["image_h"][i]),
+                                                                       int(batch["image_w"][i]), 3) for i in ok]
+        found = stage.find(images, [(int(batch["width"][i]), int(batch["height"][i])) for i in ok])
+        pieces = [stage.cut(im, f.crops) if len(f) else stage.whole(im) for im, f in zip(images, found)
+                  if len(f) or stage.auto]
+        probs = np.zeros((0, len(classes)), np.float32)
+        if pieces:
+            probs = np.asarray(predict_async(self.model, torch.cat(pieces), mean=self.card.mean, std=self.card.std,
+                                             device=self.device, precision=self.precision))
+        verdicts = np.full((len(ok), len(classes)), np.nan, np.float32)
+        cols = FaceColumns([None] * n, [None] * n, [None] * n)
+        at = 0
+        for r, (i, f) in enumerate(zip(ok, found)):
+            cols.dropped[i], cols.detector[i], cols.faces[i] = f.dropped, stage.detector_id, []
+            if len(f):
+                p = probs[at:at + len(f)]
+                at += len(f)
+                verdicts[r] = verdict(p, self.alert)
+                cols.faces[i] = face_records(f, p, classes)
+            elif stage.auto:  # no face: the whole image is classified as a crop, and the row says no detector decided
+                verdicts[r], cols.detector[i] = probs[at], results.NO_DETECTOR
+                at += 1
+        batch["error"] = np.array(errors, dtype=object)
+        return result_table(batch, verdicts, schema=self.schema, classes=classes, model_id=self.card.model_id,
+                            run_id=self.run_id, scored_at=results.utc_now(), faces=cols)

