@@ -18,7 +18,6 @@ import argparse
 import io
 import os
 import tarfile
-import tempfile
 import time
 import uuid
 

@@ -95,7 +95,7 @@ def test_synthetic_scenes_hold_boxes_and_the_verdict(tmp_path):
     assert record["scene_size"] == 128 and record["scene_annotations"]["file"] == synth.SCENE_ANNOTATIONS
     scenes = read_coco(storage.join(out, synth.SCENE_ANNOTATIONS))
     assert len(scenes) == 2 * synth.split_sizes(24)["scene"]
-    counts, variants = set(), set()
+    variants = set()
     for s in scenes:
         folder = s.path.split("/")[-2]
         assert s.path.startswith(out) and storage.exists(s.path) and s.extra["label"] == folder

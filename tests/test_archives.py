@@ -12,7 +12,6 @@ import zlib
 import pytest
 
 from maskmodel.io.archives import (
-    Damage,
     Member,
     archive_kind,
     iter_tar,

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from maskmodel.data.transforms import EvalCrop
 from maskmodel.io import storage
 from maskmodel.models import precision
 from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes

@@ -263,7 +263,6 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     :class:`UserError` before any trial starts. A trial that fails is a
     ``failed`` row (with its error and the epochs it finished), never dropped.
     """
-    import ray
     from ray import tune
 
     from maskmodel.data.discovery import discover
