@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, telemetry, testhooks
+from maskmodel import results, telemetry, testhooks, timeline
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import HostCopy, host_buffer, predict_async, resolve_device, to_device
@@ -237,6 +237,8 @@ class Predictor:
 
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
                  decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None) -> None:
+        timeline.mark("process start", "predictor", at=timeline.process_start())
+        timeline.mark("predictor init", "predictor")
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
@@ -251,6 +253,7 @@ class Predictor:
                                     budget=decode_budget or DEVICE_DECODE_BYTES,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
         self.calls = 0
+        timeline.mark("model loaded", "predictor")
 
     def gather(self, batch: dict[str, Any], errors: list[str | None]) -> torch.Tensor | np.ndarray | None:
         """The ok rows' crops, ``uint8 (n_ok, 3, S, S)`` in row order (on the device where any was decoded there);
@@ -314,5 +317,8 @@ class Predictor:
         if x is not None:
             probs = predict_async(self.model, x, mean=self.card.mean, std=self.card.std, device=self.device,
                                   precision=self.precision)
-        return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
-                            model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+        table = result_table(batch, probs, schema=self.schema, classes=self.card.classes,
+                             model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+        if self.calls == 1:
+            timeline.mark("first forward done", "predictor")
+        return table

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, testhooks
+from maskmodel import results, testhooks, timeline
 from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
@@ -127,14 +127,17 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         if not objects and not cfg.allow_empty:
             raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
+    timeline.mark("input listed")
     model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
     del model
     try:
         schema = results.results_schema(card.classes)
     except ValueError as e:
         raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
+    timeline.mark("model checked")
     storage.check_writable(cfg.output)
     results.check_output(cfg.output)
+    timeline.mark("output checked")
     skip, skipped = np.empty(0, np.uint64), 0
     if cfg.incremental:
         skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
@@ -164,14 +167,17 @@ def execute(plan: ScorePlan) -> ScoreResult:
     if plan.has_work:
         actors, device = ensure_ray(cfg)
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
+        timeline.mark("ray up")
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)
         ds = build_dataset(plan, actors=actors, device=device, precision=precision)
         progress = Progress(f"scoring {cfg.run_id}", plan.total)
         metrics = ScoringMetrics(cfg.run_id)
+        timeline.mark("dataset built")
         for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
             if first_batch_s is None:  # actor start + model load + the first batch
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
+                timeline.mark("first result batch")
             writer.write(table)
             n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
             images, ok = images + table.num_rows, ok + n_ok
@@ -180,6 +186,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
                            images / max(time.monotonic() - t0, 1e-9))
             testhooks.pause(f"score-batch-{batch_no}")
         progress.close()
+        timeline.mark("last result batch")
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
     record = results.commit(writer, meta={
@@ -187,6 +194,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
         "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
         "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
         "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
+    timeline.mark("committed")
     return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed)
 
 
