@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,42 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     output that cannot be written, or missing credentials.
     """
     cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
+    # The model check (card, weights, building the network: requests one after another, then CPU) overlaps
+    # the input's listing; an input error is still reported first. It writes nothing.
+    with ThreadPoolExecutor(1, thread_name_prefix="model-check") as pool:
+        model_check = pool.submit(load_model_dir, cfg.model)
+        try:
+            objects, manifest, columns, rows = _check_input(cfg)
+        except BaseException:
+            model_check.cancel()
+            raise
+        timeline.mark("input listed")
+        model, card = model_check.result()  # proves the weights load, not just that model.json parses
+    del model
+    timeline.mark("model checked")
+    try:
+        schema = results.results_schema(card.classes)
+    except ValueError as e:
+        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
+    storage.check_writable(cfg.output)
+    results.check_output(cfg.output)
+    timeline.mark("output checked")
+    skip, skipped = np.empty(0, np.uint64), 0
+    if cfg.incremental:
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        if objects is not None:
+            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
+            if not any(archive_kind(o.uri) for o in objects):
+                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
+        else:
+            skipped = None
+    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
+
+
+def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, ...], int]:
+    """``(objects, manifest, columns, rows)`` of the input: a listing, or a manifest's head; UserError if unusable."""
     objects, manifest, columns, rows = None, None, (), 0
     if is_manifest(cfg.input):
         columns, rows = _manifest_head(cfg.input)
@@ -127,29 +164,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         if not objects and not cfg.allow_empty:
             raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
-    timeline.mark("input listed")
-    model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
-    del model
-    try:
-        schema = results.results_schema(card.classes)
-    except ValueError as e:
-        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
-    timeline.mark("model checked")
-    storage.check_writable(cfg.output)
-    results.check_output(cfg.output)
-    timeline.mark("output checked")
-    skip, skipped = np.empty(0, np.uint64), 0
-    if cfg.incremental:
-        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
-        if objects is not None:
-            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
-            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
-            if not any(archive_kind(o.uri) for o in objects):
-                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
-        else:
-            skipped = None
-    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
-    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows)
+    return objects, manifest, tuple(columns), rows
 
 
 def execute(plan: ScorePlan) -> ScoreResult:
