@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                             whole, stdout = run_process(
                                 [sys.executable, __file__, "--run-shape", shape, "--manifest", manifests[n],
                                  "--output", out, "--endpoint", url], url, daft=shape == "daft")
-                            pipeline = json.loads(stdout.strip().splitlines()[-1])["pipeline_s"]
+                            # Ray may print to stdout at shutdown, after the result line.
+                            pipeline = next(json.loads(ln)["pipeline_s"] for ln in reversed(stdout.splitlines())
+                                            if ln.startswith('{"pipeline_s"'))
                         rows[(shape, latency, n)] = (pipeline, whole)
                         print(f"{shape:>5} {latency:>3g} ms {n:>5} images: pipeline {n / pipeline:5.1f} img/s, "
                               f"whole process {n / whole:5.1f} img/s", flush=True)
