@@ -18,17 +18,24 @@ version) already in a committed run. Query the results with `python -m jobs.quer
 
 from __future__ import annotations
 
-from maskmodel import cli
-from maskmodel.config import parse_config
-from maskmodel.score.plan import ScoreConfig
-from maskmodel.score.scoring import score
+from maskmodel import timeline
+
+timeline.mark("interpreter up", at=timeline.process_start())
+timeline.mark("job module runs")
+
+from maskmodel import cli  # noqa: E402 - after the first marks, so the timeline shows the imports
+from maskmodel.config import parse_config  # noqa: E402
+from maskmodel.score.plan import ScoreConfig  # noqa: E402
+from maskmodel.score.scoring import score  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    timeline.mark("imports done")
     config = parse_config(ScoreConfig, argv, prog="python -m jobs.score", description=__doc__)
     result = score(config)
     # Exit 0 once the run is committed, even with error rows: they are results, not failures.
     print(result.summary_line(), flush=True)
+    timeline.mark("exit")
     return 0
 
 

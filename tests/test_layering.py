@@ -43,7 +43,7 @@ TOP_LEVEL_LAYERS: dict[str, str] = {
     # shared pieces: no maskmodel concern, imported from anywhere
     "alert": "shared", "cli": "shared", "detection_metrics": "shared", "config": "shared", "console": "shared", "errors": "shared",
     "metrics": "shared", "raysession": "shared", "rayshim": "shared", "reports": "shared", "resources": "shared",
-    "telemetry": "shared",
+    "telemetry": "shared", "timeline": "shared",
     # test-only pause points: they read their markers through the storage layer, so they sit with io
     "testhooks": "io",
 }

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, telemetry, testhooks
+from maskmodel import results, telemetry, testhooks, timeline
 from maskmodel.alert import alert_class
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir
@@ -267,6 +267,8 @@ class Predictor:
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
                  decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None,
                  faces: str = "none", detector_weights: str = "", detect_options: DetectOptions | None = None) -> None:
+        timeline.mark("process start", "predictor", at=timeline.process_start())
+        timeline.mark("predictor init", "predictor")
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
@@ -286,6 +288,7 @@ class Predictor:
             faces, weights=detector_weights, options=detect_options or DetectOptions(), crop=self.crop,
             device=self.device, precision=precision)
         self.calls = 0
+        timeline.mark("model loaded", "predictor")
 
     def gather(self, batch: dict[str, Any], errors: list[str | None]) -> torch.Tensor | np.ndarray | None:
         """The ok rows' crops, ``uint8 (n_ok, 3, S, S)`` in row order (on the device where any was decoded there);
@@ -351,8 +354,11 @@ class Predictor:
         if x is not None:
             probs = predict_async(self.model, x, mean=self.card.mean, std=self.card.std, device=self.device,
                                   precision=self.precision)
-        return result_table(batch, probs, schema=self.schema, classes=self.card.classes,
-                            model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+        table = result_table(batch, probs, schema=self.schema, classes=self.card.classes,
+                             model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
+        if self.calls == 1:
+            timeline.mark("first forward done", "predictor")
+        return table
 
     def score_faces(self, batch: dict[str, Any]) -> pa.Table:
         """Rows of a :data:`~maskmodel.score.loading.FACE_COLUMNS` batch: faces found, each classified, the
@@ -383,5 +389,8 @@ class Predictor:
                 verdicts[r], cols.detector[i] = probs[at], results.NO_DETECTOR
                 at += 1
         batch["error"] = np.array(errors, dtype=object)
-        return result_table(batch, verdicts, schema=self.schema, classes=classes, model_id=self.card.model_id,
-                            run_id=self.run_id, scored_at=results.utc_now(), faces=cols)
+        table = result_table(batch, verdicts, schema=self.schema, classes=classes, model_id=self.card.model_id,
+                             run_id=self.run_id, scored_at=results.utc_now(), faces=cols)
+        if self.calls == 1:
+            timeline.mark("first forward done", "predictor")
+        return table

@@ -21,7 +21,7 @@ import sys
 
 import pyarrow as pa
 
-from maskmodel import rayshim
+from maskmodel import rayshim, timeline
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.io.archives import archive_kind
@@ -153,7 +153,7 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     if loose is not None:
         # Fused into a CPU actor, the load step has the actor's cores to itself while it runs.
         threads = (cfg.threads or _node_cpus()) if not gpu and not separate else 1
-        parts.append(loose.map_batches(load_batch, batch_size=cfg.read_batch, batch_format="numpy",
+        parts.append(loose.map_batches(_load_loose, batch_size=cfg.read_batch, batch_format="numpy",
                                        fn_kwargs={**common, "concurrency": cfg.read_concurrency,
                                                   "decode_threads": threads}, num_cpus=1, **separate))
     if packed is not None:
@@ -171,6 +171,21 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
                                "device": device, "threads": cfg.threads, "faces": cfg.faces,
                                "detector_weights": cfg.detector_weights, "detect_options": cfg.detect_options()},
         num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+
+
+_loaded_once = False
+
+
+def _load_loose(batch: dict, **kwargs) -> dict:
+    """:func:`load_batch`, its first call in each process marked on the timeline (:mod:`maskmodel.timeline`)."""
+    global _loaded_once
+    if _loaded_once:
+        return load_batch(batch, **kwargs)
+    timeline.mark("first load start", "load")
+    out = load_batch(batch, **kwargs)
+    timeline.mark("first load done", "load")
+    _loaded_once = True
+    return out
 
 
 def _node_cpus() -> int:

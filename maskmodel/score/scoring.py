@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, testhooks
+from maskmodel import results, testhooks, timeline
 from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
@@ -113,6 +114,45 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     output that cannot be written, or missing credentials.
     """
     cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
+    # The model and detector checks (card, weights, building the networks: requests one after another, then
+    # CPU) overlap the input's listing; an input error is still reported first, then the model's. Nothing is written.
+    with ThreadPoolExecutor(2, thread_name_prefix="model-check") as pool:
+        model_check, faces_check = pool.submit(load_model_dir, cfg.model), pool.submit(check_faces, cfg)
+        try:
+            objects, manifest, columns, rows = _check_input(cfg)
+        except BaseException:
+            model_check.cancel()
+            faces_check.cancel()
+            raise
+        timeline.mark("input listed")
+        model, card = model_check.result()  # proves the weights load, not just that model.json parses
+        detector = faces_check.result()
+    del model
+    timeline.mark("model checked")
+    try:
+        schema = results.results_schema(card.classes)
+    except ValueError as e:
+        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
+    storage.check_writable(cfg.output)
+    results.check_output(cfg.output)
+    timeline.mark("output checked")
+    skip, skipped = np.empty(0, np.uint64), 0
+    if cfg.incremental:
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        if objects is not None:
+            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
+            if not any(archive_kind(o.uri) for o in objects):
+                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
+        else:
+            skipped = None
+    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
+    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows,
+                     detector=detector)
+
+
+def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, ...], int]:
+    """``(objects, manifest, columns, rows)`` of the input: a listing, or a manifest's head; UserError if unusable."""
     objects, manifest, columns, rows = None, None, (), 0
     if is_manifest(cfg.input):
         columns, rows = _manifest_head(cfg.input)
@@ -129,28 +169,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
         if not objects and not cfg.allow_empty:
             raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
-    model, card = load_model_dir(cfg.model)  # proves the weights load, not just that model.json parses
-    del model
-    detector = check_faces(cfg)
-    try:
-        schema = results.results_schema(card.classes)
-    except ValueError as e:
-        raise UserError(f"{cfg.model!r}: {e}; rename the classes in model.json.") from e
-    storage.check_writable(cfg.output)
-    results.check_output(cfg.output)
-    skip, skipped = np.empty(0, np.uint64), 0
-    if cfg.incremental:
-        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
-        if objects is not None:
-            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
-            objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
-            if not any(archive_kind(o.uri) for o in objects):
-                skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
-        else:
-            skipped = None
-    manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
-    return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows,
-                     detector=detector)
+    return objects, manifest, tuple(columns), rows
 
 
 def check_faces(cfg: ScoreConfig) -> str:
@@ -182,14 +201,17 @@ def execute(plan: ScorePlan) -> ScoreResult:
     if plan.has_work:
         actors, device = ensure_ray(cfg)
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
+        timeline.mark("ray up")
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)
         ds = build_dataset(plan, actors=actors, device=device, precision=precision)
         progress = Progress(f"scoring {cfg.run_id}", plan.total)
         metrics = ScoringMetrics(cfg.run_id)
+        timeline.mark("dataset built")
         for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
             if first_batch_s is None:  # actor start + model load + the first batch
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
+                timeline.mark("first result batch")
             writer.write(table)
             n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
             images, ok = images + table.num_rows, ok + n_ok
@@ -198,6 +220,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
                            images / max(time.monotonic() - t0, 1e-9))
             testhooks.pause(f"score-batch-{batch_no}")
         progress.close()
+        timeline.mark("last result batch")
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
     record = results.commit(writer, meta={
@@ -205,6 +228,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
         "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
         "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
         "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
+    timeline.mark("committed")
     return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed)
 
 
