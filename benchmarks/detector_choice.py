@@ -52,10 +52,11 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--val-seed", type=int, default=2, help="1: validate on the training scenes (can it learn at all?)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    train, val = scenes(a.train, 1, a.scene_size), scenes(a.val, 2, a.scene_size)
+    train, val = scenes(a.train, 1, a.scene_size), scenes(a.val, a.val_seed, a.scene_size)
     net = zoo.build(a.arch)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4) if a.optimizer == "adamw"
@@ -72,7 +73,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         train_s = time.perf_counter() - t0
         net.eval()
         truth, pred, score = [], [], []
