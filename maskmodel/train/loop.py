@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -218,6 +219,12 @@ def restore(model: torch.nn.Module, optimizer, scheduler, *, rank: int) -> tuple
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The saved lr is the one the old run's schedule set for this epoch; a resubmission with more --epochs has
+    # another schedule (a cosine that ended at 0 would train the added epochs at lr 0): set it from this one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns; here it is the point
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
     start, attempt = int(state["epoch"]) + 1, int(state["attempt"]) + 1
     if rank == 0:
         log.info("resumed from the checkpoint of epoch %d (attempt %d)", start, attempt)

@@ -70,7 +70,9 @@ def build(arch: str) -> TorchvisionFaceNet:
     if arch not in ZOO:
         raise UserError(f"Unknown detector architecture {arch!r}; choose one of {sorted(ZOO)}.")
     builder, _ = ZOO[arch]
-    return TorchvisionFaceNet(builder(weights=None, weights_backbone=None, num_classes=NUM_CLASSES))
+    # The card's threshold decides what is a face; torchvision's own floor only bounds the candidates (SSD's is 0.001).
+    extra = {"box_score_thresh": 0.01} if arch.startswith("fasterrcnn") else {}
+    return TorchvisionFaceNet(builder(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **extra))
 
 
 def load_matching(net: TorchvisionFaceNet, state: dict[str, torch.Tensor], source: str) -> int:
