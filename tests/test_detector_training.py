@@ -178,7 +178,8 @@ def test_trains_resumes_and_exports_a_detector_that_loads(ray_local, tmp_path):
     data = write_scenes(str(tmp_path / "data"), 24)
     out = str(tmp_path / "run")
     # Validation on the training scenes: a short run checks the loop, the loss, resume and export.
-    common = dict(data=data, val_data=data, output=out, augment=False, **TINY)
+    common = dict(data=data, val_data=data, output=out, augment=False, arch="fasterrcnn_mobilenet_v3_large_320_fpn",
+                  **TINY)
     assert sum(len(r) for r in read_coco(data)) == 45
     first = train_detector(DetectTrainConfig(epochs=3, **common))
     assert first.epochs_run == 3

@@ -32,7 +32,7 @@ from maskmodel.models.detect.zoo import WEIGHT_KEYWORDS, ZOO
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"  # measured: see README, "Training a face detector"
+DEFAULT_ARCH = "ssdlite320_mobilenet_v3_large"  # 30x faster per epoch on CPU than Faster R-CNN: see the README
 METRIC_COLUMNS = ("epoch", "train_loss", "val_ap50", "val_ap", "val_recall", "val_precision", "lr", "images_per_s",
                   "epoch_seconds", "train_images", "val_images", "val_faces", "skipped_train", "skipped_val",
                   "attempt")
