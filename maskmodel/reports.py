@@ -23,12 +23,17 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def curves_png(history: Sequence[dict]) -> bytes:
-    """Four panels, as in the original report: train loss, train accuracy, val loss, val accuracy per epoch."""
+#: The classifier's curves, as in the original report: (history key, panel title).
+CLASSIFIER_PANELS = (("train_loss", "Train loss"), ("train_acc", "Train accuracy"),
+                     ("val_loss", "Val loss"), ("val_acc", "Val accuracy"))
+
+
+def curves_png(history: Sequence[dict], panels: Sequence[tuple[str, str]] = CLASSIFIER_PANELS) -> bytes:
+    """One panel per ``(history key, title)`` of ``panels`` against the epoch; keys ending in ``acc``, ``ap``,
+    ``ap50``, ``recall`` or ``precision`` are shares (y axis up to 1)."""
     epochs = [h["epoch"] + 1 for h in history]
-    panels = [("train_loss", "Train loss"), ("train_acc", "Train accuracy"),
-              ("val_loss", "Val loss"), ("val_acc", "Val accuracy")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    axes = axes[0]
     for ax, (key, title) in zip(axes, panels):
         ax.plot(epochs, [h[key] for h in history], marker="o", ms=3)
         ax.set_title(title)
@@ -36,7 +41,23 @@ def curves_png(history: Sequence[dict]) -> bytes:
         ax.grid(alpha=0.3)
         if key.endswith("acc"):
             ax.set_ylim(min(0.4, min(h[key] for h in history) - 0.02), 1.005)
+        elif key.endswith(("ap", "ap50", "recall", "precision")):
+            ax.set_ylim(-0.02, 1.02)
     return _png(fig)
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, *, color: tuple[int, int, int],
+               labels: Sequence[str] | None = None, width: int = 2) -> np.ndarray:
+    """A copy of uint8 ``(H, W, 3)`` ``image`` with ``(K, 4)`` ``x0, y0, x1, y1`` pixel boxes outlined (and labelled)."""
+    from PIL import Image, ImageDraw
+
+    pic = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    draw = ImageDraw.Draw(pic)
+    for k, b in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
+        draw.rectangle([float(v) for v in b], outline=color, width=width)
+        if labels is not None:
+            draw.text((float(b[0]) + 2, float(b[1]) + 1), labels[k], fill=color)
+    return np.asarray(pic)
 
 
 def image_grid_png(images: np.ndarray, titles: Sequence[str], *, cols: int = 8,

@@ -17,6 +17,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -189,16 +190,10 @@ def _schedule(optimizer, cfg: dict[str, Any]):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry: train, evaluate on every worker's val shard, report + checkpoint each epoch."""
-    import ray
+def setup_worker(cfg: dict[str, Any]) -> tuple[int, int, torch.device]:
+    """Logging, intra-op threads and the seed of this Ray Train worker; returns (rank, world size, device)."""
     import ray.train
     import ray.train.torch
-    from ray.train import CheckpointUploadMode
-
-    from maskmodel.data.augment import DeviceAugment
-    from maskmodel.data.transforms import normalize
-    from maskmodel.models.classifier import build_model, unwrap
 
     _worker_logging()
     ctx = ray.train.get_context()
@@ -206,7 +201,73 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if cfg["torch_threads"]:
         torch.set_num_threads(cfg["torch_threads"])
     torch.manual_seed(cfg["seed"] + rank)
-    device = ray.train.torch.get_device()
+    return rank, world, ray.train.torch.get_device()
+
+
+def restore(model: torch.nn.Module, optimizer, scheduler, *, rank: int) -> tuple[int, list[dict], int]:
+    """Load Ray Train's latest checkpoint, if any, into the (unwrapped) ``model``, optimizer and scheduler.
+
+    Returns ``(first epoch to run, history so far, attempt)``: ``(0, [], 0)`` on a fresh start.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, [], 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # The saved lr is the one the old run's schedule set for this epoch; a resubmission with more --epochs has
+    # another schedule (a cosine that ended at 0 would train the added epochs at lr 0): set it from this one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns; here it is the point
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
+    start, attempt = int(state["epoch"]) + 1, int(state["attempt"]) + 1
+    if rank == 0:
+        log.info("resumed from the checkpoint of epoch %d (attempt %d)", start, attempt)
+    return start, list(state["history"]), attempt
+
+
+def report_epoch(cfg: dict[str, Any], *, rank: int, model: torch.nn.Module, optimizer, scheduler, epoch: int,
+                 history: list[dict], attempt: int, metrics: dict[str, Any], **outputs: Any) -> None:
+    """Every worker: report ``metrics``; rank 0 also refreshes metrics.csv and the curves and checkpoints.
+
+    ``outputs`` go to :func:`write_epoch_outputs` (``columns``, ``panels``). Ray Train uploads the
+    checkpoint in the background (and then deletes its folder): the next epoch starts without waiting
+    for object storage.
+    """
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    write_epoch_outputs(cfg["output"], history, **outputs)
+    d = tempfile.mkdtemp(prefix="maskmodel-ckpt-")
+    torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
+    with open(os.path.join(d, META_FILE), "w") as f:
+        json.dump(cfg["meta"], f)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                     checkpoint_dir_name=f"epoch_{epoch:04d}", checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+    testhooks.pause(f"train-epoch-{epoch}")  # test-only: stop/kill here, not at a random time
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train entry: train, evaluate on every worker's val shard, report + checkpoint each epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from maskmodel.data.augment import DeviceAugment
+    from maskmodel.data.transforms import normalize
+    from maskmodel.models.classifier import build_model, unwrap
+
+    rank, world, device = setup_worker(cfg)
     use_gpu = device.type == "cuda"
     if use_gpu:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -228,17 +289,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                                 weight_decay=cfg["weight_decay"])
     scheduler = _schedule(optimizer, cfg)
 
-    start_epoch, history, attempt = 0, [], 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, attempt = int(state["epoch"]) + 1, list(state["history"]), int(state["attempt"]) + 1
-        if rank == 0:
-            log.info("resumed from the checkpoint of epoch %d (attempt %d)", start_epoch, attempt)
+    start_epoch, history, attempt = restore(unwrap(model), optimizer, scheduler, rank=rank)
 
     per_worker_batch = max(1, cfg["batch_size"] // world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -283,18 +334,5 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                      epoch + 1, cfg["epochs"], tr["loss"], tr["acc"], va["loss"], va["acc"],
                      row["images_per_s"], fmt_seconds(eta))
             metrics_out.record(row)
-            write_epoch_outputs(cfg["output"], history)
-            # Ray Train uploads the checkpoint in the background (and then deletes this folder):
-            # the next epoch starts without waiting for object storage.
-            d = tempfile.mkdtemp(prefix="maskmodel-ckpt-")
-            torch.save({"model": {k: v.cpu() for k, v in unwrap(model).state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "epoch": epoch, "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
-            with open(os.path.join(d, META_FILE), "w") as f:
-                json.dump(cfg["meta"], f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"epoch_{epoch:04d}",
-                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
-            testhooks.pause(f"train-epoch-{epoch}")  # test-only: stop/kill here, not at a random time
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        report_epoch(cfg, rank=rank, model=unwrap(model), optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                     history=history, attempt=attempt, metrics=metrics)

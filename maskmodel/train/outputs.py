@@ -24,19 +24,20 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "epoch_seconds", "train_images", "val_images", "skipped_train", "skipped_val", "attempt")
 
 
-def metrics_csv(history: list[dict[str, Any]]) -> str:
+def metrics_csv(history: list[dict[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow(row)
     return buf.getvalue()
 
 
-def write_epoch_outputs(output: str, history: list[dict[str, Any]]) -> None:
-    """Refresh ``metrics.csv`` and ``curves.png`` so a running job can be watched."""
-    storage.write_text(storage.join(output, "metrics.csv"), metrics_csv(history))
-    storage.write_bytes(storage.join(output, "curves.png"), reports.curves_png(history))
+def write_epoch_outputs(output: str, history: list[dict[str, Any]], *, columns: Sequence[str] = METRIC_COLUMNS,
+                        panels: Sequence[tuple[str, str]] = reports.CLASSIFIER_PANELS) -> None:
+    """Refresh ``metrics.csv`` (``columns``) and ``curves.png`` (``panels``) so a running job can be watched."""
+    storage.write_text(storage.join(output, "metrics.csv"), metrics_csv(history, columns))
+    storage.write_bytes(storage.join(output, "curves.png"), reports.curves_png(history, panels))
 
 
 def write_samples_grid(output: str, images, labels, classes: Sequence[str], *, mean: Sequence[float],
@@ -49,6 +50,24 @@ def write_samples_grid(output: str, images, labels, classes: Sequence[str], *, m
     titles = [classes[int(i)] for i in labels[:n].cpu()]
     storage.write_bytes(storage.join(output, "augmented_samples.png"),
                         reports.image_grid_png(pics, titles, suptitle="First training batch after augmentation"))
+
+
+def write_boxes_grid(output: str, images, boxes, counts, *, limit: int = 16) -> None:
+    """``augmented_samples.png`` for a detector: the first training batch as the model saw it, boxes drawn.
+
+    ``images`` uint8 ``(N, 3, S, S)``, ``boxes`` float ``(N, B, 4)`` in its pixels, ``counts`` int ``(N,)``.
+    """
+    n = min(limit, int(images.shape[0]))
+    if not n:
+        return
+    pics = images[:n].detach().cpu().permute(0, 2, 3, 1).numpy()
+    drawn = [reports.draw_boxes(p, b[:int(c)].detach().cpu().numpy(), color=(0, 200, 0))
+             for p, b, c in zip(pics, boxes[:n], counts[:n])]
+    import numpy as np
+
+    storage.write_bytes(storage.join(output, "augmented_samples.png"), reports.image_grid_png(
+        np.stack(drawn), [f"{int(c)} face(s)" for c in counts[:n]], cols=4,
+        suptitle="First training batch after augmentation, with its boxes"))
 
 
 def run_meta(arch: str, classes: Sequence[str], image_size: int) -> dict[str, Any]:

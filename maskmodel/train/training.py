@@ -134,7 +134,22 @@ def _initial_state(config: TrainConfig, num_classes: int) -> dict:
 
 
 def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, reduce_to: int, shuffle: bool):
-    """Raw bytes checked once (unreadable images counted and dropped) → reduced decode + uint8 crop per epoch.
+    """The classifier's split: ``(uri, label)`` items through :func:`prepare_split` and a :class:`DecodeCrop`."""
+    from maskmodel.data.discovery import DecodeCrop
+
+    return prepare_split([{"uri": it.uri, "label": it.label} for it in items], name=name, seed=config.seed,
+                         max_unreadable=config.max_unreadable, cache=cache, shuffle=shuffle,
+                         decoder=DecodeCrop(crop, reduce_to=reduce_to))
+
+
+def prepare_split(rows: list[dict], *, name: str, seed: int, max_unreadable: float, cache: bool, decoder,
+                  shuffle: bool):
+    """Raw bytes checked once (unreadable images counted and dropped) → ``decoder`` per epoch; returns (dataset, bad).
+
+    ``rows``: one dict per image with its ``uri`` and whatever ``decoder`` needs
+    besides the bytes (a label, packed boxes); ``decoder`` is a Ray Data batch
+    callable that gets those columns plus ``data`` and ``error``. Shared by the
+    classifier's and the detector's training.
 
     Streaming (``cache`` off): each epoch reads the objects again, in a new
     block order: the shuffle is over the list of objects, before any byte is
@@ -142,17 +157,19 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, 
     whole split. Cached: the bytes are kept in Ray's object store, materialised
     once; each epoch reorders references to those blocks and copies nothing.
     Either way a local shuffle buffer in the training loop mixes across blocks.
+    Raises :class:`UserError` when more than ``max_unreadable`` of the split is
+    unreadable, naming a few.
     """
     import ray
     from ray.data.expressions import col
 
-    from maskmodel.data.discovery import DecodeCrop, fetch_and_check
+    from maskmodel.data.discovery import fetch_and_check
 
-    rows = [{"uri": it.uri, "label": it.label} for it in items]
+    rows = list(rows)
     if shuffle:
         # Listings come sorted, i.e. grouped by class; a shuffle buffer alone would still feed
         # single-class batches. Shuffle once here, then reorder blocks every epoch below.
-        random.Random(config.seed).shuffle(rows)
+        random.Random(seed).shuffle(rows)
 
     def listing(rows):
         return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 200)))
@@ -164,22 +181,77 @@ def _prepare_split(items, *, name: str, config: TrainConfig, cache: bool, crop, 
     bad = errors.count()
     if bad:
         examples = "; ".join(f"{r['uri']} ({r['error']})" for r in errors.take(3))
-        if bad > config.max_unreadable * len(rows):
+        if bad > max_unreadable * len(rows):
             raise UserError(f"{bad} of {len(rows)} images in the {name} split are unreadable "
-                            f"(over the {config.max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
+                            f"(over the {max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable image(s), e.g. %s", name, bad, examples)
     if cache:
-        # The check pass's failures are counted above; what DecodeCrop finds is the epoch's own.
+        # The check pass's failures are counted above; what the decoder finds is the epoch's own.
         good = raw.filter(expr=col("error") == "")
         good = good.randomize_block_order() if shuffle else good  # unseeded: a new order on every epoch's pass
     else:
         # The check pass found the unreadable objects: each epoch re-reads only the good ones and decodes
-        # each once (in DecodeCrop). The block order is randomised over the listing, before the reads.
+        # each once (in the decoder). The block order is randomised over the listing, before the reads.
         skip = {r["uri"] for r in errors.iter_rows()}
         source = listing([r for r in rows if r["uri"] not in skip])
         good = (source.randomize_block_order() if shuffle else source).map_batches(
             fetch_and_check, batch_size=64, fn_kwargs={"check": False})
-    return good.map_batches(DecodeCrop(crop, reduce_to=reduce_to), batch_size=32), bad
+    return good.map_batches(decoder, batch_size=32), bad
+
+
+def make_trainer(loop, loop_config: dict[str, Any], *, output: str, datasets: dict[str, Any], num_workers: int,
+                 gpu: bool, worker_cpus: float, max_failures: int, score_attribute: str,
+                 callbacks: Sequence[Any] = (), worker_env: dict[str, str] | None = None):
+    """The ``TorchTrainer`` both trainings run: checkpoints under ``<output>/checkpoints/train`` (so the same
+    ``--output`` resumes), failure retries, the best checkpoint kept by ``score_attribute`` (max), the test hooks'
+    variables forwarded, ``val`` split exactly (every image counted once) and the rest equally."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from maskmodel.raysession import train_logging_config
+    from maskmodel.train.loop import TEST_ENV
+    from maskmodel.train.sharding import ExactEvalDataConfig
+
+    env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
+    env.update(worker_env or {})
+    fs, path = storage.pyarrow_filesystem(storage.join(output, CHECKPOINTS[0]))
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=gpu,
+            resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=score_attribute, checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks) or None,
+            logging_config=train_logging_config(),
+        ),
+        datasets=datasets,
+        dataset_config=ExactEvalDataConfig(exact=("val",)),
+    )
+
+
+def load_state(checkpoint) -> dict:
+    """The :data:`~maskmodel.train.outputs.STATE_FILE` dict of a Ray Train checkpoint (model, history, ...)."""
+    import torch
+
+    from maskmodel.train.outputs import STATE_FILE
+
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def best_and_latest(result, metric: str) -> tuple[dict, dict]:
+    """The states of a finished fit's best checkpoint by ``metric`` (max) and of its latest one."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    latest = load_state(result.checkpoint)
+    best_ckpt = result.get_best_checkpoint(metric=metric, mode="max") or result.checkpoint
+    return load_state(best_ckpt), latest
 
 
 def _object_store_bytes() -> float:
@@ -203,16 +275,13 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     environment variables for the workers. Raises :class:`UserError` on bad
     input, before any worker starts.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray
 
     from maskmodel.data.discovery import discover
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
-    from maskmodel.raysession import train_logging_config
     from maskmodel.resources import cluster_cpus, cpus_per_worker
-    from maskmodel.train.loop import TEST_ENV, train_loop_per_worker
+    from maskmodel.train.loop import train_loop_per_worker
     from maskmodel.train.outputs import check_resumable, run_meta
-    from maskmodel.train.sharding import ExactEvalDataConfig
 
     storage.check_writable(config.output)
     data = discover(config.data, val_fraction=config.val_fraction)
@@ -238,12 +307,11 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     storage.write_json(storage.join(config.output, "train_config.json"),
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
 
-    env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
-    env.update(worker_env or {})
-    fs, path = storage.pyarrow_filesystem(storage.join(config.output, CHECKPOINTS[0]))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = make_trainer(
+        train_loop_per_worker, output=config.output, datasets={"train": train_ds, "val": val_ds},
+        num_workers=config.num_workers, gpu=config.gpu, worker_cpus=worker_cpus, max_failures=config.max_failures,
+        score_attribute="val_acc", callbacks=callbacks, worker_env=worker_env,
+        loop_config={
             "classes": list(data.classes), "arch": config.arch, "epochs": config.epochs,
             "batch_size": config.batch_size, "lr": config.effective_lr, "momentum": config.momentum,
             "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
@@ -253,22 +321,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "meta": meta, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.gpu,
-            resources_per_worker={"CPU": worker_cpus, **({"GPU": 1} if config.gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": env} if env else None,
-            callbacks=list(callbacks) or None,
-            logging_config=train_logging_config(),
-        ),
-        datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ExactEvalDataConfig(exact=("val",)),
-    )
+        })
     return trainer, data.classes
 
 
@@ -279,18 +332,10 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
     from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
-    from maskmodel.train.outputs import STATE_FILE, write_epoch_outputs
+    from maskmodel.train.outputs import write_epoch_outputs
 
-    def load(ckpt) -> dict:
-        with ckpt.as_directory() as d:
-            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    latest = load(result.checkpoint)
+    best, latest = best_and_latest(result, "val_acc")
     history = latest["history"]
-    best_ckpt = result.get_best_checkpoint(metric="val_acc", mode="max") or result.checkpoint
-    best = load(best_ckpt)
     best_row = best["history"][-1]
     buf = io.BytesIO()
     torch.save(best["model"], buf)

@@ -26,7 +26,7 @@ import torch
 
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.models.detect import centerface
+from maskmodel.models.detect import centerface, zoo
 from maskmodel.models.detect.card import DetectorCard, read_card, read_weights, sha256, write_card
 from maskmodel.models.detect.geometry import PRE_NMS_TOP_K, DetectOptions, Faces, letterbox, postprocess
 
@@ -63,6 +63,8 @@ def _build_centerface(data: bytes, name: str, source: str) -> torch.nn.Module:
 
 ARCHITECTURES: dict[str, Architecture] = {
     centerface.ARCHITECTURE: Architecture(build=_build_centerface, decode=centerface.decode),
+    # Detectors trained by jobs.train_detector: a state dict of the zoo.TorchvisionFaceNet adapter.
+    **{arch: Architecture(build=zoo.build_from_weights(arch), decode=zoo.decode) for arch in zoo.ZOO},
 }
 
 
