@@ -120,7 +120,7 @@ def _config_flags(module: str) -> set[str]:
                     and any((a.asname or a.name) == arg.value.id for a in n.names))
         name = next(a.name for a in node.names if (a.asname or a.name) == arg.value.id)
         source = ROOT / (f"{node.module}.{name}".replace(".", "/") + ".py")
-    else:  # from maskmodel.scoring import ScoreConfig, or a class in the job itself
+    else:  # from maskmodel.score.plan import ScoreConfig, or a class in the job itself
         cls_name, source = arg.id, job
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and any(a.name == cls_name for a in node.names):

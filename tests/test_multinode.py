@@ -242,7 +242,7 @@ def test_gpu_scoring_waits_for_an_autoscaler_with_explicit_actors(mn):
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from maskmodel.errors import UserError\n"
-        "from maskmodel.pipeline import ensure_ray as _ensure_ray\nfrom maskmodel.scoring import ScoreConfig\n"
+        "from maskmodel.score.pipeline import ensure_ray as _ensure_ray\nfrom maskmodel.score.plan import ScoreConfig\n"
         "cfg = dict(input='s3://b/in', model='s3://b/m', output='s3://b/out', num_gpus=1)\n"
         "print('explicit', _ensure_ray(ScoreConfig(**cfg, actors=3)))\n"
         "try:\n"
