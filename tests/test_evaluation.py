@@ -104,7 +104,7 @@ def test_bad_annotations_fail_before_anything_is_scored(tmp_path):
     from maskmodel.study.evaluation import EvalConfig, evaluate
 
     data, model = str(tmp_path / "data"), str(tmp_path / "model")
-    write_tiny_tree(data, splits=(("train", 2), ("test", 2)), size=40)
+    write_tiny_tree(data, splits=(("train", 2), ("val", 2), ("test", 2)), size=40)  # a val split: no hash hold-out
     save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
                    ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
     base = dict(model=model, data=data, output=str(tmp_path / "o"))
