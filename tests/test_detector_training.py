@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -97,6 +98,9 @@ def test_coco_weights_offline_are_one_sentence(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: it must download
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: the download fails here, always
+    # urllib keeps the first opener it builds, proxies included: this test's dead proxy must not outlive it
+    # (the S3 fixture's readiness probe, started later in the session, would be sent there too).
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(UserError, match="Could not download torchvision's COCO weights.*--weights none") as e:
         zoo.initial("ssdlite320_mobilenet_v3_large", "coco", storage.read_bytes)
     assert "\n" not in str(e.value)
@@ -223,3 +227,39 @@ def test_two_workers_on_s3_count_every_val_image_once(ray_local, s3_bucket, tmp_
     assert int(rows[0]["skipped_train"]) + int(rows[0]["skipped_val"]) == 1
     det = load_detector(res.model_dir)
     assert det.detect([np.zeros((128, 128, 3), np.uint8)])[0].boxes.shape[1] == 4
+
+
+def test_a_lone_image_sits_the_step_out_and_workers_get_two_images_each():
+    """BatchNorm in train mode raises on one value per channel (SSDlite pools pictures to 1x1): an epoch's last
+    batch of one image must not reach the model, and the config refuses per-worker batches under two."""
+    from maskmodel.train.detect_loop import _train_epoch
+    from maskmodel.train.detection import DetectTrainConfig
+
+    class Pooled(torch.nn.Module):  # the shape of the failure: features pooled to 1x1, then BatchNorm
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+            self.seen = []
+
+        def forward(self, images, targets):
+            self.seen.append(len(images))
+            x = self.bn(torch.nn.functional.adaptive_avg_pool2d(self.conv(images / 255), 1))
+            return {"loss": x.pow(2).mean()}
+
+    class Shard:
+        def iter_torch_batches(self, **_):
+            for n in (2, 1):  # a full batch, then the epoch's remainder
+                yield {"image": torch.zeros(n, 3, 16, 16, dtype=torch.uint8),
+                       "boxes": torch.tensor([[[1.0, 1.0, 8.0, 8.0]]]).repeat(n, 1, 1),
+                       "n_boxes": torch.ones(n, dtype=torch.int64)}
+
+    class Beat:
+        def beat(self):
+            pass
+
+    model = Pooled()
+    out = _train_epoch(model, Shard(), device="cpu", batch_size=2,
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.01), watchdog=Beat())
+    assert model.seen == [2] and out["images"] == 2 and out["skipped"] == 0
+    with pytest.raises(ValueError, match="fewer than 2 images per step"):
+        DetectTrainConfig(data="d", output="o", batch_size=3, num_workers=2)

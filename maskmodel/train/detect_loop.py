@@ -34,8 +34,14 @@ def _targets(boxes: torch.Tensor, counts: torch.Tensor) -> list[dict[str, torch.
             for b, n in zip(boxes, counts)]
 
 
+#: Fewest images a training step takes: BatchNorm in train mode needs two values per channel, and SSDlite's
+#: extra layers pool a picture down to 1x1, so a batch of one image raises there.
+MIN_STEP_IMAGES = 2
+
+
 def _train_epoch(model, shard, *, device, batch_size, optimizer, watchdog, on_first_batch=None) -> dict[str, Any]:
-    """One training pass; rows an epoch could not read (``n_boxes == -1``) are left out of the step."""
+    """One training pass; rows an epoch could not read (``n_boxes == -1``) are left out of the step, and so is a
+    batch left with a single image (:data:`MIN_STEP_IMAGES`)."""
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * images, images, skipped
     start = time.perf_counter()
@@ -47,6 +53,8 @@ def _train_epoch(model, shard, *, device, batch_size, optimizer, watchdog, on_fi
         images, boxes, counts = batch["image"][ok], batch["boxes"][ok], batch["n_boxes"][ok]
         if on_first_batch is not None and i == 0:
             on_first_batch(images, boxes, counts)
+        if len(images) < MIN_STEP_IMAGES:  # a lone image (an epoch's last batch) sits this step out with the rest
+            images, boxes, counts = images[:0], boxes[:0], counts[:0]
         if len(images):
             losses = model(images.float(), _targets(boxes, counts))
             loss = sum(losses.values())

@@ -93,8 +93,9 @@ class DetectTrainConfig:
         resolve_paths(self)
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("--epochs, --batch-size and --num-workers must be at least 1")
-        if self.batch_size < self.num_workers:
-            raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
+        if self.batch_size < 2 * self.num_workers:  # BatchNorm trains on two images per step at least
+            raise ValueError(f"--batch-size {self.batch_size} gives a worker fewer than 2 images per step; use at "
+                             f"least {2 * self.num_workers} for --num-workers {self.num_workers}")
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
         if not 64 <= self.image_size <= 2048 or self.image_size % 32:
