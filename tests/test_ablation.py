@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -13,6 +14,7 @@ from maskmodel.io import storage
 from maskmodel.study.ablation import (
     FAIL_TRIAL_ENV,
     AblationConfig,
+    _history,
     run_ablation,
     summarize,
     summarize_trial,
@@ -56,6 +58,22 @@ def test_rows_best_epoch_overfit_epoch_and_failures():
     assert s["by_augment"]["on"] == {"trials": 1, "mean_scene_acc": 0.8, "mean_final_val_acc": 0.9}
     assert s["pairs"] == [{"lr": 0.01, "weights": "none", "scene_acc_on_minus_off": pytest.approx(0.1)}]
     assert s["failed"] == ["t"]
+
+
+def test_a_failed_trials_history_falls_back_to_its_metrics_csv(tmp_path):
+    # Ray Train V2 can lose the last report of a worker that raised right after it; metrics.csv was written first.
+    import pandas as pd
+
+    from maskmodel.train.outputs import metrics_csv
+
+    out = str(tmp_path / "trial")
+    storage.write_text(storage.join(out, "metrics.csv"), metrics_csv([_h(0, 0.6, 0.5)]))
+    lost = SimpleNamespace(metrics_dataframe=None, error=RuntimeError("boom"))
+    assert _history(lost, out) == [_h(0, 0.6, 0.5)]
+    # A trial that ended well keeps what Tune received, whatever the file says.
+    ok = SimpleNamespace(metrics_dataframe=pd.DataFrame([_h(0, 0.7, 0.6), _h(1, 0.8, 0.7)]), error=None)
+    assert _history(ok, out) == [_h(0, 0.7, 0.6), _h(1, 0.8, 0.7)]
+    assert _history(SimpleNamespace(metrics_dataframe=None, error=RuntimeError("x")), str(tmp_path / "none")) == []
 
 
 def test_bad_data_fails_before_any_trial(tmp_path):

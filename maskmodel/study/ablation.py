@@ -166,12 +166,28 @@ def _plan_cpus(config: AblationConfig, trials: int) -> tuple[float, int]:
     return per_worker, max(1, min(n, trials))
 
 
-def _history(result) -> list[dict[str, float]]:
+def _history_rows(rows) -> list[dict[str, float]]:
+    return [{k: (int(float(r[k])) if k == "epoch" else float(r[k])) for k in HISTORY_KEYS} for r in rows
+            if all(r.get(k) not in (None, "") for k in HISTORY_KEYS)]
+
+
+def _history(result, output: str) -> list[dict[str, float]]:
+    """The trial's per-epoch metrics, as Tune received them through ``TuneReportCallback``.
+
+    A worker that raises right after reporting can lose that last report: Ray Train V2's controller polls
+    the worker group and may see the error before the report. The trial's rank-0 worker writes every
+    finished epoch to ``metrics.csv`` before reporting it, so where that file holds more epochs (a failed
+    trial), it is the record.
+    """
     df = result.metrics_dataframe
-    if df is None or not set(HISTORY_KEYS) <= set(df.columns):
-        return []
-    rows = df[list(HISTORY_KEYS)].dropna().to_dict("records")
-    return [{k: (int(r[k]) if k == "epoch" else float(r[k])) for k in HISTORY_KEYS} for r in rows]
+    tuned = [] if df is None or not set(HISTORY_KEYS) <= set(df.columns) else _history_rows(
+        df[list(HISTORY_KEYS)].dropna().to_dict("records"))
+    path = storage.join(output, "metrics.csv")
+    if result.error and storage.exists(path):
+        written = _history_rows(csv.DictReader(io.StringIO(storage.read_text(path))))
+        if len(written) > len(tuned):
+            return written
+    return tuned
 
 
 def summarize_trial(spec: dict[str, Any], history: Sequence[dict[str, float]], *, error: str | None,
@@ -300,7 +316,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     rows, curves, histories = [], [], {}
     for result in grid:
         spec = result.config["trial"]
-        history, error = _history(result), (str(result.error) if result.error else None)
+        history = _history(result, spec["train"]["output"])
+        error = str(result.error) if result.error else None
         model_dir = storage.join(spec["train"]["output"], "model")
         scene, best_epoch, model_id = None, None, ""
         if not error:
