@@ -170,7 +170,6 @@ def main() -> None:
     p.add_argument("--num-gpus", type=float, default=0.0)
     args = p.parse_args()
     load_before = os.getloadavg()
-    work = tempfile.mkdtemp(prefix="data-path-")
     moto, endpoint = start_moto()
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL_S3=endpoint)
     try:

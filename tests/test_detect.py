@@ -154,7 +154,6 @@ def test_bad_detectors_are_one_sentence(tmp_path):
     with pytest.raises(UserError, match="not a readable ONNX model") as e:
         load_detector("centerface", weights=str(tmp_path / "junk.onnx"))
     _one_sentence(e)
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
