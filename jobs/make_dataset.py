@@ -1,8 +1,9 @@
 """Draw the built-in synthetic face-mask dataset and write it to local disk or object storage.
 
-Writes ``<out>/{train,val,test,scene}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``,
-``dataset.json`` and ``scene.coco.json`` (the box, class and variant of every face of the
-``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.data.synth`);
+Writes ``<out>/{train,val,test,scene,detect}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``,
+``dataset.json``, ``scene.coco.json`` (the box, class and variant of every face of the
+``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.data.synth`) and
+``detect.coco.json`` (the same for ``detect``, the scenes ``jobs.train_detector`` learns from);
 with ``--format webdataset``, tar shards ``<out>/<split>/<split>-NNNNNN.tar`` of
 ``--shard-size`` images each (``<class>/NNNNNN.jpg`` + ``.cls``), which
 ``jobs.score`` reads as they are. The same ``--seed`` writes byte-identical files.

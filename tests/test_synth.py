@@ -36,8 +36,8 @@ def dataset(tmp_path_factory) -> tuple[str, dict]:
 
 
 def test_split_sizes():
-    assert synth.split_sizes(4) == {"train": 4, "val": 2, "test": 2, "scene": 2}
-    assert synth.split_sizes(500) == {"train": 500, "val": 125, "test": 125, "scene": 125}
+    assert synth.split_sizes(4) == {"train": 4, "val": 2, "test": 2, "scene": 2, "detect": 2}
+    assert synth.split_sizes(500) == {"train": 500, "val": 125, "test": 125, "scene": 125, "detect": 200}
 
 
 def test_counts_per_split_and_class(dataset):
@@ -57,7 +57,7 @@ def test_every_image_decodes_at_the_requested_size(dataset):
     files = storage.list_files(out, extensions=("jpg",))
     assert len(files) == 2 * sum(synth.split_sizes(N).values())
     for f in files:  # scenes have room for several faces: four times the crop size, at least 128
-        side = 128 if "/scene/" in f.uri else SIZE
+        side = 128 if "/scene/" in f.uri or "/detect/" in f.uri else SIZE
         assert decode_image(storage.read_bytes(f.uri)).size == (side, side)
 
 
@@ -129,7 +129,7 @@ def test_s3_round_trip(s3_bucket, dataset):
     assert remote == _tree(local)  # same seed, same bytes, wherever it is written
     for key, data in remote.items():
         if key.endswith(".jpg"):
-            assert decode_image(data).size == ((128, 128) if key.startswith("scene/") else (SIZE, SIZE))
+            assert decode_image(data).size == ((128, 128) if key.startswith(("scene/", "detect/")) else (SIZE, SIZE))
     assert storage.read_json(storage.join(out, "dataset.json"))["splits"]["scene"] == {"mask": 2, "no_mask": 2}
 
 
@@ -173,7 +173,7 @@ def test_webdataset_shards_hold_the_same_images(tmp_path):
     kw = dict(n_per_class=6, image_size=40, workers=4)
     synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "folders"), **kw))
     record = synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "wds"), format="webdataset", shard_size=5, **kw))
-    assert record["format"] == "webdataset" and record["total"] == 2 * (6 + 3 * 2)
+    assert record["format"] == "webdataset" and record["total"] == 2 * (6 + 3 * 2 + 2)
     shards = sorted(storage.listdir(str(tmp_path / "wds" / "train")))
     assert shards == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]  # 12 images, 5 per shard
     seen = {}

@@ -19,14 +19,17 @@ classes, so it carries no label.
 Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset"``, tar shards
 ``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
-(``max(2, round(n/4))`` each). ``train``/``val``/``test`` are tight face crops;
+(``max(2, round(n/4))`` each) and ``detect`` (``max(2, round(0.4 n))``). ``train``/``val``/``test`` are tight face crops;
 ``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
 hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
 picture (:mod:`maskmodel.data.scenes`); their folder is the picture's verdict
 (``no_mask`` if any face is unmasked, else ``mask``, a picture with no face
 included), so tools that score whole pictures by folder keep working. Every
 scene face's box, class and variant is in ``scene.coco.json`` (COCO JSON, paths
-relative to ``<out>``; read it with :func:`maskmodel.models.detect.read_coco`).
+relative to ``<out>``; read it with :func:`maskmodel.data.annotations.read_coco`).
+``detect`` holds more such scenes, drawn from their own seeds, with their boxes in
+``detect.coco.json``: what ``jobs.train_detector`` learns from, so the ``scene``
+split stays unseen by the detector as by the classifier.
 ``dataset.json`` records the generator's parameters and the counts;
 ``variants.csv`` gives each file's variant (``surgical``, ``n95``, ``cloth``,
 ``plain``, ``hand``, ``paper``, ``scarf``; for a scene its faces' variants
@@ -68,13 +71,15 @@ from maskmodel.io import storage
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump whenever a seed would draw different pictures (2: scenes of 0-4 faces with boxes)
-SPLITS = ("train", "val", "test", "scene")
+VERSION = 3  # bump whenever a seed would draw different pictures (2: scenes with boxes; 3: the detect split)
+SPLITS = ("train", "val", "test", "scene", "detect")  # append only: the index is part of every picture's seed
+SCENE_SPLITS = ("scene", "detect")  # pictures of 0-4 faces with their boxes in <split>.coco.json
 CLASSES = ("mask", "no_mask")
 MASK_STYLES = ("surgical", "n95", "cloth")
 HARD_NEGATIVES = ("hand", "paper", "scarf")
 SCENE_ANNOTATIONS = "scene.coco.json"  # COCO boxes of the scene split, next to it
-OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv", SCENE_ANNOTATIONS)
+DETECT_ANNOTATIONS = "detect.coco.json"  # COCO boxes of the detect split (the face detector's training scenes)
+OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv", SCENE_ANNOTATIONS, DETECT_ANNOTATIONS)
 
 
 
@@ -83,7 +88,8 @@ class DatasetConfig:
     """Everything that decides what ``jobs.make_dataset`` writes, and where."""
 
     out: str = field(path=True, help="where to write the dataset tree: a local path or a URI such as s3://bucket/faces")
-    n_per_class: int = field(500, help="train images per class; val, test and scene get max(2, round(N/4)) each")
+    n_per_class: int = field(500, help="train images per class; val, test and scene get max(2, round(N/4)) each, "
+                                       "detect (the face detector's training scenes) max(2, round(0.4 N))")
     image_size: int = field(96, help="side of the square images in pixels")
     scene_size: int = field(0, help="side of the scene pictures in pixels (0: four times --image-size, at least "
                                     "128): room for up to 4 faces of at least 24 px")
@@ -121,19 +127,25 @@ def scene_side(config: DatasetConfig) -> int:
 
 
 def render_scene_sample(label: str, index: int, *, size: int = 256, seed: int = 0,
-                        hard_negative_fraction: float = 0.3) -> Scene:
-    """Scene ``index`` of ``label`` (the picture's verdict), drawn from its own seed like :func:`render_sample`."""
+                        hard_negative_fraction: float = 0.3, split: str = "scene") -> Scene:
+    """Scene ``index`` of ``label`` (the picture's verdict) of ``split`` (one of :data:`SCENE_SPLITS`), drawn
+    from its own seed like :func:`render_sample`."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
-    rng = np.random.default_rng((seed, SPLITS.index("scene"), CLASSES.index(label), index))
+    if split not in SCENE_SPLITS:
+        raise ValueError(f"unknown scene split {split!r}; expected one of {SCENE_SPLITS}")
+    rng = np.random.default_rng((seed, SPLITS.index(split), CLASSES.index(label), index))
     return render_scene(label, index, rng, size=size,
                         variant_for=lambda cls, i: variant_for(cls, i, rng, hard_negative_fraction))
 
 
 def split_sizes(n_per_class: int) -> dict[str, int]:
-    """Images per class in each split: ``n_per_class`` in train, ``max(2, round(n/4))`` in the others."""
+    """Images per class in each split: ``n_per_class`` in train, ``max(2, round(n/4))`` in val, test and scene,
+    ``max(2, round(0.4 n))`` in detect (240 scenes for the demo's 300: what the detector needs, measured in
+    ``benchmarks/detector_choice.py``)."""
     small = max(2, round(n_per_class / 4))
-    return {"train": n_per_class, "val": small, "test": small, "scene": small}
+    return {"train": n_per_class, "val": small, "test": small, "scene": small,
+            "detect": max(2, round(0.4 * n_per_class))}
 
 
 def variant_for(label: str, index: int, rng: np.random.Generator, hard_negative_fraction: float) -> str:
@@ -251,9 +263,9 @@ def write_dataset(config: DatasetConfig) -> dict:
     scene_px = scene_side(config)
 
     def make(split: str, label: str, path: str) -> tuple[str, bytes, tuple]:
-        if split == "scene":
+        if split in SCENE_SPLITS:
             scene = render_scene_sample(label, int(path[-10:-4]), size=scene_px, seed=config.seed,
-                                        hard_negative_fraction=config.hard_negative_fraction)
+                                        hard_negative_fraction=config.hard_negative_fraction, split=split)
             sample, faces = Sample(scene.image, scene.variant, scene.jpeg_quality), scene.faces
         else:
             faces = ()
@@ -291,9 +303,11 @@ def write_dataset(config: DatasetConfig) -> dict:
                 else:
                     names = [p for _, _, p in chunk]
                 rows += [(n, c, s, v) for n, (s, c, _), (v, _, _) in zip(names, chunk, made)]
-                scene_faces += [(n, c, faces) for n, (s, c, _), (_, _, faces) in zip(names, chunk, made)
-                                if s == "scene"]
-    _write_scene_annotations(config.out, scene_faces, scene_px)
+                scene_faces += [(s, n, c, faces) for n, (s, c, _), (_, _, faces) in zip(names, chunk, made)
+                                if s in SCENE_SPLITS]
+    for split, name in (("scene", SCENE_ANNOTATIONS), ("detect", DETECT_ANNOTATIONS)):
+        _write_scene_annotations(config.out, [f[1:] for f in scene_faces if f[0] == split], scene_px, name=name,
+                                 split=split)
     storage.write_text(storage.join(config.out, "variants.csv"),
                        "path,label,split,variant\n" + "".join(",".join(r) + "\n" for r in rows))
     # Only what decides the pictures: the same seed gives the same file wherever it is written.
@@ -303,9 +317,9 @@ def write_dataset(config: DatasetConfig) -> dict:
               "splits": {s: {c: sizes[s] for c in CLASSES} for s in SPLITS},
               "variants": {s: dict(sorted(Counter(r[3] for r in rows if r[2] == s).items())) for s in SPLITS},
               "total": len(rows), "format": config.format,
-              "scene_annotations": {"file": SCENE_ANNOTATIONS, "format": "coco",
-                                    "faces": dict(Counter(f.label for _, _, fs in scene_faces for f in fs)),
-                                    "images_without_faces": sum(not fs for _, _, fs in scene_faces)},
+              "scene_annotations": _annotation_record(SCENE_ANNOTATIONS, [f for f in scene_faces if f[0] == "scene"]),
+              "detect_annotations": _annotation_record(DETECT_ANNOTATIONS,
+                                                       [f for f in scene_faces if f[0] == "detect"]),
               "layout": ("<split>/<split>-<shard:06d>.tar holding <class>/<index:06d>.jpg and .cls" if shards
                          else "<split>/<class>/<index:06d>.jpg")}
     if shards:
@@ -315,8 +329,14 @@ def write_dataset(config: DatasetConfig) -> dict:
     return record
 
 
-def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], size: int) -> None:
-    """``<out>/scene.coco.json``: per scene picture (path relative to ``out``) its faces' boxes, classes, variants."""
+def _annotation_record(name: str, scenes: list[tuple]) -> dict:
+    return {"file": name, "format": "coco", "faces": dict(Counter(f.label for *_, fs in scenes for f in fs)),
+            "images_without_faces": sum(not fs for *_, fs in scenes)}
+
+
+def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], size: int, *, name: str,
+                             split: str) -> None:
+    """``<out>/<name>``: per picture of ``split`` (path relative to ``out``) its faces' boxes, classes, variants."""
     from maskmodel.data.annotations import ImageBoxes, write_coco
 
     records = [ImageBoxes(path=storage.join(out, name), width=size, height=size,
@@ -324,7 +344,7 @@ def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], siz
                           classes=tuple(f.label for f in faces), labels=tuple("face" for _ in faces),
                           attributes=tuple({"variant": f.variant} for f in faces), extra={"label": label})
                for name, label, faces in scenes]
-    write_coco(records, storage.join(out, SCENE_ANNOTATIONS), categories=CLASSES,
-               info={"description": "maskmodel.data.synth scene split: every face's box, class (mask/no_mask) and "
-                                    "variant; images[].label is the picture's verdict (its folder)",
+    write_coco(records, storage.join(out, name), categories=CLASSES,
+               info={"description": f"maskmodel.data.synth {split} split: every face's box, class (mask/no_mask) "
+                                    f"and variant; images[].label is the picture's verdict (its folder)",
                      "version": VERSION})

@@ -3,8 +3,8 @@
 The classifier's loop pieces are shared (:func:`~maskmodel.train.loop.setup_worker`,
 :func:`~maskmodel.train.loop.restore`, :func:`~maskmodel.train.loop.report_epoch`,
 the watchdog, the schedule, test fault injection); what differs is the step: a
-torchvision detector takes a list of images with their target boxes and
-returns its losses, and evaluation gathers every worker's boxes to compute
+detector of :mod:`maskmodel.models.detect.trainable` takes the images with each
+one's target boxes and returns its losses, and evaluation gathers every worker's boxes to compute
 AP50 / COCO AP (pycocotools, :func:`maskmodel.detection_metrics.detection_metrics`)
 and recall / precision at the operating threshold, through the same NMS and
 limits the face stage applies when scoring
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 EVAL_SCORE_FLOOR = 0.05  # AP ranks every detection above this (torchvision's own floor for R-CNNs)
 
 
-def _targets(boxes: torch.Tensor, counts: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    return [{"boxes": b[:int(n)].float(), "labels": torch.ones(int(n), dtype=torch.int64, device=b.device)}
-            for b, n in zip(boxes, counts)]
+def _boxes(boxes: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
+    """Padded ``(N, MAX_BOXES, 4)`` boxes and their counts -> per image float ``(K_i, 4)``."""
+    return [b[:int(n)].float() for b, n in zip(boxes, counts)]
 
 
 #: Fewest images a training step takes: BatchNorm in train mode needs two values per channel, and SSDlite's
@@ -56,7 +56,7 @@ def _train_epoch(model, shard, *, device, batch_size, optimizer, watchdog, on_fi
         if len(images) < MIN_STEP_IMAGES:  # a lone image (an epoch's last batch) sits this step out with the rest
             images, boxes, counts = images[:0], boxes[:0], counts[:0]
         if len(images):
-            losses = model(images.float(), _targets(boxes, counts))
+            losses = model(images.float(), _boxes(boxes, counts))
             loss = sum(losses.values())
         else:  # every worker takes the same steps (DDP): a zero step touching every parameter
             loss = sum(p.sum() * 0.0 for p in model.parameters())
@@ -72,11 +72,11 @@ def _train_epoch(model, shard, *, device, batch_size, optimizer, watchdog, on_fi
 
 
 @torch.inference_mode()
-def _evaluate(model, shard, *, device, batch_size, image_size, score_threshold, nms_iou, watchdog) -> dict[str, Any]:
+def _evaluate(model, shard, *, decode, device, batch_size, image_size, score_threshold, nms_iou,
+              watchdog) -> dict[str, Any]:
     """AP50, COCO AP, recall and precision over every worker's validation rows (each counted once)."""
     from maskmodel.detection_metrics import detection_metrics
     from maskmodel.models.detect.geometry import DetectOptions, place, postprocess
-    from maskmodel.models.detect.zoo import decode
 
     model.eval()
     size = (image_size, image_size)
@@ -118,7 +118,7 @@ def detect_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from maskmodel.models.detect.zoo import build
+    from maskmodel.models.detect.trainable import build, decode
     from maskmodel.train.outputs import write_boxes_grid
 
     rank, world, device = setup_worker(cfg)
@@ -148,7 +148,7 @@ def detect_loop_per_worker(cfg: dict[str, Any]) -> None:
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             # The plain module, as the classifier: DDP's forward would sync with workers holding fewer val rows.
-            va = _evaluate(net, val_shard, device=device, batch_size=per_worker_batch, image_size=cfg["image_size"],
+            va = _evaluate(net, val_shard, decode=decode(cfg["arch"]), device=device, batch_size=per_worker_batch, image_size=cfg["image_size"],
                            score_threshold=cfg["score_threshold"], nms_iou=cfg["nms_iou"], watchdog=watchdog)
         row = {"epoch": epoch, "train_loss": tr["loss"], "val_ap50": max(va["ap50"], 0.0), "val_ap": max(va["ap"], 0.0),
                "val_recall": va["recall"], "val_precision": va["precision"], "lr": lr,

@@ -10,7 +10,7 @@ the letterbox is the only resize: training, validation and scoring see the
 same pixels). In eval mode it returns torchvision's list of
 ``{"boxes", "scores", "labels"}`` per image, in input pixels; :func:`decode`
 turns that into the candidate boxes the shared NMS and limits take. In train
-mode, given targets, it returns torchvision's loss dict.
+mode, given boxes per image, it returns torchvision's loss dict.
 
 Weights: ``none`` builds from scratch (no ImageNet backbone either: nothing
 downloads), ``coco`` loads torchvision's COCO detection weights for every
@@ -53,9 +53,12 @@ class TorchvisionFaceNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
-        """``images``: float ``(N, 3, H, W)`` 0..255; ``targets`` (training): per image ``boxes`` float ``(K, 4)``
-        ``x0, y0, x1, y1`` in input pixels and ``labels`` int64 ``(K,)`` (all :data:`FACE_LABEL`)."""
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | None = None):
+        """``images``: float ``(N, 3, H, W)`` 0..255; ``boxes`` (training): per image float ``(K, 4)``
+        ``x0, y0, x1, y1`` in input pixels, every one a face (:data:`FACE_LABEL`)."""
+        targets = None if boxes is None else [
+            {"boxes": b.float(), "labels": torch.full((len(b),), FACE_LABEL, dtype=torch.int64, device=b.device)}
+            for b in boxes]
         h, w = int(images.shape[-2]), int(images.shape[-1])
         t = self.model.transform
         if t.fixed_size is not None:  # SSD: a fixed (width, height)
