@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,6 +60,22 @@ def match(truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None = 
                    spurious=np.array([j for j in range(len(p)) if j not in matched_p], dtype=np.int64))
 
 
+def _drop_pycocotools(record: logging.LogRecord) -> bool:
+    return "pycocotools" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools():
+    """Inside Ray Train V2 workers ``print`` becomes a root-logger record (its ``patch_print``), which
+    ``redirect_stdout`` does not catch: drop the records pycocotools' prints make, for this block only."""
+    root = logging.getLogger()
+    root.addFilter(_drop_pycocotools)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_pycocotools)
+
+
 def detection_metrics(truth: Sequence[np.ndarray], predicted: Sequence[np.ndarray], scores: Sequence[np.ndarray], *,
                       sizes: Sequence[tuple[int, int]] | None = None, iou: float = 0.5,
                       threshold: float = 0.0) -> dict[str, float]:
@@ -97,7 +114,7 @@ def detection_metrics(truth: Sequence[np.ndarray], predicted: Sequence[np.ndarra
         matched, faces, kept = matched + len(m.pairs), faces + len(t), kept + int(keep.sum())
     ap50 = ap = -1.0
     if annotations and dets:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_pycocotools():  # pycocotools prints its progress
             gt = COCO()
             gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "face"}]}
             gt.createIndex()

@@ -29,7 +29,7 @@ from maskmodel.models.detect import centerface, centernet, trainable, zoo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(weights="none", image_size=128, batch_size=4, cpus_per_worker=0.5, lr=0.002)
 # CenterFace from its packaged weights (the default), as the demo trains it.
-FINE_TUNE = dict(image_size=128, batch_size=4, cpus_per_worker=0.5, lr=0.001)
+FINE_TUNE = dict(image_size=128, batch_size=4, cpus_per_worker=0.5)
 
 
 def write_scenes(root: str, n: int, *, size: int = 128, seed: int = 0, name: str = "faces.coco.json") -> str:
