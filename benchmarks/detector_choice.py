@@ -7,13 +7,22 @@ torchvision zoo from scratch (no COCO or ImageNet weights here).
 
     python -m benchmarks.detector_choice --arch centerface --weights pretrained --epochs 4
     python -m benchmarks.detector_choice --arch fasterrcnn_mobilenet_v3_large_320_fpn --weights none --epochs 6
+
+``--ray`` then runs ``jobs.train_detector``'s library function (1 Ray Train worker, local Ray) on the
+same scenes, written as JPEGs with COCO files, with the same model, weights, batch, lr (constant), threads
+and augmentation, and prints the training img/s of both side by side (epochs after the first; the first
+pays for start-up in both) and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
+import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -36,6 +45,42 @@ def scenes(n: int, seed: int, size: int) -> list[dict]:
         rows.append({"data": buf.getvalue(), "boxes": pack_boxes(np.asarray([f.box for f in sc.faces], np.float32)),
                      "width": size, "height": size})
     return rows
+
+
+def write_coco_scenes(rows: list[dict], root: str, name: str) -> str:
+    """``rows`` of :func:`scenes` as JPEGs under ``root/name/`` and their COCO file; returns its path."""
+    from maskmodel.data.annotations import ImageBoxes, write_coco
+    from maskmodel.data.boxes import unpack_boxes
+
+    records = []
+    for i, r in enumerate(rows):
+        path = os.path.join(root, name, f"{i:04d}.jpg")
+        storage.write_bytes(path, r["data"])
+        b = unpack_boxes(r["boxes"]).reshape(-1, 4)
+        records.append(ImageBoxes(path=path, width=r["width"], height=r["height"], boxes=b,
+                                  classes=tuple("face" for _ in b), labels=tuple("face" for _ in b)))
+    uri = os.path.join(root, f"{name}.coco.json")
+    write_coco(records, uri, categories=("face",))
+    return uri
+
+
+def ray_train_rates(a, train: list[dict], val: list[dict]) -> list[float]:
+    """Training img/s per epoch of ``jobs.train_detector`` (1 worker) on the same scenes and settings."""
+    from maskmodel.train.detection import DetectTrainConfig, train_detector
+
+    root = tempfile.mkdtemp(prefix="detector-choice-")
+    try:
+        cfg = DetectTrainConfig(data=write_coco_scenes(train, root, "train"),
+                                val_data=write_coco_scenes(val, root, "val"), output=os.path.join(root, "run"),
+                                arch=a.arch, weights=a.weights, epochs=a.epochs, batch_size=a.batch_size,
+                                optimizer=a.optimizer, lr=a.lr, lr_schedule="constant", image_size=a.input,
+                                torch_threads=a.threads, score_threshold=a.threshold, nms_iou=a.nms_iou,
+                                cache_raw="on")
+        train_detector(cfg)
+        with open(os.path.join(root, "run", "metrics.csv")) as f:
+            return [float(r["images_per_s"]) for r in csv.DictReader(f)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def batches(rows, decode, bs):
@@ -61,6 +106,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-seed", type=int, default=2, help="1: validate on the training scenes (can it learn at all?)")
+    ap.add_argument("--ray", action="store_true", help="then the same training through jobs.train_detector (1 worker)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -96,6 +142,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     line(0, evaluate(), eval_s=round(time.perf_counter() - t0, 1))
+    rates = []
     for epoch in range(a.epochs):
         t0, losses = time.perf_counter(), []
         net.train()
@@ -107,9 +154,19 @@ def main() -> None:
             opt.step()
             losses.append(float(loss.detach()))
         train_s = time.perf_counter() - t0
+        rates.append(len(train) / train_s)
         m = evaluate()
         line(epoch + 1, m, loss=round(float(np.mean(losses)), 4), train_s=round(train_s, 1),
              eval_s=round(time.perf_counter() - t0 - train_s, 1))
+
+    if a.ray:
+        steady = rates[1:] or rates
+        ray_rates = ray_train_rates(a, train, val)
+        ray_steady = ray_rates[1:] or ray_rates
+        plain, ray = sum(steady) / len(steady), sum(ray_steady) / len(ray_steady)
+        print(json.dumps({"plain_loop_img_s": round(plain, 2), "ray_train_1_worker_img_s": round(ray, 2),
+                          "ray_over_plain": round(ray / plain, 3), "epochs_compared": len(ray_steady),
+                          "load_avg": [round(x, 1) for x in os.getloadavg()]}), flush=True)
 
 
 if __name__ == "__main__":
