@@ -274,6 +274,18 @@ def test_trains_resumes_and_exports_a_detector_that_loads(ray_local, tmp_path):
     for png in ("curves.png", "augmented_samples.png", "detections.png"):
         Image.open(io.BytesIO(storage.read_bytes(storage.join(out, png)))).verify()
     assert storage.read_json(storage.join(out, "report.json"))["model_id"] == res.model_id
+    # What the face stage of jobs.score makes of the directory: every scene's faces found by this detector.
+    from maskmodel.results import read_results
+    from maskmodel.score.scoring import ScoreConfig, score
+    from tests.test_scoring import write_model
+
+    write_model(str(tmp_path / "classifier"))
+    score(ScoreConfig(input=str(tmp_path / "data" / "images"), model=str(tmp_path / "classifier"),
+                      output=str(tmp_path / "scores"), run_id="scenes", faces=res.model_dir, precision="fp32"))
+    rows = read_results(str(tmp_path / "scores")).to_pylist()
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"}
+    assert {r["detector"] for r in rows if r["faces_found"]} == {res.model_id}
+    assert sum(r["faces_found"] for r in rows) >= 0.5 * 45
 
 
 @pytest.mark.ray
