@@ -17,11 +17,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+# First, so that the mark below times this module's own imports (torch, torchvision, maskmodel) in each process:
+# in a predictor actor they are most of its start-up (benchmarks/README.md, "Timeline of one run").
+from maskmodel import timeline
+
+timeline.mark("inference import start", "import")
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, telemetry, testhooks, timeline
+from maskmodel import results, telemetry, testhooks
 from maskmodel.alert import alert_class
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir
@@ -394,3 +400,6 @@ class Predictor:
         if self.calls == 1:
             timeline.mark("first forward done", "predictor")
         return table
+
+
+timeline.mark("inference imported", "import")
