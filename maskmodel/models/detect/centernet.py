@@ -18,13 +18,15 @@ github.com/xingyizhou/CenterNet:
   :func:`~maskmodel.models.detect.centerface.decode` inverts); the offset is
   ``(dy, dx)`` of the centre from its cell, in cells.
 
-Weights: ``1`` for the heatmap, :data:`SIZE_WEIGHT` for the size and
-:data:`OFFSET_WEIGHT` for the offset, as CenterFace's paper (Xu et al. 2020,
-section 3.3: lambda_off 1, lambda_box 0.1 on log-sizes; we weight log-size errors 1, measured
-on the synthetic scenes to converge faster than 0.1 in a CPU budget; see
-``benchmarks/detector_choice.py``). The landmark head has no targets here (no
-public face-mask set annotates landmarks): its output joins the loss with
-weight 0, so data-parallel training sees a gradient for every parameter.
+Weights: ``1`` for the heatmap, :data:`OFFSET_WEIGHT` (1, as CenterNet and
+CenterFace) for the offset and :data:`SIZE_WEIGHT` for the size. CenterFace's
+paper (Xu et al. 2020) weights its box term 0.1; here it is 1, the weight
+CenterNet gives its offset, because log-size errors are already of the
+offset's order (below 1 for boxes within a factor e of the truth). 0.1 was not
+tried; what 1 gives is measured in ``benchmarks/detector_choice.py``. The
+landmark head has no targets here (no public face-mask set annotates
+landmarks): its output joins the loss with weight 0, so data-parallel training
+sees a gradient for every parameter.
 """
 
 from __future__ import annotations
