@@ -39,8 +39,8 @@ class DemoConfig:
     n_per_class: int = field(300, help="synthetic training images per class")
     image_size: int = field(64, help="image edge in pixels for generation and training")
     epochs: int = field(15, help="classifier training epochs (15: the scene pictures hold up to four faces, and "
-                                 "one misclassified face makes the picture wrong; 6 epochs gave 0.80-0.85 per face "
-                                 "and 0.73-0.79 per picture, 15 gave 0.90 and 0.87)")
+                                 "one misclassified face makes the picture wrong; in two runs each, 6 epochs gave "
+                                 "0.81-0.85 per face and 0.73-0.79 per picture, 15 gave 0.87-0.90 and 0.81-0.87)")
     detector_epochs: int = field(4, help="face detector fine-tuning epochs (0: score scenes with the pretrained "
                                          "CenterFace, --faces auto, instead)")
     arch: str = field("resnet18", choices=ARCHITECTURES,
