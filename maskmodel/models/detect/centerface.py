@@ -86,6 +86,13 @@ def convert(data: bytes, source: str) -> torch.nn.Module:
     return module
 
 
+def packaged_network() -> torch.nn.Module:
+    """The packaged CenterFace (:func:`packaged_onnx`) as a torch module in eval mode; :class:`UserError` as there."""
+    path = packaged_onnx()
+    with open(path, "rb") as f:
+        return convert(f.read(), path)
+
+
 def check_heads(module: torch.nn.Module, source: str) -> None:
     """Raise :class:`UserError` unless ``module`` maps a (1, 3, 64, 64) input to CenterFace's four stride-4 heads."""
     try:

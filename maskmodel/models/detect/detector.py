@@ -50,9 +50,7 @@ def _build_centerface(data: bytes, name: str, source: str) -> torch.nn.Module:
     """From ONNX bytes, or from a ``.pt`` state dict (e.g. fine-tuned) loaded into the packaged network's graph."""
     if not name.endswith(".pt"):
         return centerface.convert(data, source)
-    path = centerface.packaged_onnx()
-    with open(path, "rb") as f:
-        module = centerface.convert(f.read(), path)
+    module = centerface.packaged_network()
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         module.load_state_dict(state)

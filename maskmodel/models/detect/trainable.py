@@ -30,16 +30,10 @@ ARCHITECTURES = (centerface.ARCHITECTURE, *zoo.ZOO)
 WEIGHT_KEYWORDS = ("pretrained", "coco", "none")
 
 
-def _packaged_centerface() -> torch.nn.Module:
-    path = centerface.packaged_onnx()
-    with open(path, "rb") as f:
-        return centerface.convert(f.read(), path)
-
-
 def build(arch: str) -> torch.nn.Module:
     """The adapter of ``arch`` (weights: CenterFace's packaged ones, the zoo's random ones; :func:`initial` decides)."""
     if arch == centerface.ARCHITECTURE:
-        return centernet.CenterFaceNet(_packaged_centerface())
+        return centernet.CenterFaceNet(centerface.packaged_network())
     return zoo.build(arch)
 
 
