@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from maskmodel import timeline
 
-timeline.mark("interpreter up", at=timeline.process_start())
-timeline.mark("job module runs")
+timeline.mark("job module runs")  # preceded by this process's start (the interpreter up)
 
 from maskmodel import cli  # noqa: E402 - after the first marks, so the timeline shows the imports
 from maskmodel.config import parse_config  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Callable
 
 from maskmodel.console import LOG_LEVEL_ENV
 from maskmodel.errors import UserError
-from maskmodel.raysession import filter_stderr
+from maskmodel.raysession import filter_stderr, shutdown_ray
 
 log = logging.getLogger("maskmodel")
 
@@ -42,6 +42,7 @@ def run(main: Callable[[], int | None]) -> None:
     configure_logging()
     try:
         code = main()
+        shutdown_ray()  # the work is done: stop a local Ray now rather than in Ray's slower exit hook
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(EXIT_USER_ERROR)

@@ -44,6 +44,10 @@ GLOBAL_NODE = "ray._private.worker._global_node"
 # The driver's dispatcher of worker stdout/stderr lines and Ray's own printer: the only public knob
 # is ``ray.init(log_to_driver=False)``, which drops every worker line, not just Ray's noise.
 # Checked on Ray 2.60.
+# ``ray._private.services.canonicalize_bootstrap_address(None)``: the cluster a plain ``ray.init()`` would
+# join (RAY_ADDRESS, else a ``ray start`` cluster on this machine), ``None`` when it would start its own.
+# ``ray.init`` decides this internally and exposes no way to ask before calling it. Checked on Ray 2.60.
+BOOTSTRAP_ADDRESS = "ray._private.services.canonicalize_bootstrap_address"
 STDSTREAM_DISPATCHER = "ray._private.worker.global_worker_stdstream_dispatcher"
 PRINT_TO_STDSTREAM = "ray._private.worker.print_to_stdstream"
 SHOULD_IGNORE_PREFIX = "ray._private.worker._should_ignore_worker_log_prefix"
@@ -63,7 +67,7 @@ DATA_CONFIGURE_LOGGING = "ray.data._internal.logging.configure_logging"
 DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 #: Every private dotted name this module resolves (modules, attributes); each must exist on :data:`CHECKED_ON`.
-PRIVATE_NAMES = (AUTOSCALER_LIMITS, GLOBAL_NODE, STDSTREAM_DISPATCHER, PRINT_TO_STDSTREAM, SHOULD_IGNORE_PREFIX,
+PRIVATE_NAMES = (AUTOSCALER_LIMITS, GLOBAL_NODE, BOOTSTRAP_ADDRESS, STDSTREAM_DISPATCHER, PRINT_TO_STDSTREAM, SHOULD_IGNORE_PREFIX,
                  GLOBAL_WORKER, DATA_HIDDEN_FILTER, DATA_SESSION_FILE_HANDLER, PLAIN_RAY_HANDLER,
                  DATA_CONFIGURE_LOGGING, DATA_PROGRESS_LOGGER)
 #: Logger names among :data:`PRIVATE_NAMES`: resolved as modules (the logger is named after one).
@@ -141,6 +145,26 @@ def started_local_ray() -> bool:
 
     node = _resolve_or_warn(GLOBAL_NODE, "assuming this process joined a cluster")
     return bool(getattr(node, "head", False))
+
+
+def will_start_local_ray() -> bool:
+    """Whether a plain ``ray.init()`` in this process would start its own Ray instance rather than join one.
+
+    It joins ``RAY_ADDRESS`` when set, else a cluster started with ``ray start``
+    on this machine. ``False`` (join assumed) when that cannot be told.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    import ray  # noqa: F401 - the private module below is importable once ray is
+
+    find = _resolve_or_warn(BOOTSTRAP_ADDRESS, "assuming ray.init joins a cluster")
+    if find is None:
+        return False
+    try:
+        return find(None) is None
+    except Exception:  # noqa: BLE001 - e.g. several local clusters: ray.init will say so itself
+        log.debug("finding the Ray cluster to join failed", exc_info=True)
+        return False
 
 
 # ----------------------------------------------------------------------------- console

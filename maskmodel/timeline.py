@@ -29,16 +29,32 @@ def process_start() -> float:
         return time.time()
 
 
+_started_marked = False
+
+
 def mark(event: str, proc: str = "driver", *, at: float | None = None) -> None:
-    """Record ``event`` (a short name) of this process (``proc``: its role) now, or at unix time ``at``."""
+    """Record ``event`` (a short name) of this process (``proc``: its role) now, or at unix time ``at``.
+
+    A process's first mark is preceded by its ``process start`` (:func:`process_start`), so every process on
+    the timeline shows when it was spawned as well as when it got to work.
+    """
+    global _started_marked
     path = os.environ.get(TIMELINE_ENV)
     if not path:
         return
-    line = json.dumps({"t": time.time() if at is None else at, "event": event, "pid": os.getpid(), "proc": proc})
-    # One write per line in append mode: lines from several processes do not interleave.
+    lines = []
+    if not _started_marked:
+        _started_marked = True
+        lines.append({"t": process_start(), "event": "process start", "pid": os.getpid(), "proc": proc})
+    lines.append({"t": time.time() if at is None else at, "event": event, "pid": os.getpid(), "proc": proc})
+    _append(path, "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _append(path: str, text: str) -> None:
+    # One write in append mode: lines from several processes do not interleave.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (line + "\n").encode())
+        os.write(fd, text.encode())
     finally:
         os.close(fd)
 

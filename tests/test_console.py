@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
+
+import pytest
 
 from maskmodel.console import Progress, fmt_seconds
 
@@ -83,3 +88,35 @@ def test_progress_does_not_log_the_final_state_twice(caplog):
         p.update(100)  # the periodic line already shows 100/100
         p.close()
     assert [r.getMessage() for r in caplog.records] == ["scoring r: 100/100 (100%) images | 10.0 img/s | 0 errors | ETA 0s"]
+
+
+_WORKERS_QUIET_BY = """
+import json, os, sys
+import ray
+from maskmodel.raysession import RAY_DATA_LOGGING_ENV, init_ray, shutdown_ray
+init_ray(env_is_enough=sys.argv[1] == "env", num_cpus=1, include_dashboard=False)
+@ray.remote
+def worker():
+    return os.environ.get(RAY_DATA_LOGGING_ENV)
+print(json.dumps([ray.get_runtime_context().runtime_env, ray.get(worker.remote())]))
+shutdown_ray()
+print(ray.is_initialized())
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["env", "hook"])
+def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(mode):
+    # env: a Ray this process starts passes the driver's environment (Ray Data's quiet logging config) to its
+    # workers, and no runtime_env keeps them from being the ones Ray prestarted; hook: every job else.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix="mm", dir="/tmp") as tmp:  # no `ray start` cluster to find here
+        env["RAY_TMPDIR"] = tmp
+        res = subprocess.run([sys.executable, "-c", _WORKERS_QUIET_BY, mode], env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runtime_env, worker_config = json.loads(res.stdout.splitlines()[-2])
+    assert "maskmodel-ray-data-logging" in (worker_config or "")  # quiet config reached the worker
+    hook = (runtime_env or {}).get("worker_process_setup_hook")
+    assert (hook is None) if mode == "env" else (hook == "maskmodel.raysession.setup_worker"), runtime_env
+    assert res.stdout.splitlines()[-1] == "False"  # shutdown_ray stopped the Ray it started

@@ -52,11 +52,17 @@ def test_timeline_marks_from_every_process_in_order(tmp_path, monkeypatch):
     path = tmp_path / "t.jsonl"
     timeline.mark("not recorded")  # unset: nothing written anywhere
     monkeypatch.setenv(timeline.TIMELINE_ENV, str(path))
+    monkeypatch.setattr(timeline, "_started_marked", False)
     timeline.mark("late", at=200.0)
     timeline.mark("early", "predictor", at=100.0)
     subprocess.run([sys.executable, "-c", "from maskmodel import timeline; timeline.mark('child', 'load', at=150.0)"],
                    cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, check=True)
     marks = timeline.read(str(path))
+    # Each process's first mark comes with its start (real unix times: after the made-up ones above).
+    starts = [m for m in marks if m["event"] == "process start"]
+    assert sorted(m["pid"] for m in starts) == sorted({m["pid"] for m in marks}) and len(starts) == 2
+    assert all(abs(m["t"] - __import__("time").time()) < 600 for m in starts)
+    marks = [m for m in marks if m["event"] != "process start"]
     assert [(m["event"], m["proc"]) for m in marks] == [("early", "predictor"), ("child", "load"), ("late", "driver")]
     assert marks[1]["pid"] != os.getpid() == marks[0]["pid"]
     assert timeline.format_timeline(marks, 100.0)[1].split()[:3] == ["50.00", "s", "load"]

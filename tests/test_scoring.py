@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from deltalake import DeltaTable
@@ -283,6 +284,36 @@ def test_manifest_paths_resolve_like_a_listing(tmp_path):
     assert pipeline.resolve_manifest_path("s3://b/m", "s3://c/d.jpg ") == "s3://c/d.jpg"
 
 
+def test_a_small_manifest_is_read_by_the_driver_like_a_listing(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    names = sorted(good_images())[:3]
+    for name in names:
+        storage.write_bytes(str(images / name), good_images()[name])
+    model = str(tmp_path / "model")
+    write_model(model)
+    # Parquet with a version for one entry and a size for none; paths relative and absolute.
+    pq.write_table(pa.table({"path": [names[0], str(images / names[1]), names[2]],
+                             "version": ["v0", None, None], "note": ["a", "b", "c"]}), str(images / "m.parquet"))
+    cfg = ScoreConfig(input=str(images / "m.parquet"), model=model, output=str(tmp_path / "out"))
+    plan = scoring.prepare(cfg)
+    assert plan.manifest is None and [o.uri for o in plan.objects] == [str(images / n) for n in names]
+    assert [(o.version, o.size) for o in plan.objects] == [("v0", None), (None, None), (None, None)]
+    assert plan.total == 3
+    # --incremental: entries with a version are checked on the driver, the others as they are read.
+    monkeypatch.setattr(scoring.incremental, "committed_keys", lambda *a, **k: objectkeys.object_keys(
+        [str(images / names[0])], ["v0"]))
+    plan = scoring.prepare(dataclasses.replace(cfg, incremental=True))
+    assert [o.uri for o in plan.objects] == [str(images / n) for n in names[1:]]
+    assert plan.skipped is None and len(plan.skip_keys) == 1 and plan.total is None
+    # One sentence for an entry without a path, before any work.
+    pq.write_table(pa.table({"path": ["a.jpg", None]}), str(images / "holes.parquet"))
+    assert "empty path in row 2" in _door({"input": str(images / "holes.parquet"), "model": model,
+                                            "output": str(tmp_path / "out-holes")})
+    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_BYTES", 0)  # a large manifest: left to Ray's reader
+    plan = scoring.prepare(cfg)
+    assert plan.objects is None and plan.manifest == cfg.input and plan.total == 3
+
+
 def test_config_cli_and_validation():
     cfg = parse_config(ScoreConfig, ["--input", "in", "--model", "m", "--output", "o", "--incremental",
                                      "--extensions", "jpg", "png", "--precision", "bf16", "--num-gpus", "0.5"])
@@ -431,7 +462,10 @@ def test_statuses_reasons_and_probabilities(scored):
 
 
 @pytest.mark.ray
-def test_manifest_input_gives_the_same_rows(scored):
+@pytest.mark.parametrize("read_by", ["driver", "ray"])
+def test_manifest_input_gives_the_same_rows(scored, read_by, monkeypatch):
+    if read_by == "ray":  # as a manifest over MANIFEST_ON_DRIVER_BYTES is read: streamed by Ray Data's reader
+        monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_BYTES", 0)
     images, root = scored["images"], scored["root"]
     names = sorted([*scored["good"], *scored["bad"]])
     buf = io.StringIO()
@@ -440,9 +474,13 @@ def test_manifest_input_gives_the_same_rows(scored):
     for i, name in enumerate(names):  # relative to the manifest's folder, and absolute URIs, mixed
         w.writerow([name if i % 2 else storage.join(images, name), "x"])
     storage.write_text(storage.join(images, "manifest.csv"), buf.getvalue())
-    out = f"{root}/out-manifest"
-    res = scoring.score(ScoreConfig(input=storage.join(images, "manifest.csv"), model=scored["cfg"].model,
-                                    output=out, run_id="m", precision="fp32", read_batch=4, batch_size=8))
+    out = f"{root}/out-manifest-{read_by}"
+    cfg = ScoreConfig(input=storage.join(images, "manifest.csv"), model=scored["cfg"].model,
+                      output=out, run_id="m", precision="fp32", read_batch=4, batch_size=8)
+    plan = scoring.prepare(cfg)
+    assert (plan.objects is not None, plan.manifest is not None) == ((True, False) if read_by == "driver" else
+                                                                      (False, True))
+    res = scoring.execute(plan)
     assert res.images == len(names)
     exact = ["path", "version", "size", "status", "error", "label", "width", "height", "model_id"]
     floats = ["confidence", "p_mask", "p_no_mask"]

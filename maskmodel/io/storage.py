@@ -288,11 +288,15 @@ def check_writable(uri: str) -> None:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One listed object: its URI, size and a version tag (ETag, else size+mtime)."""
+    """One listed object: its URI, size and a version tag (ETag, else size+mtime).
+
+    ``size`` and ``version`` are ``None`` for an entry of a manifest that does not give them (the load
+    step takes them from the object's own response).
+    """
 
     uri: str
-    size: int
-    version: str
+    size: int | None
+    version: str | None
 
 
 def object_version(info: dict[str, Any]) -> str:

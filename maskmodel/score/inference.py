@@ -273,7 +273,6 @@ class Predictor:
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
                  decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None,
                  faces: str = "none", detector_weights: str = "", detect_options: DetectOptions | None = None) -> None:
-        timeline.mark("process start", "predictor", at=timeline.process_start())
         timeline.mark("predictor init", "predictor")
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

@@ -2,7 +2,7 @@
 
 ::
 
-    list       a prefix listing (driver), or Ray reads a manifest (CSV/Parquet, `path` column)
+    list       a prefix listing or a small manifest (driver), or Ray reads a large manifest (CSV/Parquet)
     load       loose objects: read many at once, decode, crop   (maskmodel.score.loading.load_batch)
                archives: one task per tar, per range of a zip's members (zip_ranges, load_archive)
     predict    actor pool: the model loaded once per actor     (maskmodel.score.inference.Predictor)
@@ -15,22 +15,28 @@ The pipeline streams: its memory does not grow with the number of images.
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
+# First, so that the timeline shows when a Ray worker starts unpickling the load step or the predictor (which
+# imports this module) and how long their imports take (benchmarks/README.md, "Timeline of one run").
+from maskmodel import timeline
 
-import pyarrow as pa
+timeline.mark("pipeline import start", "import")
 
-from maskmodel import rayshim, timeline
-from maskmodel.errors import UserError
-from maskmodel.io import storage
-from maskmodel.io.archives import archive_kind
-from maskmodel.io.storage import ObjectInfo
-from maskmodel.raysession import init_ray
-from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus
-from maskmodel.score.inference import Predictor
-from maskmodel.score.loading import load_archive, load_batch, zip_ranges
-from maskmodel.score.plan import ScoreConfig, ScorePlan
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
+from maskmodel import rayshim  # noqa: E402
+from maskmodel.errors import UserError  # noqa: E402
+from maskmodel.io import storage  # noqa: E402
+from maskmodel.io.archives import archive_kind  # noqa: E402
+from maskmodel.io.storage import ObjectInfo  # noqa: E402
+from maskmodel.raysession import init_ray  # noqa: E402
+from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus  # noqa: E402
+from maskmodel.score.inference import Predictor  # noqa: E402
+from maskmodel.score.loading import load_archive, load_batch, zip_ranges  # noqa: E402
+from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +55,25 @@ def _source(plan: ScorePlan):
         def table(objs: list[ObjectInfo], per_block: int):
             if not objs:
                 return None
-            t = pa.table({"path": [o.uri for o in objs], "version": [o.version for o in objs],
+            t = pa.table({"path": pa.array([o.uri for o in objs], pa.string()),
+                          "version": pa.array([o.version for o in objs], pa.string()),
                           "size": pa.array([o.size for o in objs], pa.int64())})
-            return ray.data.from_arrow(t, override_num_blocks=min(MAX_INPUT_BLOCKS, max(1, -(-len(objs) // per_block))))
+            rows = -(-len(objs) // min(MAX_INPUT_BLOCKS, max(1, -(-len(objs) // per_block))))
+            # from_blocks, not from_arrow: from_arrow runs one Ray task per block for its metadata and waits for
+            # them, which in a fresh local Ray means waiting for a worker process to start (about 1 s here).
+            return ray.data.from_blocks([t.slice(i, rows) for i in range(0, len(objs), rows)])
 
         return table(loose, cfg.read_batch), table(packed, 1)
     fs, path = storage.pyarrow_filesystem(plan.manifest)
-    keep = [c for c in ("path", "version", "size") if c in plan.manifest_columns]
+    keep = [c for c in MANIFEST_COLUMNS if c in plan.manifest_columns]
     if plan.manifest.lower().endswith(".csv"):
         import pyarrow.csv as pacsv
 
-        types = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
         ds = ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
-            column_types={c: types[c] for c in keep}, include_columns=keep))
+            column_types={c: MANIFEST_COLUMNS[c] for c in keep}, include_columns=keep))
     else:
         ds = ray.data.read_parquet(path, filesystem=fs, columns=keep)
-    base = plan.manifest.rsplit("/", 1)[0] if "://" in plan.manifest else os.path.dirname(storage.filesystem(plan.manifest)[1])
-    ds = ds.map_batches(_resolve_paths, fn_kwargs={"base": base}, batch_format="pyarrow")
+    ds = ds.map_batches(_resolve_paths, fn_kwargs={"base": manifest_base(plan.manifest)}, batch_format="pyarrow")
     if not cfg.archives:
         return ds, None
     # Vectorised over Arrow batches (a row-wise ``ds.filter(fn)`` is slower, and Ray warns about it).
@@ -77,6 +85,11 @@ def _only(batch: pa.Table, *, archives: bool) -> pa.Table:
     """The rows of a manifest batch that are archives (``archives=True``) or loose objects."""
     keep = [(archive_kind(p) is not None) == archives for p in batch.column("path").to_pylist()]
     return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def manifest_base(manifest: str) -> str:
+    """The folder a manifest's relative paths are under: the manifest's own."""
+    return manifest.rsplit("/", 1)[0] if "://" in manifest else os.path.dirname(storage.filesystem(manifest)[1])
 
 
 def resolve_manifest_path(base: str, path: str) -> str:
@@ -100,7 +113,9 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     """
     import ray
 
-    init_ray()  # joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray
+    # Joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray; scoring's workers are
+    # quiet through the environment alone, so a local Ray's prestarted workers serve the job.
+    init_ray(env_is_enough=True)
     if cfg.num_gpus:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.num_gpus:

@@ -22,6 +22,8 @@ from maskmodel.models.classifier import ModelCard
 from maskmodel.models.detect.geometry import STRIDE, DetectOptions
 from maskmodel.models.precision import BF16_AGREEMENT_KEY
 
+#: The columns of a manifest that scoring reads, and their types (``path`` required).
+MANIFEST_COLUMNS = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
 #: --faces values that are not a detector model directory's URI.
 FACE_MODES = ("none", "auto", "centerface")
 #: Default bound on the pixels of one decoded photo with faces: a 1080p frame (2.1 MP) decodes whole; a 12 MP
@@ -141,8 +143,9 @@ class ScorePlan:
     config: ScoreConfig
     card: ModelCard
     schema: pa.Schema
-    objects: list[ObjectInfo] | None       # prefix input, already filtered for --incremental
-    manifest: str | None                   # manifest input (read by Ray)
+    objects: list[ObjectInfo] | None       # a listing, or a small manifest read by the driver; filtered for
+                                           # --incremental where versions are known
+    manifest: str | None                   # a large manifest, read by Ray as it streams
     manifest_columns: tuple[str, ...] = ()
     skip_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.uint64))
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
@@ -152,8 +155,9 @@ class ScorePlan:
     @property
     def total(self) -> int | None:
         """Objects this run will score, when known before it starts (for the progress display)."""
-        if self.objects is not None:  # an archive's members are counted only as it is read
-            return None if any(archive_kind(o.uri) for o in self.objects) else len(self.objects)
+        if self.objects is not None:  # an archive's members are counted only as it is read, and objects of
+            # unknown version are checked against the skip keys only as they are read
+            return None if len(self.skip_keys) or any(archive_kind(o.uri) for o in self.objects) else len(self.objects)
         return self.manifest_rows if not len(self.skip_keys) else None
 
     @property

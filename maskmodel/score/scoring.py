@@ -4,7 +4,8 @@ The pipeline streams; its memory does not grow with the number of images
 (beyond a prefix listing's ~100 bytes per object on the driver; use a manifest
 for huge collections)::
 
-    list      driver: a prefix listing, or Ray reads a manifest (CSV/Parquet, `path` column)
+    list      driver: a prefix listing, or a manifest (CSV/Parquet, `path` column) of up to 16 MiB;
+              Ray reads a larger manifest as it streams
     load      Ray tasks (on CPU fused into the actors): read, decode, crop; archives member by member
     predict   actor pool, the model loaded once per actor       (maskmodel.score.pipeline)
     write     driver: rolling Parquet files of this attempt     (maskmodel.results.AttemptWriter)
@@ -24,11 +25,13 @@ so a test can kill a run mid-way without racing it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -39,19 +42,25 @@ from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
 from maskmodel.io import objectkeys, storage
+from maskmodel.io.storage import ObjectInfo
 from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import resolve_precision
 from maskmodel.results import incremental
 from maskmodel.models.detect import load_detector
 from maskmodel.score.faces import CENTERFACE_MODES, run_options
-from maskmodel.score.pipeline import build_dataset, ensure_ray
-from maskmodel.score.plan import ScoreConfig, ScorePlan
+from maskmodel.score.pipeline import build_dataset, ensure_ray, manifest_base, resolve_manifest_path
+from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
 from maskmodel.telemetry import ScoringMetrics
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+#: A manifest file up to this size is read whole by the driver and scored like a listing (at most about a
+#: million rows of paths, the driver memory a prefix listing of as many objects takes); a larger one streams
+#: through Ray Data's reader. Read on the driver, a small manifest starts no reader tasks, and on CPU the load
+#: step runs inside the predictor actors: about 9 s less fixed cost per run on 2 cores (benchmarks/README.md).
+MANIFEST_ON_DRIVER_BYTES = 16 << 20
 
 
 def default_run_id() -> str:
@@ -82,28 +91,61 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_EXTENSIONS)
 
 
-def _manifest_head(uri: str) -> tuple[tuple[str, ...], int]:
-    """Column names and (a lower bound of) the row count of a manifest, reading only its head."""
+def _manifest_head(uri: str) -> tuple[tuple[str, ...], int, int]:
+    """Column names, (a lower bound of) the row count and the file size (bytes) of a manifest, reading its head."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    storage.info(uri)  # a clear "does not exist" / credentials message first
+    size = storage.info(uri).size  # a clear "does not exist" / credentials message first
     fs, path = storage.filesystem(uri)
-    with storage.storage_errors(uri, "read"), fs.open(path, "rb") as f:
-        try:
-            if not uri.lower().endswith(".csv"):
-                meta = pq.ParquetFile(f).metadata
-                return tuple(meta.schema.names), meta.num_rows
-            reader = pacsv.open_csv(f)
-            rows = 0
-            for batch in reader:
-                rows += batch.num_rows
-                if rows:
-                    break
-            return tuple(reader.schema.names), rows
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"Manifest {uri!r} is not a readable {'CSV' if uri.lower().endswith('.csv') else 'Parquet'} "
-                            f"file ({str(e).splitlines()[0]}); fix or regenerate it.") from e
+    with storage.storage_errors(uri, "read"), fs.open(path, "rb") as f, _unreadable_manifest(uri):
+        if not uri.lower().endswith(".csv"):
+            meta = pq.ParquetFile(f).metadata
+            return tuple(meta.schema.names), meta.num_rows, size
+        reader = pacsv.open_csv(f)
+        rows = 0
+        for batch in reader:
+            rows += batch.num_rows
+            if rows:
+                break
+        return tuple(reader.schema.names), rows, size
+
+
+def _manifest_objects(uri: str, columns: tuple[str, ...]) -> list[ObjectInfo]:
+    """A small manifest read whole: its entries as a listing's objects (paths resolved, no extension filter).
+
+    ``size`` and ``version`` are ``None`` where the manifest has no such column (or no value).
+    Raises :class:`UserError` for an unreadable file or an entry without a path.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    keep = [c for c in MANIFEST_COLUMNS if c in columns]
+    fs, path = storage.filesystem(uri)
+    with storage.storage_errors(uri, "read"), fs.open(path, "rb") as f, _unreadable_manifest(uri):
+        if uri.lower().endswith(".csv"):
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(
+                column_types={c: MANIFEST_COLUMNS[c] for c in keep}, include_columns=keep))
+        else:
+            table = pq.read_table(f, columns=keep).cast(pa.schema([(c, MANIFEST_COLUMNS[c]) for c in keep]))
+    paths = table.column("path").to_pylist()
+    if None in paths:
+        raise UserError(f"Manifest {uri!r} has an empty path in row {paths.index(None) + 1}; give every row an "
+                        f"image URI or remove it.")
+    base = manifest_base(uri)
+    n = len(paths)
+    sizes = table.column("size").to_pylist() if "size" in keep else [None] * n
+    versions = table.column("version").to_pylist() if "version" in keep else [None] * n
+    return [ObjectInfo(uri=resolve_manifest_path(base, p), size=s, version=v) for p, s, v in zip(paths, sizes, versions)]
+
+
+@contextlib.contextmanager
+def _unreadable_manifest(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+        raise UserError(f"Manifest {uri!r} is not a readable {'CSV' if uri.lower().endswith('.csv') else 'Parquet'} "
+                        f"file ({str(e).splitlines()[0]}); fix or regenerate it.") from e
 
 
 def prepare(config: ScoreConfig) -> ScorePlan:
@@ -140,9 +182,15 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     if cfg.incremental:
         skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
         if objects is not None:
-            seen = objectkeys.contains(skip, objectkeys.object_keys([o.uri for o in objects], [o.version for o in objects]))
+            known = [i for i, o in enumerate(objects) if o.version is not None]
+            seen = np.zeros(len(objects), bool)
+            if known:
+                seen[known] = objectkeys.contains(skip, objectkeys.object_keys(
+                    [objects[i].uri for i in known], [objects[i].version for i in known]))
             objects, skipped = [o for o, s in zip(objects, seen) if not s], int(seen.sum())
-            if not any(archive_kind(o.uri) for o in objects):
+            if any(o.version is None for o in objects):
+                skipped = None  # manifest entries without a version are checked as they are read
+            elif not any(archive_kind(o.uri) for o in objects):
                 skip = np.empty(0, np.uint64)  # applied; archives left to read skip their scored members with it
         else:
             skipped = None
@@ -155,14 +203,17 @@ def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, 
     """``(objects, manifest, columns, rows)`` of the input: a listing, or a manifest's head; UserError if unusable."""
     objects, manifest, columns, rows = None, None, (), 0
     if is_manifest(cfg.input):
-        columns, rows = _manifest_head(cfg.input)
+        columns, rows, size = _manifest_head(cfg.input)
         if "path" not in columns:
             raise UserError(f"Manifest {cfg.input!r} has no 'path' column (columns: {', '.join(columns)}); "
                             f"add one with the image URIs.")
         if not rows and not cfg.allow_empty:
             raise UserError(f"Manifest {cfg.input!r} lists no images; pass --allow-empty to commit an empty run.")
-        manifest = cfg.input if rows else None
-        objects = None if rows else []
+        if rows and size <= MANIFEST_ON_DRIVER_BYTES:
+            objects = _manifest_objects(cfg.input, columns)
+        else:
+            manifest = cfg.input if rows else None
+            objects = None if rows else []
     else:
         listed = cfg.extensions + (ARCHIVE_EXTENSIONS if cfg.archives else ())
         objects = storage.list_files(cfg.input, extensions=listed)
