@@ -131,7 +131,7 @@ def shutdown_ray() -> None:
         timeline.mark("ray stopped")
 
 
-def init_ray(*, env_is_enough: bool = False, **kwargs: Any) -> None:
+def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """``ray.init`` (joins ``RAY_ADDRESS`` when set, else starts a local Ray) with the console kept quiet.
 
     Every worker process of the job runs :func:`setup_worker`; the driver prints
@@ -147,14 +147,19 @@ def init_ray(*, env_is_enough: bool = False, **kwargs: Any) -> None:
     task and actor then waits for a fresh process, about 3 s of a short scoring
     run on 2 cores (benchmarks/README.md, "The actor's start, split"). Joined
     clusters keep the hook: their workers never saw this environment.
+
+    ``local``: more ``ray.init`` arguments for a Ray instance this process
+    starts (``include_dashboard`` and the like, which joining a cluster refuses).
     """
     import ray
 
     quiet_ray_logging()
     if ray.is_initialized():
         return
-    if not verbose() and not (env_is_enough and "runtime_env" not in kwargs and "address" not in kwargs
-                              and rayshim.will_start_local_ray()):
+    starts = "address" not in kwargs and rayshim.will_start_local_ray()
+    if starts and local:
+        kwargs.update(local)
+    if not verbose() and not (env_is_enough and starts and "runtime_env" not in kwargs):
         runtime_env = dict(kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
         kwargs["runtime_env"] = runtime_env

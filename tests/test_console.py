@@ -94,7 +94,7 @@ _WORKERS_QUIET_BY = """
 import json, os, sys
 import ray
 from maskmodel.raysession import RAY_DATA_LOGGING_ENV, init_ray, shutdown_ray
-init_ray(env_is_enough=sys.argv[1] == "env", num_cpus=1, include_dashboard=False)
+init_ray(env_is_enough=sys.argv[1] == "env", local={"include_dashboard": False}, num_cpus=1)
 @ray.remote
 def worker():
     return os.environ.get(RAY_DATA_LOGGING_ENV)
@@ -120,3 +120,23 @@ def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(
     hook = (runtime_env or {}).get("worker_process_setup_hook")
     assert (hook is None) if mode == "env" else (hook == "maskmodel.raysession.setup_worker"), runtime_env
     assert res.stdout.splitlines()[-1] == "False"  # shutdown_ray stopped the Ray it started
+
+
+def test_init_ray_gives_local_only_arguments_to_a_ray_it_starts(monkeypatch):
+    import ray
+
+    from maskmodel import raysession, rayshim
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw))
+    monkeypatch.setattr(rayshim, "started_local_ray", lambda: False)
+    monkeypatch.setattr(rayshim, "filter_worker_lines", lambda keep: True)
+    for starts in (True, False):
+        monkeypatch.setattr(rayshim, "will_start_local_ray", lambda: starts)
+        raysession.init_ray(env_is_enough=True, local={"include_dashboard": False})
+    started, joined = seen
+    assert started.get("include_dashboard") is False and "runtime_env" not in started
+    # Joining a cluster: no local-only argument (ray.init refuses them), and the setup hook for its workers.
+    assert "include_dashboard" not in joined
+    assert joined["runtime_env"]["worker_process_setup_hook"] == raysession.WORKER_SETUP_HOOK

@@ -115,7 +115,7 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
 
     # Joins RAY_ADDRESS (a cluster, or `ray job submit`) if set, else starts a local Ray; scoring's workers are
     # quiet through the environment alone, so a local Ray's prestarted workers serve the job.
-    init_ray(env_is_enough=True)
+    init_ray(env_is_enough=True, local={"include_dashboard": None if cfg.dashboard else False})
     if cfg.num_gpus:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.num_gpus:

@@ -79,6 +79,9 @@ class ScoreConfig:
     num_gpus: float = field(0.0, help="GPUs per predictor actor; 0 scores on CPU")
     actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
     threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
+    dashboard: bool = field(False, help="start Ray's dashboard (http://127.0.0.1:8265) with the local Ray instance "
+                                        "a run starts when RAY_ADDRESS is not set; off by default, as its processes "
+                                        "cost 1-2 s of a short run on 2 cores (a joined cluster keeps its own)")
     precision: str = field("auto", choices=("auto", "fp32", "bf16"),
                            help="auto: bf16 on GPU; on CPU bf16 only with native bf16 and a model.json "
                                 f"'{BF16_AGREEMENT_KEY}' of 1.0, else fp32")
