@@ -99,8 +99,10 @@ def score_job(images: str, model: str, output: str, endpoint: str, args: argpars
     """One ``python -m jobs.score`` run with its own local Ray: img/s from its summary, peak memory, CPU s."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(S3_ENV, AWS_ENDPOINT_URL_S3=endpoint, RAY_DISABLE_DOCKER_CPU_WARNING="1")
+    # --faces none: this is the whole-image data path that the bare forward is compared with (the face stage
+    # has its own benchmark, face_speed.py).
     cmd = [sys.executable, "-m", "jobs.score", "--input", images, "--model", model, "--output", output,
-           "--run-id", uuid.uuid4().hex[:8], "--precision", args.precision, "--num-gpus", str(args.num_gpus),
+           "--faces", "none", "--run-id", uuid.uuid4().hex[:8], "--precision", args.precision, "--num-gpus", str(args.num_gpus),
            *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, cpu, stop = 0, {}, threading.Event()
