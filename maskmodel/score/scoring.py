@@ -59,7 +59,7 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 #: A manifest file up to this size is read whole by the driver and scored like a listing (at most about a
 #: million rows of paths, the driver memory a prefix listing of as many objects takes); a larger one streams
 #: through Ray Data's reader. Read on the driver, a small manifest starts no reader tasks, and on CPU the load
-#: step runs inside the predictor actors: about 9 s less fixed cost per run on 2 cores (benchmarks/README.md).
+#: step runs inside the predictor actors: about 4 s less fixed cost per run on 2 cores (benchmarks/README.md).
 MANIFEST_ON_DRIVER_BYTES = 16 << 20
 
 
