@@ -309,9 +309,17 @@ def test_a_small_manifest_is_read_by_the_driver_like_a_listing(tmp_path, monkeyp
     pq.write_table(pa.table({"path": ["a.jpg", None]}), str(images / "holes.parquet"))
     assert "empty path in row 2" in _door({"input": str(images / "holes.parquet"), "model": model,
                                             "output": str(tmp_path / "out-holes")})
-    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_BYTES", 0)  # a large manifest: left to Ray's reader
+    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_ROWS", 3)  # the bound is inclusive: Parquet rows from its footer
+    assert scoring.prepare(cfg).objects is not None
+    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_ROWS", 2)  # a large manifest: left to Ray's reader
     plan = scoring.prepare(cfg)
     assert plan.objects is None and plan.manifest == cfg.input and plan.total == 3
+    csv_manifest = images / "m.csv"  # a CSV's rows are estimated from its size
+    csv_manifest.write_text("path\n" + "".join(f"{n}\n" for n in names))
+    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_ROWS", 1 + csv_manifest.stat().st_size // scoring.CSV_ROW_BYTES)
+    assert scoring.prepare(dataclasses.replace(cfg, input=str(csv_manifest))).objects is not None
+    monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_ROWS", 0)
+    assert scoring.prepare(dataclasses.replace(cfg, input=str(csv_manifest))).manifest is not None
 
 
 def test_config_cli_and_validation():
@@ -464,8 +472,8 @@ def test_statuses_reasons_and_probabilities(scored):
 @pytest.mark.ray
 @pytest.mark.parametrize("read_by", ["driver", "ray"])
 def test_manifest_input_gives_the_same_rows(scored, read_by, monkeypatch):
-    if read_by == "ray":  # as a manifest over MANIFEST_ON_DRIVER_BYTES is read: streamed by Ray Data's reader
-        monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_BYTES", 0)
+    if read_by == "ray":  # as a manifest over MANIFEST_ON_DRIVER_ROWS is read: streamed by Ray Data's reader
+        monkeypatch.setattr(scoring, "MANIFEST_ON_DRIVER_ROWS", 0)
     images, root = scored["images"], scored["root"]
     names = sorted([*scored["good"], *scored["bad"]])
     buf = io.StringIO()
