@@ -15,28 +15,22 @@ The pipeline streams: its memory does not grow with the number of images.
 
 from __future__ import annotations
 
-# First, so that the timeline shows when a Ray worker starts unpickling the load step or the predictor (which
-# imports this module) and how long their imports take (benchmarks/README.md, "Timeline of one run").
-from maskmodel import timeline
+import logging
+import os
+import sys
 
-timeline.mark("pipeline import start", "import")
+import pyarrow as pa
 
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-
-from maskmodel import rayshim  # noqa: E402
-from maskmodel.errors import UserError  # noqa: E402
-from maskmodel.io import storage  # noqa: E402
-from maskmodel.io.archives import archive_kind  # noqa: E402
-from maskmodel.io.storage import ObjectInfo  # noqa: E402
-from maskmodel.raysession import init_ray  # noqa: E402
-from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus  # noqa: E402
-from maskmodel.score.inference import Predictor  # noqa: E402
-from maskmodel.score.loading import load_archive, load_batch, zip_ranges  # noqa: E402
-from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan  # noqa: E402
+from maskmodel import rayshim, timeline
+from maskmodel.errors import UserError
+from maskmodel.io import storage
+from maskmodel.io.archives import archive_kind
+from maskmodel.io.storage import ObjectInfo
+from maskmodel.raysession import init_ray
+from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus
+from maskmodel.score.inference import Predictor
+from maskmodel.score.loading import load_archive, load_batch, zip_ranges
+from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +52,8 @@ def _source(plan: ScorePlan):
             t = pa.table({"path": pa.array([o.uri for o in objs], pa.string()),
                           "version": pa.array([o.version for o in objs], pa.string()),
                           "size": pa.array([o.size for o in objs], pa.int64())})
-            rows = -(-len(objs) // min(MAX_INPUT_BLOCKS, max(1, -(-len(objs) // per_block))))
+            blocks = min(MAX_INPUT_BLOCKS, -(-len(objs) // per_block))
+            rows = -(-len(objs) // blocks)
             # from_blocks, not from_arrow: from_arrow runs one Ray task per block for its metadata and waits for
             # them, which in a fresh local Ray means waiting for a worker process to start (about 1 s here).
             return ray.data.from_blocks([t.slice(i, rows) for i in range(0, len(objs), rows)])
