@@ -149,7 +149,8 @@ def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None
     clusters keep the hook: their workers never saw this environment.
 
     ``local``: more ``ray.init`` arguments for a Ray instance this process
-    starts (``include_dashboard`` and the like, which joining a cluster refuses).
+    starts only (``include_dashboard``, ``num_cpus`` and the like, which
+    joining a cluster ignores or refuses).
     """
     import ray
 

@@ -94,7 +94,8 @@ _WORKERS_QUIET_BY = """
 import json, os, sys
 import ray
 from maskmodel.raysession import RAY_DATA_LOGGING_ENV, init_ray, shutdown_ray
-init_ray(env_is_enough=sys.argv[1] == "env", local={"include_dashboard": False}, num_cpus=1)
+# num_cpus: an argument ray.init refuses when joining a cluster, so it must only reach a Ray this process starts
+init_ray(env_is_enough=sys.argv[1] != "hook", local={"include_dashboard": False, "num_cpus": 1})
 @ray.remote
 def worker():
     return os.environ.get(RAY_DATA_LOGGING_ENV)
@@ -105,13 +106,19 @@ print(ray.is_initialized())
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("mode", ["env", "hook"])
-def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(mode):
+@pytest.mark.parametrize("mode", ["env", "hook", "join"])
+def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(mode, request):
     # env: a Ray this process starts passes the driver's environment (Ray Data's quiet logging config) to its
-    # workers, and no runtime_env keeps them from being the ones Ray prestarted; hook: every job else.
+    # workers, and no runtime_env keeps them from being the ones Ray prestarted; hook: a job that asks for the
+    # hook; join: a joined cluster's workers never saw this environment, so they get the hook whatever the job
+    # says, and the local-only arguments stay out of ray.init.
+    ray_local = request.getfixturevalue("ray_local") if mode == "join" else None  # sets the auth env first
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_local:
+        env["RAY_ADDRESS"] = ray_local.get_runtime_context().gcs_address
     with tempfile.TemporaryDirectory(prefix="mm", dir="/tmp") as tmp:  # no `ray start` cluster to find here
-        env["RAY_TMPDIR"] = tmp
+        if mode != "join":
+            env["RAY_TMPDIR"] = tmp
         res = subprocess.run([sys.executable, "-c", _WORKERS_QUIET_BY, mode], env=env, capture_output=True,
                              text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -119,24 +126,5 @@ def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(
     assert "maskmodel-ray-data-logging" in (worker_config or "")  # quiet config reached the worker
     hook = (runtime_env or {}).get("worker_process_setup_hook")
     assert (hook is None) if mode == "env" else (hook == "maskmodel.raysession.setup_worker"), runtime_env
-    assert res.stdout.splitlines()[-1] == "False"  # shutdown_ray stopped the Ray it started
-
-
-def test_init_ray_gives_local_only_arguments_to_a_ray_it_starts(monkeypatch):
-    import ray
-
-    from maskmodel import raysession, rayshim
-
-    seen = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw))
-    monkeypatch.setattr(rayshim, "started_local_ray", lambda: False)
-    monkeypatch.setattr(rayshim, "filter_worker_lines", lambda keep: True)
-    for starts in (True, False):
-        monkeypatch.setattr(rayshim, "will_start_local_ray", lambda: starts)
-        raysession.init_ray(env_is_enough=True, local={"include_dashboard": False})
-    started, joined = seen
-    assert started.get("include_dashboard") is False and "runtime_env" not in started
-    # Joining a cluster: no local-only argument (ray.init refuses them), and the setup hook for its workers.
-    assert "include_dashboard" not in joined
-    assert joined["runtime_env"]["worker_process_setup_hook"] == raysession.WORKER_SETUP_HOOK
+    # shutdown_ray stops a Ray it started and leaves a joined cluster (this driver stays connected until exit)
+    assert res.stdout.splitlines()[-1] == ("True" if mode == "join" else "False")
