@@ -102,7 +102,8 @@ def score_job(images: str, model: str, output: str, endpoint: str, args: argpars
     # --faces none: this is the whole-image data path that the bare forward is compared with (the face stage
     # has its own benchmark, face_speed.py).
     cmd = [sys.executable, "-m", "jobs.score", "--input", images, "--model", model, "--output", output,
-           "--faces", "none", "--run-id", uuid.uuid4().hex[:8], "--precision", args.precision, "--num-gpus", str(args.num_gpus),
+           "--faces", "none", "--run-id", uuid.uuid4().hex[:8], "--precision", args.precision,
+           "--num-gpus", str(args.num_gpus),
            *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, cpu, stop = 0, {}, threading.Event()

@@ -41,13 +41,13 @@ AUTOSCALER_LIMITS = "ray._private.state.state.get_max_resources_from_cluster_con
 # no public record of whether it started a local instance or joined one (it also joins a cluster
 # started with ``ray start`` on this machine without RAY_ADDRESS). Checked on Ray 2.60.
 GLOBAL_NODE = "ray._private.worker._global_node"
-# The driver's dispatcher of worker stdout/stderr lines and Ray's own printer: the only public knob
-# is ``ray.init(log_to_driver=False)``, which drops every worker line, not just Ray's noise.
-# Checked on Ray 2.60.
 # ``ray._private.services.canonicalize_bootstrap_address(None)``: the cluster a plain ``ray.init()`` would
 # join (RAY_ADDRESS, else a ``ray start`` cluster on this machine), ``None`` when it would start its own.
 # ``ray.init`` decides this internally and exposes no way to ask before calling it. Checked on Ray 2.60.
 BOOTSTRAP_ADDRESS = "ray._private.services.canonicalize_bootstrap_address"
+# The driver's dispatcher of worker stdout/stderr lines and Ray's own printer: the only public knob
+# is ``ray.init(log_to_driver=False)``, which drops every worker line, not just Ray's noise.
+# Checked on Ray 2.60.
 STDSTREAM_DISPATCHER = "ray._private.worker.global_worker_stdstream_dispatcher"
 PRINT_TO_STDSTREAM = "ray._private.worker.print_to_stdstream"
 SHOULD_IGNORE_PREFIX = "ray._private.worker._should_ignore_worker_log_prefix"
@@ -67,8 +67,8 @@ DATA_CONFIGURE_LOGGING = "ray.data._internal.logging.configure_logging"
 DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 #: Every private dotted name this module resolves (modules, attributes); each must exist on :data:`CHECKED_ON`.
-PRIVATE_NAMES = (AUTOSCALER_LIMITS, GLOBAL_NODE, BOOTSTRAP_ADDRESS, STDSTREAM_DISPATCHER, PRINT_TO_STDSTREAM, SHOULD_IGNORE_PREFIX,
-                 GLOBAL_WORKER, DATA_HIDDEN_FILTER, DATA_SESSION_FILE_HANDLER, PLAIN_RAY_HANDLER,
+PRIVATE_NAMES = (AUTOSCALER_LIMITS, GLOBAL_NODE, BOOTSTRAP_ADDRESS, STDSTREAM_DISPATCHER, PRINT_TO_STDSTREAM,
+                 SHOULD_IGNORE_PREFIX, GLOBAL_WORKER, DATA_HIDDEN_FILTER, DATA_SESSION_FILE_HANDLER, PLAIN_RAY_HANDLER,
                  DATA_CONFIGURE_LOGGING, DATA_PROGRESS_LOGGER)
 #: Logger names among :data:`PRIVATE_NAMES`: resolved as modules (the logger is named after one).
 LOGGER_NAMES = (DATA_PROGRESS_LOGGER,)
