@@ -18,7 +18,7 @@ from PIL import Image
 from maskmodel.io import storage
 from maskmodel.models import precision
 from maskmodel.models.classifier import ModelCard, build_model, save_model_dir, state_dict_bytes
-from maskmodel.score import inference, loading
+from maskmodel.score import gpu_decode, inference, loading
 
 CLASSES = ("mask", "no_mask")
 CARD = ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37)
@@ -189,10 +189,10 @@ def test_device_decoding_is_bounded_in_memory(tmp_path, monkeypatch):
         calls.append(len(tensors))
         return nvjpeg_like(tensors, device)
 
-    monkeypatch.setattr(inference, "DEVICE_DECODE_BYTES", 3 * 80 * 60 * 3, raising=False)  # three pictures at once
+    monkeypatch.setattr(gpu_decode, "DEVICE_DECODE_BYTES", 3 * 80 * 60 * 3)  # three pictures at once
     _, rows = scored(tmp_path, [jpeg(picture(i, size=(80, 60))) for i in range(8)], decoder)
     assert calls == [3, 3, 2] and all(r["status"] == "ok" for r in rows)
-    assert inference.chunks([(10, 10), (1000, 1000), (10, 10)], 1000) == [[0], [1], [2]]
+    assert gpu_decode.chunks([(10, 10), (1000, 1000), (10, 10)], 1000) == [[0], [1], [2]]
 
 
 def test_device_out_of_memory_splits_the_chunk_and_is_never_swallowed(tmp_path, caplog):
@@ -205,10 +205,10 @@ def test_device_out_of_memory_splits_the_chunk_and_is_never_swallowed(tmp_path, 
         return nvjpeg_like(tensors, device)
 
     datas = [jpeg(picture(i)) for i in range(4)]
-    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.gpu_decode"):
         pred, rows = scored(tmp_path, datas, decoder)
     assert calls == [4, 2, 2] and all(r["status"] == "ok" for r in rows)
-    assert "out of memory" in caplog.text and pred.decode.budget == inference.DEVICE_DECODE_BYTES // 2
+    assert "out of memory" in caplog.text and pred.decode.budget == gpu_decode.DEVICE_DECODE_BYTES // 2
     assert not pred.decode.fallbacks  # nothing went to the CPU
 
     def never_fits(tensors, device):
@@ -223,21 +223,90 @@ def test_device_failures_are_logged_once_and_counted(tmp_path, caplog, monkeypat
         raise RuntimeError("nvjpeg: broken")
 
     datas = [jpeg(picture(i)) for i in range(3)]
-    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.gpu_decode"):
         pred, rows = scored(tmp_path, datas, broken)
         pred(load(tmp_path, {f"{i}.jpg": d for i, d in enumerate(datas)}, gpu_decode=True))
     assert all(r["status"] == "ok" for r in rows)  # decoded on the CPU instead
     assert caplog.text.count("nvjpeg: broken") == 1  # once per actor and kind of failure, not once per image
     assert pred.decode.fallbacks == {"RuntimeError": 6}
     recorded = []
-    dec = inference.DeviceDecoder(pred.crop, "cpu", decoder=broken, on_fallback=lambda r, n: recorded.append((r, n)))
-    monkeypatch.setattr(inference, "DEVICE_GIVE_UP", 5)
-    with caplog.at_level(logging.WARNING, logger="maskmodel.score.inference"):
+    dec = gpu_decode.DeviceDecoder(pred.crop, "cpu", decoder=broken, on_fallback=lambda r, n: recorded.append((r, n)))
+    monkeypatch.setattr(gpu_decode, "DEVICE_GIVE_UP", 5)
+    with caplog.at_level(logging.WARNING, logger="maskmodel.score.gpu_decode"):
         for _ in range(2):
             assert all(isinstance(o, str) for o in dec(datas, [(64, 40)] * 3))
     assert recorded[0] == ("RuntimeError: nvjpeg: broken", 1) and sum(n for _, n in recorded) == 6
     assert not dec.enabled and "decodes on the CPU from now on" in caplog.text
     assert dec(datas[:1], [(64, 40)]) == ["device decoding given up"]  # not even tried
+
+
+class RecordingStreams:
+    """:class:`gpu_decode.DecodeStreams` as a log: which stream is current when the decoder runs, what is handed over."""
+
+    def __init__(self, log: list) -> None:
+        self.log, self.current = log, "caller"
+
+    def decoding(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on_decode_stream():
+            self.current = "decode"
+            try:
+                yield
+            finally:
+                self.current = "caller"
+        return on_decode_stream()
+
+    def hand_over(self, images) -> None:
+        self.log.append(("hand_over", len(images)))
+
+
+def test_device_decoder_writes_on_its_own_stream_and_hands_over_before_cropping(tmp_path):
+    """The race of torchvision's nvJPEG path (see gpu_decode's docstring): every decoder call runs with the
+    dedicated decode stream current, and its outputs are handed to the caller's stream before any crop reads them,
+    chunk after chunk (a small budget: many chunks, as a 512-photo batch has)."""
+    log: list = []
+    streams = RecordingStreams(log)
+
+    def decoder(tensors, device):
+        log.append(("decode", len(tensors), streams.current))
+        return nvjpeg_like(tensors, device)
+
+    crop = inference.EvalCrop(crop_size=32, resize_size=37)
+
+    def logged_crop(x):
+        log.append(("crop", len(x), streams.current))
+        return crop(x)
+
+    datas = [jpeg(picture(i, size=(80, 60))) for i in range(7)]
+    dec = gpu_decode.DeviceDecoder(logged_crop, "cpu", decoder=decoder, budget=2 * 80 * 60 * 3, streams=streams)
+    out = dec(datas, [(80, 60)] * 7)
+    assert all(isinstance(o, torch.Tensor) and o.shape == (3, 32, 32) for o in out)
+    assert log == [("decode", 2, "decode"), ("hand_over", 2), ("crop", 2, "caller")] * 3 + [
+        ("decode", 1, "decode"), ("hand_over", 1), ("crop", 1, "caller")]
+
+
+def test_nvjpeg_allocation_failure_is_out_of_memory(tmp_path):
+    """nvJPEG's own allocation failure (status 5) splits the chunk like CUDA's OOM; it never sends a whole chunk
+    to the CPU one picture at a time."""
+    wrapped = "Error while decoding JPEG images: Failed to decode batch: 5"  # torchvision 0.29's words
+    for text in (wrapped, "Error while decoding JPEG images: Failed to get image info: 5",
+                 "Failed to synchronize CUDA stream: 2", "CUDA error: out of memory"):
+        assert gpu_decode.is_out_of_memory(RuntimeError(text)), text
+    for text in ("Error while decoding JPEG images: Failed to decode batch: 6", "Failed to get image info: 3",
+                 "Unknown chroma subsampling", "Failed to decode batch: 50"):
+        assert not gpu_decode.is_out_of_memory(RuntimeError(text)), text
+    calls = []
+
+    def decoder(tensors, device):
+        calls.append(len(tensors))
+        if len(tensors) > 2:
+            raise RuntimeError(wrapped)
+        return nvjpeg_like(tensors, device)
+
+    pred, rows = scored(tmp_path, [jpeg(picture(i)) for i in range(4)], decoder)
+    assert calls == [4, 2, 2] and all(r["status"] == "ok" for r in rows) and not pred.decode.fallbacks
 
 
 # ----------------------------------------------------------------------------- the row contract, mixed routes

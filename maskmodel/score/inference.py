@@ -1,9 +1,10 @@
 """The predict step of scoring, on the model's device, without Ray: load-step batches in, result rows out.
 
 :class:`Predictor` finishes what :mod:`maskmodel.score.loading` started: GPU JPEG
-decoding (:class:`DeviceDecoder`: batched, memory-bounded, with a per-image CPU
-fallback that keeps the CPU path's reasons and is logged and counted),
-normalisation on the device, the model, and rows of the results schema.
+decoding (:class:`maskmodel.score.gpu_decode.DeviceDecoder`: batched, memory-bounded,
+on a stream of its own, with a per-image CPU fallback that keeps the CPU path's
+reasons and is logged and counted), normalisation on the device, the model, and
+rows of the results schema.
 :mod:`maskmodel.score.scoring` runs it in a Ray Data actor pool. The forward pass and
 device placement (:mod:`maskmodel.models.precision`) are shared with training.
 """
@@ -13,9 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 # First, so that the mark below times this module's own imports (torch, torchvision, maskmodel) in each process:
 # in a predictor actor they are most of its start-up (benchmarks/README.md, "Timeline of one run").
@@ -34,6 +34,7 @@ from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.detect import DetectOptions
 from maskmodel.models.precision import HostCopy, host_buffer, predict_async, resolve_device, to_device
 from maskmodel.score.faces import FaceStage, face_records, verdict
+from maskmodel.score.gpu_decode import DeviceDecoder, JpegDecoder, torchvision_jpeg_decoder
 from maskmodel.score.loading import column, decode_reason
 
 log = logging.getLogger(__name__)
@@ -98,165 +99,6 @@ def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema:
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
-# A batched JPEG decoder: compressed bytes as 1-D uint8 tensors in, (3, H, W) uint8 images on `device` out.
-JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
-
-#: Decoded bytes (3 x width x height, full size) one device decode call may hold at once: about 40 frames of
-#: 1080p or 7 twelve-megapixel photos. nvJPEG decodes at full size; each chunk is cropped before the next
-#: (stacking a chunk's pictures for the resize about doubles its peak).
-DEVICE_DECODE_BYTES = 256 << 20
-#: Device failures in a row, with no image ever decoded there, after which an actor stops trying its device.
-DEVICE_GIVE_UP = 64
-
-
-def torchvision_jpeg_decoder(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA), RGB.
-
-    No EXIF orientation: torchvision applies it on the CPU only, so it is not
-    asked for here either (the same picture on either device);
-    :func:`maskmodel.score.loading.device_route` sends only upright JPEGs to the device.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device running out of memory (``torch.cuda.OutOfMemoryError``, or nvJPEG's
-    allocation failure as a RuntimeError)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(error, oom) or "out of memory" in str(error).lower()
-
-
-def chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
-    """Consecutive indices of ``sizes`` (``(width, height)``) grouped so that each group's full-size RGB bytes
-    stay within ``budget``; a picture larger than the budget alone is a group of its own."""
-    out: list[list[int]] = []
-    used = budget + 1
-    for i, (w, h) in enumerate(sizes):
-        need = 3 * max(w, 1) * max(h, 1)
-        if used + need > budget:
-            out.append([])
-            used = 0
-        out[-1].append(i)
-        used += need
-    return out
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-
-
-class DeviceDecoder:
-    """Decode and crop JPEGs on one device, in memory-bounded batches: ``uint8 (3, S, S)`` crops on the device.
-
-    Pictures go to ``decoder`` in chunks of at most ``budget`` decoded bytes
-    (:func:`chunks`); each chunk is cropped (resize + centre crop, one call per
-    picture size) before the next is decoded, so memory stays bounded whatever
-    the batch. A chunk the decoder rejects is retried image by image, so one
-    bad file costs its own row only. Out of device memory, a chunk is split in
-    half (the budget too, for the rest of this decoder's life) and retried; a
-    single picture that does not fit raises, never turning into a silent slow
-    path. Each failure is a *fallback* (the caller decodes that picture on the
-    CPU): counted in :attr:`fallbacks` by kind of reason, logged once per kind, and
-    passed to ``on_fallback``. After :data:`DEVICE_GIVE_UP` failures with no
-    success the device is given up (:attr:`enabled` false), with a warning.
-    """
-
-    def __init__(self, crop: EvalCrop, device: torch.device | str, *, decoder: JpegDecoder = torchvision_jpeg_decoder,
-                 budget: int = DEVICE_DECODE_BYTES, on_fallback: Callable[[str, int], None] | None = None) -> None:
-        self.crop, self.device, self.decoder = crop, resolve_device(device), decoder
-        self.budget, self.on_fallback = budget, on_fallback
-        self.fallbacks: Counter[str] = Counter()
-        self.decoded = 0
-        self.enabled = True
-
-    def __call__(self, datas: Sequence[bytes], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor | str]:
-        """One crop on the device per picture, or the reason the device could not decode it (a string)."""
-        out: list[torch.Tensor | str] = ["device decoding given up"] * len(datas)
-        if not self.enabled:
-            self._fail("device decoding given up", len(datas))
-            return out
-        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        pending = chunks(sizes, self.budget)
-        while pending:
-            idx = pending.pop(0)
-            try:
-                images = self._decode(idx, tensors)
-            except Exception as e:  # noqa: BLE001 - sorted out below
-                if not is_out_of_memory(e):
-                    raise
-                if len(idx) == 1:
-                    raise  # one picture the device cannot hold: a real problem, not a slow path
-                self.budget = max(1, self.budget // 2)
-                log.warning("device %s ran out of memory decoding %d JPEGs at once; halving the decode budget to "
-                            "%d MiB", self.device, len(idx), self.budget >> 20)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                half = len(idx) // 2
-                pending[:0] = [idx[:half], idx[half:]]
-                continue
-            for i, img in zip(idx, images):
-                out[i] = img
-        return out
-
-    def _decode(self, idx: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor | str]:
-        """Decode and crop the pictures ``idx`` of ``tensors``; raises only when the device is out of memory."""
-        try:
-            images: list[torch.Tensor | str] = list(self.decoder([tensors[i] for i in idx], self.device))
-        except Exception as e:  # noqa: BLE001 - nvJPEG refuses a whole batch for one odd image
-            if is_out_of_memory(e):
-                raise
-            images = []
-            for i in idx:
-                try:
-                    images.append(self.decoder([tensors[i]], self.device)[0])
-                except Exception as e1:  # noqa: BLE001 - this image falls back to the CPU
-                    if is_out_of_memory(e1):
-                        raise
-                    images.append(_reason(e1))
-        out: list[torch.Tensor | str] = list(images)
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for j, img in enumerate(images):
-            if isinstance(img, str):
-                continue
-            if img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8:
-                by_size.setdefault(tuple(img.shape), []).append(j)
-            else:
-                out[j] = f"unexpected output: {tuple(img.shape)} {img.dtype}"  # a grey picture...
-        for group in by_size.values():
-            try:
-                cropped = self.crop(torch.stack([images[j] for j in group]))
-            except Exception as e:  # noqa: BLE001 - a size the resize refuses: CPU fallback
-                if is_out_of_memory(e):
-                    raise
-                for j in group:
-                    out[j] = _reason(e)
-                continue
-            for k, j in enumerate(group):
-                out[j] = cropped[k]
-        del images  # the full-size pictures: freed before the next chunk
-        for r in out:
-            if isinstance(r, str):
-                self._fail(r, 1)
-            else:
-                self.decoded += 1
-        return out
-
-    def _fail(self, reason: str, n: int) -> None:
-        kind = telemetry.error_kind(reason)  # the reason without per-file detail: a bounded set
-        if kind not in self.fallbacks:
-            log.warning("decoding a JPEG on %s failed (%s); it is decoded on the CPU instead. Counted in the metric "
-                        "%s; logged once per kind of failure", self.device, reason, telemetry.SCORE_DECODE_FALLBACKS)
-        self.fallbacks[kind] += n
-        if self.on_fallback is not None:
-            self.on_fallback(reason, n)
-        if self.enabled and not self.decoded and sum(self.fallbacks.values()) >= DEVICE_GIVE_UP:
-            self.enabled = False
-            log.warning("no JPEG has decoded on %s after %d failures; this actor decodes on the CPU from now on",
-                        self.device, sum(self.fallbacks.values()))
-
-
 class Predictor:
     """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows.
 
@@ -284,8 +126,7 @@ class Predictor:
         self.schema = results.results_schema(self.card.classes)
         self.crop = EvalCrop(crop_size=self.card.input_size, resize_size=self.card.resize_size)
         self.run_id, self.precision = run_id, precision
-        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder,
-                                    budget=decode_budget or DEVICE_DECODE_BYTES,
+        self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder, budget=decode_budget,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
         self.alert = list(self.card.classes).index(alert_class(self.card.classes))
         # The detector on this actor's device, batched, at the classifier's precision (None: --faces none).
