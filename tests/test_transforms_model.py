@@ -96,6 +96,40 @@ def test_denormalize_inverts_normalize():
     assert torch.allclose(back, direct.clamp(0, 1), atol=1e-5)
 
 
+def test_normalisation_constants_are_made_once_per_device_and_dtype(monkeypatch):
+    """mean/std are built once per (values, dtype, device), not per call: on a GPU each build is a pageable
+    host-to-device copy, a host sync on every training step and predict call."""
+    from maskmodel.data import augment
+
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: (made.append(k.get("dtype")), real(*a, **k))[1])
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.31, 0.32, 0.33), (0.21, 0.22, 0.23)  # values no other test uses: a cold cache
+    first = normalize(x, mean=mean, std=std)
+    made_first = len(made)
+    for _ in range(5):
+        assert torch.equal(normalize(x, mean=mean, std=std), first)
+        denormalize(first, mean=mean, std=std)
+    assert made_first <= 2 and len(made) == made_first, made
+    normalize(x, mean=mean, std=std, dtype=torch.bfloat16)  # the dtype of the arithmetic is float32 still
+    assert len(made) == made_first
+    gen = torch.Generator().manual_seed(0)
+    aug = augment.DeviceAugment()
+    aug(x, gen)
+    before = len(made)
+    aug(x, gen)
+    assert len(made) == before  # training's device augmentation ends in the same cached standardize
+    # Made outside inference mode: usable in autograd after a first use under inference_mode.
+    with torch.inference_mode():
+        normalize(x, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2))
+    from maskmodel.data.transforms import standardize
+
+    xf = torch.rand(2, 3, 8, 8, requires_grad=True)
+    standardize(xf, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2)).sum().backward()
+    assert xf.grad is not None
+
+
 def test_model_head_and_forward():
     m = build_model("resnet18", 3).eval()
     assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 3)

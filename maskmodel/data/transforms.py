@@ -13,6 +13,7 @@ bf16 check alike. Built on ``torchvision.transforms.v2``; no Ray.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -96,14 +97,28 @@ def normalize(batch: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN, std
     return standardize(batch.to(torch.float32) / 255.0, mean=mean, std=std).to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as ``(1, 3, 1, 1)`` tensors on ``device``, made once per (values, dtype, device).
+
+    Building them per call costs a pageable host-to-device copy, which synchronises the host with the GPU, on
+    every training step and every predict call. Made outside inference mode, so that training may use them in
+    autograd; nothing writes to them.
+    """
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1),
+                torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1))
+
+
 def standardize(x: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """Floats in ``[0, 1]`` ``(N, 3, H, W)`` (any device) to ``(x - mean) / std`` per channel, in ``x``'s dtype.
 
-    The last step of :func:`normalize` and of :class:`maskmodel.data.augment.DeviceAugment`.
+    The last step of :func:`normalize` and of :class:`maskmodel.data.augment.DeviceAugment`. The constants are
+    cached per (values, dtype, device): no host-to-device copy, hence no host sync, after the first call.
     """
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m, s = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), x.dtype, x.device)
     return (x - m) / s
 
 
@@ -122,6 +137,5 @@ class EvalPreset:
 def denormalize(batch: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """Undo :class:`v2.Normalize` for display: ``(N, 3, H, W)`` floats in ``[0, 1]``."""
-    m = torch.tensor(mean, dtype=batch.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=batch.dtype).view(1, 3, 1, 1)
+    m, s = _channel_constants(tuple(map(float, mean)), tuple(map(float, std)), batch.dtype, batch.device)
     return (batch * s + m).clamp(0, 1)
