@@ -155,6 +155,47 @@ def test_device_route_sends_only_what_the_device_decodes_as_the_cpu_does(tmp_pat
             assert dev["data"][i] == b""
 
 
+def test_device_route_keeps_progressive_jpegs_and_suspect_scans_on_the_cpu():
+    """nvJPEG decodes progressive JPEGs one at a time with a host sync each, and damaged scan data with a valid
+    end marker to garbage marked ok: both are decoded on the CPU, whose row (error or not) they then get."""
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    baseline = jpeg(noisy)
+
+    def damaged(data: bytes, at: float, patch: bytes) -> bytes:
+        b = bytearray(data)
+        i = int(len(b) * at)
+        b[i:i + len(patch)] = patch
+        return bytes(b)
+
+    def saved(img, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", **kw)
+        return buf.getvalue()
+
+    restart = saved(noisy, quality=90, restart_marker_blocks=4)
+    rst3 = restart.find(b"\xff\xd3")
+    cases = {
+        "baseline": (baseline, True),
+        "grey": (jpeg(noisy.convert("L")), True),
+        "4:4:4 optimised": (saved(noisy, quality=90, subsampling=0, optimize=True), True),
+        "restart markers": (restart, True),
+        "trailing zeros": (baseline + b"\0" * 64, True),
+        "a second picture after the end (MPO)": (baseline + baseline, True),
+        "progressive": (saved(noisy, quality=90, progressive=True), False),
+        "end markers inside the scan": (damaged(baseline, 0.5, b"\xff\xd9" * 20), False),
+        "random bytes over the scan": (damaged(baseline, 0.5, rng.integers(0, 256, 600, np.uint8).tobytes()), False),
+        "a restart marker out of order": (restart[:rst3] + b"\xff\xd5" + restart[rst3 + 2:], False),
+        "a restart marker lost": (restart[:rst3] + restart[rst3 + 2:], False),
+    }
+    for name, (data, device) in cases.items():
+        routed = loading.device_route(data)
+        assert (routed is not None) == device, (name, gpu_decode.device_scan_problem(data))
+        if device:
+            assert routed == (160, 120), name
+    assert gpu_decode.device_scan_problem(cases["progressive"][0]) == "progressive"
+
+
 def test_exif_rotated_photos_score_the_same_whichever_path_decodes(tmp_path):
     model_uri = str(tmp_path / "model")
     write_model(model_uri)

@@ -23,6 +23,7 @@ from maskmodel.io import archives, fetch, objectkeys
 from maskmodel.io.decode import DecodeError, decode, probe, too_large_bytes
 from maskmodel.io.fetch import read_error_reason
 from maskmodel.models.classifier import ModelCard
+from maskmodel.score.gpu_decode import device_scan_problem
 
 #: The columns of a load batch with CPU decoding: ``pixels`` is ``uint8 (N, 3, S, S)``.
 COLUMNS = ("path", "version", "size", "error", "width", "height", "pixels", "archive", "member")
@@ -53,13 +54,15 @@ def device_route(data: bytes, *, max_bytes: int | None = None) -> tuple[int, int
 
     The device gets a baseline-colour (YCbCr or grey) JPEG that is complete
     (:func:`maskmodel.io.decode.probe` checks the stream reaches its end marker), upright (nvJPEG ignores the EXIF orientation, so
-    a rotated or mirrored phone photo would be scored sideways) and at most
-    :data:`DEVICE_MAX_PIXELS`. Raises :class:`DecodeError` for what the headers
-    reveal (the CPU path's reasons).
+    a rotated or mirrored phone photo would be scored sideways), at most
+    :data:`DEVICE_MAX_PIXELS`, baseline in one scan, and whose scan data shows
+    no damage (:func:`maskmodel.score.gpu_decode.device_scan_problem`: progressive
+    JPEGs and suspect scans go to the CPU). Raises :class:`DecodeError` for what
+    the headers reveal (the CPU path's reasons).
     """
     p = probe(data, max_bytes=max_bytes)
     if (p.format in GPU_FORMATS and p.mode in GPU_MODES and p.orientation == 1
-            and p.width * p.height <= DEVICE_MAX_PIXELS):
+            and p.width * p.height <= DEVICE_MAX_PIXELS and device_scan_problem(data) is None):
         return p.width, p.height
     return None
 
