@@ -78,11 +78,35 @@ def cpus_per_worker(requested: float, workers: int, cluster_cpus: float, *, what
     return share
 
 
-def check_actor_cpus(cluster_cpus: float, actors: int, *, load_tasks: bool) -> None:
-    """Fail in one sentence when predictor actors (1 CPU each) would leave no CPU for the load step."""
-    need = actors + (DATA_CPUS if load_tasks else 0)
+def check_actor_cpus(cluster_cpus: float, actors: int, *, load_tasks: bool, per_actor: float = 1.0) -> None:
+    """Fail in one sentence when predictor actors (``per_actor`` CPUs each) would leave no CPU for the load step."""
+    need = actors * per_actor + (DATA_CPUS if load_tasks else 0)
     if need <= cluster_cpus or _can_grow_to(need):
         return
     what = "and one for the load step " if load_tasks else ""
-    raise UserError(f"{actors} predictor actor(s) need {actors} CPU(s) {what}but the Ray cluster has "
-                    f"{cluster_cpus:g}; pass fewer --actors, or add CPUs to the cluster.")
+    raise UserError(f"{actors} predictor actor(s) need {actors * per_actor:g} CPU(s) {what}but the Ray cluster has "
+                    f"{cluster_cpus:g}; pass fewer --actors{' or a smaller --actor-cpus' if per_actor > 1 else ''}, "
+                    f"or add CPUs to the cluster.")
+
+
+#: Most CPUs a GPU predictor actor takes by default: its host work (JPEG bytes to tensors, nvJPEG's header
+#: parsing, CPU fallbacks, result rows) runs on a few threads; the load step's tasks need the rest.
+MAX_GPU_ACTOR_CPUS = 4
+#: CPUs per GPU actor when no GPU node is up yet (an autoscaler will start one of unknown size).
+UNKNOWN_NODE_GPU_ACTOR_CPUS = 2
+
+
+def gpu_actor_cpus(requested: float, nodes: list[dict], num_gpus: float) -> float:
+    """The CPUs each GPU predictor actor reserves (Ray then sets its ``OMP_NUM_THREADS`` to that many).
+
+    ``requested`` (``--actor-cpus``) when not 0; else half the CPUs per actor of the smallest GPU node in
+    ``nodes`` (``ray.nodes()`` records; half, so the load step's tasks keep the rest), from 1 to
+    :data:`MAX_GPU_ACTOR_CPUS`; :data:`UNKNOWN_NODE_GPU_ACTOR_CPUS` when no GPU node is up.
+    """
+    if requested:
+        return requested
+    per_actor = [n["Resources"]["CPU"] * num_gpus / n["Resources"]["GPU"] for n in nodes
+                 if n.get("Alive") and n.get("Resources", {}).get("GPU") and n["Resources"].get("CPU")]
+    if not per_actor:
+        return UNKNOWN_NODE_GPU_ACTOR_CPUS
+    return float(max(1, min(MAX_GPU_ACTOR_CPUS, int(min(per_actor) // 2))))

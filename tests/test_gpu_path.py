@@ -413,3 +413,62 @@ def test_gpu_rows_cross_ray_data_and_score_as_the_cpu_rows(tmp_path, ray_local):
     assert [{k: r[k] for k in keys} for r in dev] == [{k: r[k] for k in keys} for r in cpu]
     assert [r["status"] for r in dev] == ["ok", "ok", "ok", "ok", "error", "error", "ok"]
     assert all(abs(a["p_mask"] - b["p_mask"]) < 1e-2 for a, b in zip(dev, cpu) if a["status"] == "ok")
+
+
+# ----------------------------------------------------------------------------- GPUs the cluster does not have
+
+def test_zero_gpus_stop_the_run_with_one_sentence_within_the_wait(tmp_path, ray_local):
+    """A real local Ray with no GPU, asked for a GPU actor (as a joined cluster without published autoscaler
+    limits, given --actors): Ray Data's default waits forever; here the wait ends after --gpu-wait-s."""
+    import time
+
+    from maskmodel.errors import UserError
+    from maskmodel.score import pipeline, scoring
+    from maskmodel.score.plan import ScoreConfig
+
+    write_model(str(tmp_path / "model"))
+    for i in range(2):
+        storage.write_bytes(str(tmp_path / "in" / f"{i}.jpg"), jpeg(picture(i)))
+    cfg = ScoreConfig(input=str(tmp_path / "in"), model=str(tmp_path / "model"), output=str(tmp_path / "out"),
+                      faces="none", num_gpus=1, actors=1, gpu_wait_s=3, actor_cpus=1)
+    plan = scoring.prepare(cfg)
+    t0 = time.monotonic()
+    ds = pipeline.build_dataset(plan, actors=1, device="cuda", precision="fp32")
+    with pytest.raises(UserError, match=r"did not start within --gpu-wait-s 3 s \(the Ray cluster has 0 GPUs\)"):
+        list(pipeline.result_batches(ds, cfg, actors=1, device="cuda"))
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_predictor_actor_takes_one_gpu_or_a_share_of_one():
+    from maskmodel.score.plan import ScoreConfig
+
+    with pytest.raises(ValueError, match="--num-gpus is per predictor actor, which uses one GPU"):
+        ScoreConfig(input="x", model="m", output="o", num_gpus=2)
+    assert ScoreConfig(input="x", model="m", output="o", num_gpus=0.5).num_gpus == 0.5
+
+
+def test_gpu_actor_cpus_are_sized_from_the_gpu_nodes():
+    from maskmodel.resources import gpu_actor_cpus
+
+    def node(cpus, gpus=0, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    assert gpu_actor_cpus(3, [node(26, 1)], 1) == 3  # --actor-cpus wins
+    assert gpu_actor_cpus(0, [node(2), node(26, 1)], 1) == 4  # 26 CPUs per GPU: at most 4
+    assert gpu_actor_cpus(0, [node(64, 8), node(16, 1)], 1) == 4  # 8 CPUs per GPU: half
+    assert gpu_actor_cpus(0, [node(24, 8)], 1) == 1  # 3 CPUs per GPU: 1
+    assert gpu_actor_cpus(0, [node(24, 8)], 0.5) == 1
+    assert gpu_actor_cpus(0, [node(8), node(26, 1, alive=False)], 1) == 2  # no GPU node up: a default
+
+
+def test_face_batches_are_bounded_by_decoded_bytes():
+    from maskmodel.score.plan import DEFAULT_MAX_PIXELS, FACE_BATCH_BYTES, ScoreConfig
+
+    def cfg(**kw):
+        return ScoreConfig(input="x", model="m", output="o", **kw)
+
+    assert cfg(faces="none").predict_batch("cuda") == 512 and cfg(faces="none").predict_batch("cpu") == 64
+    gpu_faces = cfg(faces="centerface").predict_batch("cuda")
+    assert gpu_faces * 3 * DEFAULT_MAX_PIXELS <= FACE_BATCH_BYTES and gpu_faces >= 64
+    assert cfg(faces="centerface", max_pixels=1920 * 1080).predict_batch("cuda") <= FACE_BATCH_BYTES // (3 * 1920 * 1080)
+    assert cfg(faces="centerface", batch_size=300).predict_batch("cuda") == 300  # an explicit size is kept

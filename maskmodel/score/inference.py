@@ -119,7 +119,11 @@ class Predictor:
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         else:
-            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+            if threads:  # the actor's CPUs, for its host work (Ray sets OMP_NUM_THREADS to them)
+                torch.set_num_threads(threads)
+            # Input sizes are fixed and batch sizes come from a few buckets (pad_to_bucket): cuDNN tunes each
+            # shape once, then picks its fastest kernels.
+            torch.backends.cudnn.benchmark = True
         self.device = resolve_device(device)  # cuda -> cuda:N: compared by what it is, never by spelling
         model, self.card = load_model_dir(model_uri)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()

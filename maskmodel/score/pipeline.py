@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Iterator
 
 import pyarrow as pa
 
@@ -27,7 +28,7 @@ from maskmodel.io import storage
 from maskmodel.io.archives import archive_kind
 from maskmodel.io.storage import ObjectInfo
 from maskmodel.raysession import init_ray
-from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus
+from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus, gpu_actor_cpus
 from maskmodel.score.inference import Predictor
 from maskmodel.score.loading import load_archive, load_batch, zip_ranges
 from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
@@ -105,6 +106,7 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     With ``--num-gpus`` and fewer GPUs up than one actor needs, the run goes on
     (its pending GPU actors make the autoscaler add nodes) when ``--actors`` is
     given or the cluster's autoscaler can add GPUs; otherwise :class:`UserError`.
+    The wait for those GPUs is bounded by ``--gpu-wait-s`` (:func:`result_batches`).
     """
     import ray
 
@@ -115,7 +117,7 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.num_gpus:
             actors = cfg.actors or max(1, int(gpus // cfg.num_gpus))
-            check_actor_cpus(cluster_cpus(), actors, load_tasks=True)
+            check_actor_cpus(cluster_cpus(), actors, load_tasks=True, per_actor=actor_cpus(cfg))
             return actors, "cuda"
         most = autoscaler_max("GPU")
         if most is not None and most < cfg.num_gpus:
@@ -139,6 +141,34 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
     return actors, "cpu"
 
 
+def actor_cpus(cfg: ScoreConfig) -> float:
+    """CPUs per GPU predictor actor (:func:`maskmodel.resources.gpu_actor_cpus`). Ray must be initialised."""
+    import ray
+
+    return gpu_actor_cpus(cfg.actor_cpus, ray.nodes(), cfg.num_gpus)
+
+
+def result_batches(ds, cfg: ScoreConfig, *, actors: int, device: str) -> Iterator[pa.Table]:
+    """The result tables of ``ds`` (from :func:`build_dataset`) as they come.
+
+    On GPUs, Ray Data waits at most ``--gpu-wait-s`` for the predictor actors to start
+    (``DataContext.wait_for_min_actors_s``, set by :func:`build_dataset`; Ray's default
+    waits forever); when they do not, :class:`UserError` says so in one sentence.
+    """
+    import ray
+
+    try:
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    except ray.exceptions.GetTimeoutError as e:
+        if device != "cuda":
+            raise
+        gpus = ray.cluster_resources().get("GPU", 0)
+        raise UserError(f"--num-gpus {cfg.num_gpus:g}: the {actors} predictor actor(s) did not start within "
+                        f"--gpu-wait-s {cfg.gpu_wait_s} s (the Ray cluster has {gpus:g} GPUs); give the cluster GPU "
+                        f"nodes or an autoscaler that can start them, raise --gpu-wait-s, or pass --num-gpus 0 to "
+                        f"score on CPU.") from e
+
+
 def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     """The lazy Ray Dataset of result rows (pyarrow blocks of ``plan.schema``)."""
     import ray
@@ -158,6 +188,8 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     common = {"card": plan.card, "max_bytes": cfg.max_image_bytes, "gpu_decode": gpu and cfg.decode != "cpu",
               "skip_keys": plan.skip_keys if len(plan.skip_keys) else None,
               "max_pixels": cfg.max_pixels if faces else None}
+    if gpu:  # a bounded wait for the actors' GPUs (Ray's default, -1, waits forever): see result_batches
+        ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.gpu_wait_s
     loose, packed = _source(plan)
     parts = []
     if loose is not None:
@@ -174,13 +206,17 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
                                                    "rows_per_batch": cfg.read_batch,
                                                    "max_ratio": cfg.max_compression_ratio}, **separate))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    # A GPU actor gets CPUs for its host work and as many torch threads (Ray would set OMP_NUM_THREADS=1 for
+    # one CPU, making every host op single-threaded); a CPU actor's threads are --threads (0: all of its node's).
+    cpus = actor_cpus(cfg) if gpu else 1
     return ds.map_batches(
-        Predictor, batch_size=cfg.batch_size or (512 if gpu else 64), batch_format="numpy",
+        Predictor, batch_size=cfg.predict_batch(device), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model_uri": cfg.model, "run_id": cfg.run_id, "precision": precision,
-                               "device": device, "threads": cfg.threads, "faces": cfg.faces,
-                               "detector_weights": cfg.detector_weights, "detect_options": cfg.detect_options()},
-        num_gpus=cfg.num_gpus if gpu else None, num_cpus=1)
+                               "device": device, "threads": max(1, int(cpus)) if gpu else cfg.threads,
+                               "faces": cfg.faces, "detector_weights": cfg.detector_weights,
+                               "detect_options": cfg.detect_options()},
+        num_gpus=cfg.num_gpus if gpu else None, num_cpus=cpus)
 
 
 _loaded_once = False

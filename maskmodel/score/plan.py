@@ -27,8 +27,19 @@ MANIFEST_COLUMNS = {"path": pa.string(), "version": pa.string(), "size": pa.int6
 #: --faces values that are not a detector model directory's URI.
 FACE_MODES = ("none", "auto", "centerface")
 #: Default bound on the pixels of one decoded photo with faces: a 1080p frame (2.1 MP) decodes whole; a 12 MP
-#: phone photo decodes at half its sides (3 MP, inside libjpeg), so a batch of 64 stays under a GiB.
+#: phone photo decodes at half its sides (3 MP, inside libjpeg).
 DEFAULT_MAX_PIXELS = 4_000_000
+#: Decoded bytes one predictor batch may hold with a face stage (whole pictures, uint8 RGB, each at most
+#: --max-pixels): the batch size follows from it (:meth:`ScoreConfig.predict_batch`), 89 photos at the default
+#: --max-pixels. Ray Data queues up to two more batches per actor (its default in-flight factor of 2 in Ray
+#: 2.60) besides the running one, so an actor holds at most about 3 GiB of pictures, wherever they come from,
+#: where 512 whole 4 MP pictures a batch would be 6 GiB a batch, 18 GiB an actor.
+FACE_BATCH_BYTES = 1 << 30
+#: Photos per predictor batch when --batch-size is 0 and faces are not looked for: crops (or JPEG bytes) only.
+DEFAULT_BATCH = {"cpu": 64, "cuda": 512}
+#: How long (s) a run with --num-gpus waits by default for its predictor actors' GPUs: an autoscaler that
+#: starts GPU nodes from zero takes minutes (instance start, image pull, model load).
+DEFAULT_GPU_WAIT_S = 900
 
 
 def parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -76,8 +87,14 @@ class ScoreConfig:
                              "decode on the CPU); auto = gpu when predictors have a GPU")
     load_tasks: bool = field(False, help="on CPU, run the load step in tasks of its own instead of inside the "
                                          "predictor actors (with GPUs it always runs in CPU tasks)")
-    num_gpus: float = field(0.0, help="GPUs per predictor actor; 0 scores on CPU")
+    num_gpus: float = field(0.0, help="GPUs per predictor actor, at most 1 (an actor uses one GPU; a fraction "
+                                      "shares one); 0 scores on CPU")
     actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
+    gpu_wait_s: int = field(DEFAULT_GPU_WAIT_S, help="with --num-gpus, seconds to wait for the predictor actors' "
+                                                   "GPUs (an autoscaler may be starting GPU nodes) before the run "
+                                                   "stops with a message")
+    actor_cpus: float = field(0.0, help="CPUs per GPU predictor actor, for its host work and torch threads "
+                                        "(0: half the CPUs per GPU of the GPU nodes, 1 to 4)")
     threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
     dashboard: bool = field(False, help="start Ray's dashboard (http://127.0.0.1:8265) with the local Ray instance "
                                         "a run starts when RAY_ADDRESS is not set; off by default, as its processes "
@@ -125,12 +142,28 @@ class ScoreConfig:
             raise ValueError("--max-pixels must be >= 4096")
         if self.decode == "gpu" and not self.num_gpus:
             raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
+        if self.num_gpus > 1:
+            raise ValueError(f"--num-gpus is per predictor actor, which uses one GPU; {self.num_gpus:g} would "
+                             f"reserve GPUs it never uses. Pass --num-gpus 1 and --actors N to score on N GPUs")
+        if self.gpu_wait_s < 1 or self.actor_cpus < 0:
+            raise ValueError("--gpu-wait-s must be >= 1 and --actor-cpus >= 0")
         at_least = {"read_batch": 1, "max_image_bytes": 1, "max_compression_ratio": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
                     "threads": 0, "num_gpus": 0, "read_concurrency": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
 
+
+    def predict_batch(self, device: str) -> int:
+        """Images per predictor call on ``device`` (``cpu``/``cuda``): ``--batch-size``, else
+        :data:`DEFAULT_BATCH`, which with a face stage is capped so that one batch's decoded pictures stay
+        within :data:`FACE_BATCH_BYTES` at ``--max-pixels`` each."""
+        if self.batch_size:
+            return self.batch_size
+        default = DEFAULT_BATCH["cuda" if device == "cuda" else "cpu"]
+        if self.faces == "none":
+            return default
+        return max(1, min(default, FACE_BATCH_BYTES // (3 * self.max_pixels)))
 
     def detect_options(self) -> DetectOptions:
         """The detection options of this run's flags (a detector card's own defaults are applied by the caller)."""

@@ -49,7 +49,7 @@ from maskmodel.models.precision import resolve_precision
 from maskmodel.results import incremental
 from maskmodel.models.detect import load_detector
 from maskmodel.score.faces import CENTERFACE_MODES, run_options
-from maskmodel.score.pipeline import build_dataset, ensure_ray, manifest_base, resolve_manifest_path
+from maskmodel.score.pipeline import build_dataset, ensure_ray, manifest_base, resolve_manifest_path, result_batches
 from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
 from maskmodel.telemetry import ScoringMetrics
 
@@ -264,7 +264,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
         progress = Progress(f"scoring {cfg.run_id}", plan.total)
         metrics = ScoringMetrics(cfg.run_id)
         timeline.mark("dataset built")
-        for batch_no, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None), start=1):
+        for batch_no, table in enumerate(result_batches(ds, cfg, actors=actors, device=device), start=1):
             if first_batch_s is None:  # actor start + model load + the first batch
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
                 timeline.mark("first result batch")
