@@ -415,6 +415,65 @@ def test_gpu_rows_cross_ray_data_and_score_as_the_cpu_rows(tmp_path, ray_local):
     assert all(abs(a["p_mask"] - b["p_mask"]) < 1e-2 for a, b in zip(dev, cpu) if a["status"] == "ok")
 
 
+# ----------------------------------------------------------------------------- pipelined forward passes
+
+def test_forward_passes_are_padded_to_a_few_bucket_sizes(tmp_path):
+    """The ok rows (and faces) of a batch vary; with cudnn.benchmark every new batch size re-tunes each conv, so
+    forward passes are padded to a short list of sizes, and the padding never reaches a row."""
+    sizes = {inference.bucket_size(n) for n in range(1, 513)}
+    assert sizes == {8, 16, 32, 64, *range(128, 513, 64)}
+    assert all(n <= inference.bucket_size(n) <= max(8, n + n // 8, n + 63) for n in range(1, 2000))
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    objs = {f"{i}.jpg": jpeg(picture(50 + i)) for i in range(5)}
+    objs.update({"bad.jpg": b"nope", "empty.jpg": b""})
+    batch = load(tmp_path, objs)
+    plain = inference.Predictor(model_uri, run_id="r", precision="fp32", pipelined=False)
+    padded = inference.Predictor(model_uri, run_id="r", precision="fp32", pipelined=True)
+    plain.model, padded.model = Inputs(plain.model), Inputs(padded.model)
+    want, got = plain(dict(batch)).to_pylist(), padded(dict(batch)).to_pylist()
+    assert [x.shape[0] for x in plain.model.seen] == [5] and [x.shape[0] for x in padded.model.seen] == [8]
+    assert [r["status"] for r in got] == [r["status"] for r in want] == ["ok"] * 5 + ["error"] * 2
+    assert all(abs(a["p_mask"] - b["p_mask"]) < 1e-5 for a, b in zip(got, want) if a["status"] == "ok")
+
+
+def test_the_next_part_is_decoded_while_this_part_runs_forward(tmp_path):
+    """Pipelined, a batch is cut into parts and part k+1 is gathered (decoded) on the prefetch thread while part
+    k's forward runs on the caller's thread; the model is only ever called from the caller's thread."""
+    import threading
+
+    decoded_second = threading.Event()
+    decode_threads, calls = [], []
+
+    def decoder(tensors, device):
+        decode_threads.append(threading.current_thread().name)
+        calls.append(len(tensors))
+        if len(calls) == 2:
+            decoded_second.set()
+        return nvjpeg_like(tensors, device)
+
+    class Waits(Inputs):
+        def forward(self, x):
+            self.threads = getattr(self, "threads", []) + [threading.current_thread().name]
+            if len(self.seen) == 0:
+                self.overlapped = decoded_second.wait(20)  # part 2 decodes while part 1 is here
+            return super().forward(x)
+
+    model_uri = str(tmp_path / "model")
+    write_model(model_uri)
+    batch = load(tmp_path, {f"{i}.jpg": jpeg(picture(60 + i)) for i in range(6)}, gpu_decode=True)
+    pred = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=decoder, pipelined=True,
+                               part_rows=2)
+    pred.model = Waits(pred.model)
+    rows = pred(dict(batch)).to_pylist()
+    assert pred.model.overlapped and calls == [2, 2, 2]
+    assert set(decode_threads) != {threading.current_thread().name}
+    assert pred.model.threads == [threading.current_thread().name] * 3
+    want = inference.Predictor(model_uri, run_id="r", precision="fp32", decoder=nvjpeg_like)(dict(batch)).to_pylist()
+    assert [(r["path"], r["label"]) for r in rows] == [(r["path"], r["label"]) for r in want]
+    assert all(abs(a["p_mask"] - b["p_mask"]) < 1e-5 for a, b in zip(rows, want))
+
+
 # ----------------------------------------------------------------------------- GPUs the cluster does not have
 
 def test_zero_gpus_stop_the_run_with_one_sentence_within_the_wait(tmp_path, ray_local):

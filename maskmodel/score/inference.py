@@ -11,11 +11,13 @@ device placement (:mod:`maskmodel.models.precision`) are shared with training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 # First, so that the mark below times this module's own imports (torch, torchvision, maskmodel) in each process:
 # in a predictor actor they are most of its start-up (benchmarks/README.md, "Timeline of one run").
@@ -56,11 +58,11 @@ class FaceColumns:
                    [results.NO_DETECTOR if o else None for o in ok])
 
 
-def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema: pa.Schema, classes: Sequence[str],
+def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy | PartProbs, *, schema: pa.Schema, classes: Sequence[str],
                  model_id: str, run_id: str, scored_at: Any, faces: FaceColumns | None = None) -> pa.Table:
     """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order).
 
-    ``probs`` may still be on its way from the device (:class:`HostCopy`): the
+    ``probs`` may still be on its way from the device (:class:`HostCopy`, :class:`PartProbs`): the
     columns that do not need it are built first. An ok row whose ``probs`` are
     NaN has no label (an explicit detector found no face): label, confidence and
     ``p_<class>`` null. ``faces``: the face columns (default: ``--faces none``'s).
@@ -99,6 +101,51 @@ def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy, *, schema:
     return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
+#: Rows per forward pass on a GPU: a batch is cut into parts of this many, and the next part's copy and decode
+#: run (on a thread, on a CUDA stream of their own) while this part's forward runs on the default stream.
+PART_ROWS = 128
+
+
+def bucket_size(n: int) -> int:
+    """The batch size a forward pass of ``n`` rows is padded to: 8, 16, 32, 64, then multiples of 64.
+
+    The number of ok rows (and of faces) changes from batch to batch; with
+    ``cudnn.benchmark`` each new shape re-tunes every convolution (0.5-2 s each
+    time), so shapes come from this short list instead (at most 1/8 of the
+    rows, or 63, are padding).
+    """
+    if n <= 8:
+        return 8
+    return 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``(n, ...)``) with zero rows appended up to :func:`bucket_size` ``(n)`` rows, on its device."""
+    extra = bucket_size(len(x)) - len(x)
+    return x if not extra else torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
+
+
+#: Face crops per classifier call off the pipelined path (a batch of photos may hold thousands of faces).
+DEFAULT_FACE_ROWS = 512
+
+
+class PartProbs:
+    """The probabilities of a batch's forward passes, in row order, still on their way from the device:
+    ``float32 (N, C)`` once read (``np.asarray``), padding rows left out."""
+
+    def __init__(self, classes: int) -> None:
+        self.classes, self.parts = classes, []
+
+    def add(self, probs: HostCopy, rows: int) -> None:
+        self.parts.append((probs, rows))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if not self.parts:
+            return np.zeros((0, self.classes), dtype or np.float32)
+        a = np.concatenate([np.asarray(p)[:rows] for p, rows in self.parts])
+        return a if dtype is None else a.astype(dtype)
+
+
 class Predictor:
     """The actor-pool callable: loads the model once, turns :func:`load_batch` batches into result rows.
 
@@ -110,11 +157,18 @@ class Predictor:
     as if it had never been sent to the GPU. Host crops are gathered into one
     pinned buffer and copied to the device without blocking; the probabilities
     come back the same way while the other result columns are built.
+
+    ``pipelined`` (default: on a GPU) cuts each batch into parts of ``part_rows``
+    (:data:`PART_ROWS`): while part k's forward runs, part k+1 is gathered (copied,
+    decoded, cropped) on a thread of this actor, on a CUDA stream of its own,
+    its hand-over ordered by an event; the model itself is only ever called from
+    the caller's thread. Each forward pass is padded to :func:`bucket_size` rows.
     """
 
     def __init__(self, model_uri: str, *, run_id: str, precision: str, device: str = "cpu", threads: int = 0,
                  decoder: JpegDecoder = torchvision_jpeg_decoder, decode_budget: int | None = None,
-                 faces: str = "none", detector_weights: str = "", detect_options: DetectOptions | None = None) -> None:
+                 faces: str = "none", detector_weights: str = "", detect_options: DetectOptions | None = None,
+                 pipelined: bool | None = None, part_rows: int = PART_ROWS) -> None:
         timeline.mark("predictor init", "predictor")
         if device == "cpu":
             torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -138,6 +192,10 @@ class Predictor:
             faces, weights=detector_weights, options=detect_options or DetectOptions(), crop=self.crop,
             device=self.device, precision=precision)
         self.calls = 0
+        self.pipelined = self.device.type == "cuda" if pipelined is None else pipelined
+        self.part_rows = part_rows if self.pipelined else 1 << 62
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="predictor-prefetch") if self.pipelined else None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         timeline.mark("model loaded", "predictor")
 
     def gather(self, batch: dict[str, Any], errors: list[str | None]) -> torch.Tensor | np.ndarray | None:
@@ -185,11 +243,61 @@ class Predictor:
             staged = to_device(buf, self.device)
             if not on_device:
                 return staged
+        decoded = torch.stack(list(on_device.values()))  # row order (the decoder's order)
+        if staged is None:
+            return decoded
         x = torch.empty((len(ok_rows), *shape), dtype=torch.uint8, device=self.device)
-        if staged is not None:
-            x[torch.tensor([rank[i] for i in in_host], device=self.device)] = staged
-        x[torch.tensor([rank[i] for i in on_device], device=self.device)] = torch.stack(list(on_device.values()))
+        # Row indices copied from pinned memory without blocking (a pageable copy would sync the host).
+        x[to_device(torch.tensor([rank[i] for i in in_host]), self.device)] = staged
+        x[to_device(torch.tensor([rank[i] for i in on_device]), self.device)] = decoded
         return x
+
+    def _gather_part(self, batch: dict[str, Any], errors: list[str | None], start: int, stop: int):
+        """:meth:`gather` of rows ``start:stop`` on the copy stream; ``(crops, event)`` (``event``: when the
+        crops are ready on that stream; ``None`` off CUDA). Sets ``errors[start:stop]``."""
+        part = {k: v[start:stop] for k, v in batch.items()}
+        errs = errors[start:stop]
+        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
+        event = None
+        with stream:
+            x = self.gather(part, errs)
+            if self._copy_stream is not None:
+                x = None if x is None else to_device(x, self.device)  # host crops: copied here, not in forward
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+        errors[start:stop] = errs
+        return x, event
+
+    def _ready(self, x: torch.Tensor | None, event: Any) -> torch.Tensor | None:
+        """``x`` for use on the current stream: after ``event``, its memory kept until that stream is done."""
+        if event is not None and x is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            if x.device.type == "cuda":
+                x.record_stream(current)
+        return x
+
+    def parts(self, batch: dict[str, Any], errors: list[str | None]) -> Iterator[tuple[torch.Tensor | None, int]]:
+        """The ok rows' crops of each part of ``batch`` in turn, with the part's size; pipelined, the next part
+        is gathered on the prefetch thread while the caller works on this one."""
+        n = len(errors)
+        bounds = [(s, min(n, s + self.part_rows)) for s in range(0, n, self.part_rows)]
+        if self._prefetch is None or len(bounds) < 2:
+            for start, stop in bounds:
+                yield self._ready(*self._gather_part(batch, errors, start, stop)), stop - start
+            return
+        pending = self._prefetch.submit(self._gather_part, batch, errors, *bounds[0])
+        for j, (start, stop) in enumerate(bounds):
+            got = pending.result()
+            if j + 1 < len(bounds):
+                pending = self._prefetch.submit(self._gather_part, batch, errors, *bounds[j + 1])
+            yield self._ready(*got), stop - start
+
+    def forward(self, x: torch.Tensor) -> HostCopy:
+        """Class probabilities of crops ``uint8 (n, 3, S, S)``, on their way to the host (padded to a bucket
+        when pipelined: read only the first ``n`` rows)."""
+        return predict_async(self.model, pad_rows(x) if self.pipelined else x, mean=self.card.mean,
+                             std=self.card.std, device=self.device, precision=self.precision)
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         self.calls += 1
@@ -198,12 +306,11 @@ class Predictor:
             return self.score_faces(batch)
         n = len(batch["path"])
         errors = column(batch, "error", n)
-        x = self.gather(batch, errors)
+        probs = PartProbs(len(self.card.classes))
+        for x, _ in self.parts(batch, errors):
+            if x is not None:
+                probs.add(self.forward(x), len(x))
         batch["error"] = np.array(errors, dtype=object)
-        probs: np.ndarray | HostCopy = np.zeros((0, len(self.card.classes)), np.float32)
-        if x is not None:
-            probs = predict_async(self.model, x, mean=self.card.mean, std=self.card.std, device=self.device,
-                                  precision=self.precision)
         table = result_table(batch, probs, schema=self.schema, classes=self.card.classes,
                              model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
         if self.calls == 1:
@@ -221,10 +328,12 @@ class Predictor:
         found = stage.find(images, [(int(batch["width"][i]), int(batch["height"][i])) for i in ok])
         pieces = [stage.cut(im, f.crops) if len(f) else stage.whole(im) for im, f in zip(images, found)
                   if len(f) or stage.auto]
-        probs = np.zeros((0, len(classes)), np.float32)
-        if pieces:
-            probs = np.asarray(predict_async(self.model, torch.cat(pieces), mean=self.card.mean, std=self.card.std,
-                                             device=self.device, precision=self.precision))
+        parts = PartProbs(len(classes))
+        crops = torch.cat(pieces) if pieces else None
+        step = self.part_rows if self.pipelined else DEFAULT_FACE_ROWS
+        for start in range(0, 0 if crops is None else len(crops), step):  # bounded, bucketed forward passes
+            parts.add(self.forward(crops[start:start + step]), len(crops[start:start + step]))
+        probs = np.asarray(parts)
         verdicts = np.full((len(ok), len(classes)), np.nan, np.float32)
         cols = FaceColumns([None] * n, [None] * n, [None] * n)
         at = 0
