@@ -77,19 +77,22 @@ PHOTO_QUALITY = 93
 CROP_MAX_DIFF = 6.0
 
 
-def report(name: str, problem: str | None, detail: str = "") -> None:
-    """One line per check: ``ok`` or the failure."""
-    print(f"{name}: {'ok' if problem is None else 'FAILED: ' + problem}{'  (' + detail + ')' if detail else ''}",
-          flush=True)
+def report(name: str, problem: str | None, detail: str = "", seconds: float | None = None) -> None:
+    """One line per check: ``ok`` or the failure, and the seconds it took."""
+    took = f" [{seconds:.0f} s]" if seconds is not None else ""
+    print(f"{name}: {'ok' if problem is None else 'FAILED: ' + problem}{'  (' + detail + ')' if detail else ''}"
+          f"{took}", flush=True)
     if problem is not None:
         FAILED.append(name)
 
 
 def check(name: str, fn: Callable[[], tuple[str | None, str]]) -> None:
+    t0 = time.perf_counter()
     try:
-        report(name, *fn())
+        problem, detail = fn()
     except Exception as e:  # noqa: BLE001 - a crash is this check's failure; the others still run
-        report(name, f"{type(e).__name__}: {e}"[:500])
+        problem, detail = f"{type(e).__name__}: {e}"[:500], ""
+    report(name, problem, detail, time.perf_counter() - t0)
 
 
 def sync(device: torch.device) -> None:
@@ -284,7 +287,7 @@ def face_stage(model_uri: str, root: str, card: ModelCard, device: torch.device,
     batch = load_batch({"path": np.array(paths, dtype=object)}, card=card, max_bytes=64 << 20,
                        max_pixels=DEFAULT_MAX_PIXELS, decode_threads=os.cpu_count() or 1)
     tables, syncs = {}, collections.Counter()
-    for dev in (device, torch.device("cpu")):
+    for dev in (device, torch.device("cpu")) if device.type != "cpu" else (device,):  # a CPU smoke run: once
         pred = Predictor(model_uri, run_id="check", precision=args.precision if dev.type == "cuda" else "fp32",
                          device=str(dev), faces="centerface", detect_options=DetectOptions())
         for _ in range(args.warmup):
