@@ -282,7 +282,7 @@ def test_device_failures_are_logged_once_and_counted(tmp_path, caplog, monkeypat
 
 
 class RecordingStreams:
-    """:class:`gpu_decode.DecodeStreams` as a log: which stream is current when the decoder runs, what is handed over."""
+    """:class:`gpu_decode.DecodeStreams` as a log: the stream current when the decoder runs, what is handed over."""
 
     def __init__(self, log: list) -> None:
         self.log, self.current = log, "caller"
@@ -529,5 +529,6 @@ def test_face_batches_are_bounded_by_decoded_bytes():
     assert cfg(faces="none").predict_batch("cuda") == 512 and cfg(faces="none").predict_batch("cpu") == 64
     gpu_faces = cfg(faces="centerface").predict_batch("cuda")
     assert gpu_faces * 3 * DEFAULT_MAX_PIXELS <= FACE_BATCH_BYTES and gpu_faces >= 64
-    assert cfg(faces="centerface", max_pixels=1920 * 1080).predict_batch("cuda") <= FACE_BATCH_BYTES // (3 * 1920 * 1080)
+    frames = cfg(faces="centerface", max_pixels=1920 * 1080).predict_batch("cuda")
+    assert frames <= FACE_BATCH_BYTES // (3 * 1920 * 1080)
     assert cfg(faces="centerface", batch_size=300).predict_batch("cuda") == 300  # an explicit size is kept

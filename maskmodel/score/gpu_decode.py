@@ -1,4 +1,4 @@
-"""JPEG decoding on the predictor's device, without Ray: compressed bytes in, ``uint8 (3, S, S)`` crops on the device out.
+"""JPEG decoding on the predictor's device, without Ray: compressed bytes in, ``uint8 (3, S, S)`` device crops out.
 
 :class:`DeviceDecoder` batches nvJPEG (torchvision's ``decode_jpeg(device='cuda')``)
 in memory-bounded chunks, crops each chunk before the next, and hands back a
@@ -96,7 +96,8 @@ def device_scan_problem(data: bytes) -> str | None:
         length = int.from_bytes(data[i + 2:i + 4], "big")
         seg = data[i + 4:i + 2 + length]
         if marker in _SOF_ANY and not sof and len(seg) >= 6:
-            sof, height, width, components = marker, int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+            sof, components = marker, seg[5]
+            height, width = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big")
             sampling = [(seg[7 + 3 * c] >> 4, seg[7 + 3 * c] & 15) for c in range(components) if 8 + 3 * c <= len(seg)]
         elif marker == 0xDD and len(seg) >= 2:
             restart = int.from_bytes(seg[:2], "big")
@@ -130,8 +131,9 @@ def device_scan_problem(data: bytes) -> str | None:
     if restart and sampling:
         hmax, vmax = max(h for h, _ in sampling), max(v for _, v in sampling)
         mcus = math.ceil(width / (8 * hmax)) * math.ceil(height / (8 * vmax))
-        if len(seq) != math.ceil(mcus / restart) - 1:
-            return f"suspect scan: {len(seq)} restart markers where the restart interval implies {math.ceil(mcus / restart) - 1}"
+        expected = math.ceil(mcus / restart) - 1
+        if len(seq) != expected:
+            return f"suspect scan: {len(seq)} restart markers where the restart interval implies {expected}"
     tail = bytes(body[end + 2:]).rstrip(b"\0")
     if tail and not tail.startswith(b"\xff\xd8") and tail.endswith(b"\xff\xd9"):
         return "suspect scan: an end marker inside the scan"

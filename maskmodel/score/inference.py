@@ -58,8 +58,9 @@ class FaceColumns:
                    [results.NO_DETECTOR if o else None for o in ok])
 
 
-def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy | PartProbs, *, schema: pa.Schema, classes: Sequence[str],
-                 model_id: str, run_id: str, scored_at: Any, faces: FaceColumns | None = None) -> pa.Table:
+def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy | PartProbs, *, schema: pa.Schema,
+                 classes: Sequence[str], model_id: str, run_id: str, scored_at: Any,
+                 faces: FaceColumns | None = None) -> pa.Table:
     """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order).
 
     ``probs`` may still be on its way from the device (:class:`HostCopy`, :class:`PartProbs`): the
