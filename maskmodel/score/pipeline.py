@@ -188,8 +188,11 @@ def build_dataset(plan: ScorePlan, *, actors: int, device: str, precision: str):
     common = {"card": plan.card, "max_bytes": cfg.max_image_bytes, "gpu_decode": gpu and cfg.decode != "cpu",
               "skip_keys": plan.skip_keys if len(plan.skip_keys) else None,
               "max_pixels": cfg.max_pixels if faces else None}
-    if gpu:  # a bounded wait for the actors' GPUs (Ray's default, -1, waits forever): see result_batches
-        ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.gpu_wait_s
+    # A bounded wait for the actors' GPUs (Ray's default, -1, waits forever): see result_batches. Set before the
+    # source dataset is made, which copies the driver's DataContext; a CPU run gets Ray's default back.
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+    ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.gpu_wait_s if gpu else DEFAULT_WAIT_FOR_MIN_ACTORS_S
     loose, packed = _source(plan)
     parts = []
     if loose is not None:
