@@ -112,8 +112,8 @@ def bucket_size(n: int) -> int:
 
     The number of ok rows (and of faces) changes from batch to batch; with
     ``cudnn.benchmark`` each new shape re-tunes every convolution (0.5-2 s each
-    time), so shapes come from this short list instead (at most 1/8 of the
-    rows, or 63, are padding).
+    time), so shapes come from this short list instead: 12 shapes up to 512
+    rows, at most 63 of them padding (zeros, whose outputs are never read).
     """
     if n <= 8:
         return 8
@@ -176,7 +176,7 @@ class Predictor:
         else:
             if threads:  # the actor's CPUs, for its host work (Ray sets OMP_NUM_THREADS to them)
                 torch.set_num_threads(threads)
-            # Input sizes are fixed and batch sizes come from a few buckets (pad_to_bucket): cuDNN tunes each
+            # Input sizes are fixed and batch sizes come from a few buckets (pad_rows): cuDNN tunes each
             # shape once, then picks its fastest kernels.
             torch.backends.cudnn.benchmark = True
         self.device = resolve_device(device)  # cuda -> cuda:N: compared by what it is, never by spelling
