@@ -112,7 +112,7 @@ def bucket_size(n: int) -> int:
 
     The number of ok rows (and of faces) changes from batch to batch; with
     ``cudnn.benchmark`` each new shape re-tunes every convolution (0.5-2 s each
-    time), so shapes come from this short list instead: 12 shapes up to 512
+    time), so shapes come from this short list instead: 11 shapes up to 512
     rows, at most 63 of them padding (zeros, whose outputs are never read).
     """
     if n <= 8:
