@@ -275,7 +275,15 @@ def _damage(e: BaseException) -> str:
 
 
 UNICODE_PATH_EXTRA = 0x7075  # Info-ZIP Unicode Path extra field
+#: Zip compression methods (APPNOTE 4.4.5) that :mod:`zipfile` cannot expand, by the name a row's reason gives.
+ZIP_METHODS = {1: "Shrink", 2: "Reduce", 3: "Reduce", 4: "Reduce", 5: "Reduce", 6: "Implode", 9: "Deflate64",
+               10: "PKWARE DCL Implode", 18: "IBM TERSE", 19: "IBM LZ77", 20: "zstd", 93: "zstd", 94: "MP3",
+               95: "xz", 96: "JPEG variant", 97: "WavPack", 98: "PPMd", 99: "AES encryption"}
 UTF8_FLAG = 0x800
+
+
+_EXPANDABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
+                         getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)})  # Python 3.14 reads zstd
 
 
 def zip_name(info: zipfile.ZipInfo) -> str:
@@ -367,6 +375,9 @@ def iter_zip(fileobj: BinaryIO, *, extensions: Sequence[str], max_bytes: int,
             yield Member(name, size, error=reason, key=key)
         elif info.flag_bits & 0x1:
             yield Member(name, size, error="encrypted member", key=key)
+        elif info.compress_type not in _EXPANDABLE:
+            method = ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+            yield Member(name, size, error=f"unsupported compression: {method}", key=key)
         elif size > max_bytes:
             yield Member(name, size, error=too_large_bytes(size, max_bytes), key=key)
         elif info.compress_size and size > max_ratio * info.compress_size:
