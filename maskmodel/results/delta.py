@@ -33,6 +33,7 @@ import logging
 import math
 import posixpath
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -54,6 +55,11 @@ TABLE_CONFIGURATION = {
     "delta.logRetentionDuration": "interval 36500 days",
 }
 _MAX_STAT_CHARS = 1024  # longer strings get no min/max (a truncated max is not an upper bound)
+#: How :class:`maskmodel.results.AttemptWriter` names its data files, relative to the table:
+#: ``<partition>=<value>/part-NNNNN-<UTC time>-[compact-]<8 hex>.zstd.parquet``. Vacuum deletes a file
+#: only when the log once referenced it or it has this name (an attempt killed before its commit).
+WRITER_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9._-]{1,128}/part-\d{5}-\d{8}T\d{6}Z-"
+                         r"(?:compact-)?[0-9a-f]{8}\.zstd\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -306,25 +312,90 @@ def active_files(table, column: str) -> dict[str, list[FileEntry]]:
 
 # ----------------------------------------------------------------------------- maintenance
 
-def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> list[str]:
-    """Delete the files no current commit references (killed runs, replaced runs, compacted files).
+@dataclass(frozen=True)
+class Vacuum:
+    """What a vacuum deleted (or with ``dry_run`` would delete), and the unreferenced files it left alone because
+    this product did not write them; paths relative to the table, sorted."""
 
-    Only files older than ``retention_hours`` go: that keeps time travel over
-    the period working and spares a still-running attempt's files, so the
-    retention must exceed the longest scoring run. Returns the paths (relative
-    to the table) deleted, or with ``dry_run`` those that would be. ``table``:
-    the table already open (else it is opened here).
+    deleted: tuple[str, ...]
+    left_alone: tuple[str, ...]
+
+
+def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> list[str]:
+    """:func:`vacuum_files`' deleted paths (relative to the table)."""
+    return list(vacuum_files(uri, retention_hours=retention_hours, dry_run=dry_run, table=table).deleted)
+
+
+def vacuum_files(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> Vacuum:
+    """Delete the files no current commit references that this product wrote (killed, replaced, compacted runs).
+
+    A file goes only when it is older than ``retention_hours`` (that keeps time
+    travel over the period working and spares a still-running attempt's files,
+    so the retention must exceed the longest scoring run) and either a commit of
+    the log once referenced it or it has the writer's own name
+    (:data:`WRITER_FILE`: an attempt killed before its commit). Any other file,
+    such as a user's own Parquet dropped into the folder, is never deleted and
+    is counted in ``left_alone``. ``table``: the table already open (else it is
+    opened here).
     """
     table = open_table(uri) if table is None else table
     if table is None:
-        return []
+        return Vacuum((), ())
     root = storage.delta_location(uri)[0].rstrip("/") + "/"
     with storage.storage_errors(uri, "vacuum"):
-        # delta-rs also names removed files it deleted before: report only the files still there.
+        # delta-rs also names removed files it deleted before: consider only the files still there.
         present = {posixpath.relpath(f.uri, uri) if "://" not in uri else f.uri[len(uri.rstrip("/")) + 1:]
                    for f in storage.list_files(uri)}
-        # full=True: files of attempts that never committed are in no log entry; only a full listing finds them.
-        gone = table.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False,
-                            full=True)
-    rel = (p.removeprefix("file://").removeprefix(root) for p in gone)
-    return sorted(p for p in rel if p in present)
+
+        def unreferenced(full: bool) -> set[str]:
+            # full=True: every file in no current commit (killed attempts are in no log entry); False: the
+            # files a commit removed (tombstones), which the log once referenced.
+            found = table.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False,
+                                 full=full)
+            return {p.removeprefix("file://").removeprefix(root) for p in found} & present
+
+        candidates, tombstoned = unreferenced(True), unreferenced(False)
+        deleted = sorted(p for p in candidates | tombstoned if p in tombstoned or WRITER_FILE.match(p))
+        left = sorted(candidates - set(deleted))
+        if not dry_run:
+            for rel in deleted:
+                storage.delete(storage.join(uri, rel), recursive=False)
+    if left:
+        log.warning("vacuum of %s left %d files alone that this product did not write (first: %s)", uri, len(left),
+                    left[0])
+    return Vacuum(tuple(deleted), tuple(left))
+
+
+# ----------------------------------------------------------------------------- protocol
+
+def unsupported_features(table, *, write: bool) -> list[str]:
+    """The Delta protocol features of ``table`` that the installed ``deltalake`` cannot honour, sorted.
+
+    Reader features (e.g. ``deletionVectors``, ``columnMapping``) that its
+    pyarrow reader does not support, a reader version above its maximum, and
+    with ``write`` the writer features (e.g. ``checkConstraints``) its writer
+    does not enforce. ``[]``: every job can read (and write) the table.
+    """
+    from deltalake import table as dt_table
+
+    protocol = table.protocol()
+    out = set()
+    if protocol.min_reader_version > dt_table.MAX_SUPPORTED_READER_VERSION:
+        out.add(f"reader version {protocol.min_reader_version}")
+    out |= set(protocol.reader_features or ()) - set(dt_table.SUPPORTED_READER_FEATURES)
+    if write:
+        if protocol.min_writer_version > dt_table.MAX_SUPPORTED_PYARROW_WRITER_VERSION:
+            out.add(f"writer version {protocol.min_writer_version}")
+        out |= set(protocol.writer_features or ()) - set(dt_table.SUPPORTED_WRITER_FEATURES)
+    return sorted(out)
+
+
+def check_protocol(table, uri: str, *, write: bool) -> None:
+    """Raise :class:`UserError` naming the features when :func:`unsupported_features` finds any."""
+    missing = unsupported_features(table, write=write)
+    if missing:
+        import deltalake
+
+        raise UserError(f"The Delta table {uri!r} has the protocol feature(s) {', '.join(missing)}, which the "
+                        f"installed deltalake {deltalake.__version__} cannot {'honour when writing' if write else 'read'}"
+                        f"; score into another --output (or upgrade deltalake, if a newer one supports them).")

@@ -39,7 +39,8 @@ class MaintainConfig:
     retention_hours: int = field(168, help="vacuum only files unreferenced for longer than this: it must exceed "
                                            "the longest scoring run, and --as-of-version reads reach this far back")
     compact: bool = field(True, help="first rewrite each run's small files into fewer large ones")
-    vacuum: bool = field(True, help="delete the files no current commit references (killed and replaced runs)")
+    vacuum: bool = field(True, help="delete the files no current commit references that this product wrote (killed "
+                                    "and replaced runs); other files are left alone and counted")
     dry_run: bool = field(False, help="list what vacuum would delete; compact nothing")
     target_file_mb: int = field(128, help="compaction writes files of about this size; runs whose files are "
                                           "already this large on average are left alone")
@@ -66,6 +67,7 @@ class MaintainResult:
     compacted: tuple[Compaction, ...] = ()
     vacuumed: tuple[str, ...] = ()         # paths (relative to the table) deleted, or with dry_run to delete
     dry_run: bool = False
+    left_alone: tuple[str, ...] = ()       # unreferenced files this product did not write: never deleted
 
     def summary_line(self) -> str:
         done = [c for c in self.compacted if c.committed]
@@ -74,7 +76,9 @@ class MaintainResult:
         skipped = len(self.compacted) - len(done)
         skipped_text = f"{skipped} runs left for next time (a concurrent commit won); " if skipped else ""
         verb = "would vacuum" if self.dry_run else "vacuumed"
-        return f"{self.results}: {merged}{skipped_text}{verb} {len(self.vacuumed)} unreferenced files"
+        left = (f"; left {len(self.left_alone)} files alone that it did not write (first: {self.left_alone[0]})"
+                if self.left_alone else "")
+        return f"{self.results}: {merged}{skipped_text}{verb} {len(self.vacuumed)} unreferenced files{left}"
 
 
 def compact_run(table, uri: str, run_id: str, *, target_bytes: int) -> Compaction | None:
@@ -124,12 +128,12 @@ def maintain(config: MaintainConfig) -> MaintainResult:
                 compacted.append(done)
                 log.info("compacted run %s: %d files into %d%s", run_id, done.files_before, done.files_after,
                          "" if done.committed else " (not committed: a concurrent commit won; next time)")
-    vacuumed: list[str] = []
+    swept = delta.Vacuum((), ())
     if config.vacuum:
         with storage.storage_errors(config.results, "read the Delta table"):
             table.update_incremental()  # the compactions' commits: their replaced files are unreferenced now
-        vacuumed = delta.vacuum(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run,
-                                table=table)
-        log.info("vacuum of %s (retention %d h): %d files%s", config.results, config.retention_hours, len(vacuumed),
-                 " (dry run)" if config.dry_run else "")
-    return MaintainResult(config.results, tuple(compacted), tuple(vacuumed), config.dry_run)
+        swept = delta.vacuum_files(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run,
+                                   table=table)
+        log.info("vacuum of %s (retention %d h): %d files%s", config.results, config.retention_hours,
+                 len(swept.deleted), " (dry run)" if config.dry_run else "")
+    return MaintainResult(config.results, tuple(compacted), swept.deleted, config.dry_run, swept.left_alone)
