@@ -117,3 +117,143 @@ def _zip_with_method(method: int) -> bytes:
 def test_an_unsupported_zip_compression_is_named(method, name):
     rows = list(archives.iter_zip(io.BytesIO(_zip_with_method(method)), extensions=("jpg",), max_bytes=1 << 20))
     assert [(r.name, r.error) for r in rows] == [("a.jpg", f"unsupported compression: {name}")]
+
+
+# ----------------------------------------------------------------------------- every object a row or a counted skip
+
+def test_hidden_files_and_extension_left_outs_are_counted_not_lost(tmp_path):
+    from maskmodel.io import storage
+    from maskmodel.score.scoring import ScoreResult
+
+    jpeg = _save(_photo(32, 32), "JPEG")
+    for rel in ("a.jpg", "sub/b.JPG", ".thumbs/t.jpg", ".dotfile.jpg", "._IMG_0001.jpg", "sub/.git/x.jpg",
+                "notes.txt", "sub/c.heic"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(jpeg)
+    objects, left = storage.list_objects(str(tmp_path), extensions=("jpg",))
+    assert [o.uri.rsplit("/", 1)[1] for o in objects] == ["a.jpg", "b.JPG"]
+    assert (left.hidden, left.extension, left.total) == (4, 2, 6)
+    line = ScoreResult("r1", "file:///out", 2, 2, 0, None, 1.0, left).summary_line()
+    assert "6 files left out (4 hidden, 2 not of --extensions)" in line
+
+
+def _alpha_picture(rng: np.random.Generator, mode: str) -> tuple[bytes, np.ndarray]:
+    """A random picture with a transparent region, saved in ``mode``; and the pixels every mode must decode to."""
+    h, w = int(rng.integers(8, 24)), int(rng.integers(8, 24))
+    grey = rng.integers(20, 240, (h, w)).astype(np.uint8)
+    grey[grey == 7] = 8
+    clear = rng.random((h, w)) < 0.3
+    grey[clear] = 7
+    expected = np.repeat(np.where(clear, 255, grey)[..., None], 3, axis=2)
+    alpha = np.where(clear, 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if mode == "L+tRNS":
+        return _save(Image.fromarray(grey, "L"), "PNG", transparency=7), expected
+    if mode == "RGB+tRNS":
+        return _save(Image.fromarray(rgb, "RGB"), "PNG", transparency=(7, 7, 7)), expected
+    if mode == "LA":
+        return _save(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG"), expected
+    if mode == "RGBA":
+        return _save(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"), expected
+    if mode == "I;16+tRNS":
+        return _save(Image.fromarray(grey.astype(np.uint16) * 257), "PNG", transparency=7 * 257), expected
+    palette = Image.fromarray(grey, "L").convert("P")
+    index = palette.getpalette()[::3].index(7) if clear.any() else 0
+    return _save(palette, "PNG", transparency=index), expected
+
+
+def _broken_archive(rng: np.random.Generator) -> tuple[str, bytes, int]:
+    """An archive with a broken header somewhere; ``(suffix, bytes, image members before the break)``."""
+    import tarfile
+
+    members = [(f"m{i}.jpg", _save(_photo(16, 16), "JPEG")) for i in range(int(rng.integers(1, 4)))]
+    kind = ["cut-tar", "junk-tar-header", "zip-no-directory", "zip-bad-local-header"][int(rng.integers(4))]
+    if kind in ("cut-tar", "junk-tar-header"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        end = sum(512 + -(-len(d) // 512) * 512 for _, d in members)  # where the end-of-archive block starts
+        keep = end + int(rng.integers(-400, 500))  # inside the last member, or inside the end block
+        if kind == "junk-tar-header":  # the second member's header (or the end block) overwritten
+            at = 512 + -(-len(members[0][1]) // 512) * 512
+            return ".tar", data[:at] + bytes(rng.integers(1, 256, 512, dtype=np.uint8)) + data[at + 512:], -1
+        return ".tar", data[:keep], -1
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members:
+            z.writestr(name, data)
+    data = buf.getvalue()
+    if kind == "zip-no-directory":
+        return ".zip", data[:data.find(b"PK\x01\x02")], 0
+    bad = bytearray(data)
+    bad[0:4] = b"XXXX"  # the first member's local header
+    return ".zip", bytes(bad), len(members)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_generated_collections_give_one_row_per_object(tmp_path, seed):
+    """Hidden files, broken archive headers and mixed alpha modes: every listed object gives its rows, every
+    other file is a counted skip; pictures saved in different alpha modes decode to the same pixels."""
+    from maskmodel.io import storage
+    from maskmodel.models.classifier import ModelCard
+    from maskmodel.score.loading import load_archive, load_batch
+
+    rng = np.random.default_rng(seed)
+    card = ModelCard(arch="resnet18", classes=("mask", "no_mask"), input_size=16, resize_size=18)
+    written, pixels, archives_made = 0, {}, {}
+    modes = ["L+tRNS", "RGB+tRNS", "P", "LA", "RGBA", "I;16+tRNS"]
+    for i in range(int(rng.integers(3, 9))):
+        what = rng.random()
+        if what < 0.5:
+            data, expected = _alpha_picture(rng, modes[int(rng.integers(len(modes)))])
+            rel = f"d{i % 2}/p{i}.png"
+            pixels[rel] = expected
+        elif what < 0.7:
+            suffix, data, _ = _broken_archive(rng)
+            rel = f"a{i}{suffix}"
+            archives_made[rel] = True
+        else:
+            rel = [f".thumbs/t{i}.png", f"._p{i}.png", f"d0/.p{i}.png", f"notes{i}.txt"][int(rng.integers(4))]
+            data = b"\x00\x05\x16\x07" + bytes(40)  # AppleDouble-like bytes: never an image
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+        written += 1
+    objects, left = storage.list_objects(str(tmp_path), extensions=("png", "tar", "zip"))
+    assert len(objects) + left.total == written  # every file: listed or counted
+    assert len(objects) == len(pixels) + len(archives_made)
+    loose = [o.uri for o in objects if not o.uri.endswith((".tar", ".zip"))]
+    rows = load_batch({"path": np.array(loose, dtype=object)}, card=card, max_bytes=1 << 20, max_pixels=1 << 20)
+    assert sorted(rows["path"].tolist()) == sorted(loose)  # one row each
+    for path, err, img, w, h in zip(rows["path"], rows["error"], rows["image"], rows["image_w"], rows["image_h"]):
+        rel = path[len(str(tmp_path)) + 1:]
+        assert err is None, (rel, err)
+        assert np.array_equal(np.frombuffer(img, np.uint8).reshape(h, w, 3), pixels[rel]), rel
+    for rel in archives_made:
+        uri = str(tmp_path / rel)
+        got = [r for b in load_archive({"path": np.array([uri], dtype=object)}, card=card, max_bytes=1 << 20,
+                                       extensions=("jpg",)) for r in b["path"].tolist()]
+        assert got and len(got) == len(set(got)), (rel, got)  # at least the archive's own row, no key twice
+        errors = [e for b in load_archive({"path": np.array([uri], dtype=object)}, card=card, max_bytes=1 << 20,
+                                          extensions=("jpg",)) for e in b["error"].tolist() if e]
+        assert errors, (rel, got)  # the break says so in a row
+
+
+def test_a_tar_with_junk_where_a_header_belongs_says_so_in_a_row():
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 100
+            tar.addfile(info, io.BytesIO(b"x" * 100))
+    data = bytearray(buf.getvalue())
+    data[1024:1536] = b"\x01" * 512  # b.jpg's header: c.jpg cannot be reached
+    rows = list(archives.iter_tar(io.BytesIO(bytes(data)), extensions=("jpg",), max_bytes=1 << 20))
+    assert [r.name for r in rows if isinstance(r, archives.Member)] == ["a.jpg"]
+    assert [r.reason for r in rows if isinstance(r, archives.Damage)] == [
+        "corrupt archive: tar header at byte 1024: invalid header"]

@@ -17,7 +17,7 @@ from maskmodel import results
 from maskmodel.config import field, resolve_paths
 from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.io.decode import IMAGE_EXTENSIONS
-from maskmodel.io.storage import ObjectInfo
+from maskmodel.io.storage import LeftOut, ObjectInfo
 from maskmodel.models.classifier import ModelCard
 from maskmodel.models.detect.geometry import STRIDE, DetectOptions
 from maskmodel.models.precision import BF16_AGREEMENT_KEY
@@ -154,6 +154,7 @@ class ScorePlan:
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
     manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
     detector: str = "none"                 # the face detector's model id ("none": --faces none)
+    left_out: LeftOut = LeftOut()          # files the listing passed over: hidden, or not of --extensions
 
     @property
     def total(self) -> int | None:
