@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 LOG_DIR = "_delta_log"
 #: ``commitInfo`` key of a scoring commit's run metadata (a JSON object).
 RUN_KEY = "maskmodel.run"
+#: ``commitInfo`` key of an erasure commit's record (:mod:`maskmodel.results.erasure`; no path in it).
+ERASURE_KEY = "maskmodel.erasure"
 TABLE_CONFIGURATION = {
     # Run metadata lives in the commit log: keep every commit file (a few KB per run).
     "delta.enableExpiredLogCleanup": "false",
@@ -56,10 +58,10 @@ TABLE_CONFIGURATION = {
 }
 _MAX_STAT_CHARS = 1024  # longer strings get no min/max (a truncated max is not an upper bound)
 #: How :class:`maskmodel.results.AttemptWriter` names its data files, relative to the table:
-#: ``<partition>=<value>/part-NNNNN-<UTC time>-[compact-]<8 hex>.zstd.parquet``. Vacuum deletes a file
+#: ``<partition>=<value>/part-NNNNN-<UTC time>-[compact-|forget-]<8 hex>.zstd.parquet``. Vacuum deletes a file
 #: only when the log once referenced it or it has this name (an attempt killed before its commit).
 WRITER_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9._-]{1,128}/part-\d{5}-\d{8}T\d{6}Z-"
-                         r"(?:compact-)?[0-9a-f]{8}\.zstd\.parquet$")
+                         r"(?:compact-|forget-)?[0-9a-f]{8}\.zstd\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -151,15 +153,24 @@ def open_table(uri: str, version: int | None = None):
     return table if version is None else at_version(table, uri, version)
 
 
-def at_version(table, uri: str, version: int):
-    """``table`` (loaded at its latest version) moved back to ``version``; :class:`UserError` if it has none such.
+def at_version(table, uri: str, version: int, *, history: list[dict[str, Any]] | None = None):
+    """``table`` (loaded at its latest version) moved back to ``version``; :class:`UserError` if it has none such,
+    or ``version`` is before an erasure (whose files are gone).
 
-    The same object, moved back: no second load of the log's head.
+    The same object, moved back: no second load of the log's head. ``history``: ``table.history()`` when the
+    caller read it already (else it is read here, for the erasure check).
     """
     if version == table.version():
         return table
     if not 0 <= version <= table.version():
         raise UserError(f"{uri!r} has no version {version}; its versions are 0 to {table.version()}.")
+    with storage.storage_errors(uri, "read the Delta log of"):
+        erasures = erasure_versions(table.history() if history is None else history)
+    later = [(v, when) for v, when in erasures if version < v]
+    if later:
+        v, when = later[-1]
+        raise UserError(f"{uri!r} cannot be read at version {version}: an erasure (jobs.maintain --forget, {when}) "
+                        f"ended time travel to the versions before {v}; read version {v} or later.")
     with storage.storage_errors(uri, "read the Delta table"):
         table.load_as_version(version)
     return table
@@ -279,21 +290,23 @@ def _version_of(uri: str, attempt: str, before: int) -> int:
     raise UserError(f"The commit of attempt {attempt} is missing from {uri!r}'s Delta log; re-run the job.")
 
 
-def run_commits(uri: str, version: int | None = None, *, table=None) -> list[dict[str, Any]]:
+def run_commits(uri: str, version: int | None = None, *, table=None,
+                history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ``commitInfo`` of every commit with run metadata up to ``version`` (default: latest), oldest first.
 
     Each dict has the commit's ``version`` and ``timestamp`` (ms) and its run
     metadata under :data:`RUN_KEY`. Maintenance commits (compaction, vacuum) carry
     none and are left out. ``table``: the table already open at its latest
-    version (else it is opened here); its history is read once.
+    version (else it is opened here); its history is read once (``history``: already read).
     """
     # History is always read from the latest table: delta-rs 1.6 numbers the
     # history of a table loaded at an older version wrongly.
     table = open_table(uri) if table is None else table
     if table is None:
         return []
-    with storage.storage_errors(uri, "read the Delta log of"):
-        history = table.history()
+    if history is None:
+        with storage.storage_errors(uri, "read the Delta log of"):
+            history = table.history()
     out = [h for h in history if isinstance(h.get(RUN_KEY), dict) and (version is None or h["version"] <= version)]
     return sorted(out, key=lambda h: h["version"])
 
@@ -366,36 +379,18 @@ def vacuum_files(uri: str, *, retention_hours: int, dry_run: bool = False, table
     return Vacuum(tuple(deleted), tuple(left))
 
 
-# ----------------------------------------------------------------------------- protocol
-
-def unsupported_features(table, *, write: bool) -> list[str]:
-    """The Delta protocol features of ``table`` that the installed ``deltalake`` cannot honour, sorted.
-
-    Reader features (e.g. ``deletionVectors``, ``columnMapping``) that its
-    pyarrow reader does not support, a reader version above its maximum, and
-    with ``write`` the writer features (e.g. ``checkConstraints``) its writer
-    does not enforce. ``[]``: every job can read (and write) the table.
-    """
-    from deltalake import table as dt_table
-
-    protocol = table.protocol()
-    out = set()
-    if protocol.min_reader_version > dt_table.MAX_SUPPORTED_READER_VERSION:
-        out.add(f"reader version {protocol.min_reader_version}")
-    out |= set(protocol.reader_features or ()) - set(dt_table.SUPPORTED_READER_FEATURES)
-    if write:
-        if protocol.min_writer_version > dt_table.MAX_SUPPORTED_PYARROW_WRITER_VERSION:
-            out.add(f"writer version {protocol.min_writer_version}")
-        out |= set(protocol.writer_features or ()) - set(dt_table.SUPPORTED_WRITER_FEATURES)
-    return sorted(out)
+def erasure_versions(history: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """``(version, when)`` of each erasure commit in a table's ``history()`` (read at its latest version), oldest
+    first."""
+    return sorted((int(h["version"]), str(h[ERASURE_KEY].get("at", ""))) for h in history
+                  if isinstance(h.get(ERASURE_KEY), dict))
 
 
-def check_protocol(table, uri: str, *, write: bool) -> None:
-    """Raise :class:`UserError` naming the features when :func:`unsupported_features` finds any."""
-    missing = unsupported_features(table, write=write)
-    if missing:
-        import deltalake
-
-        raise UserError(f"The Delta table {uri!r} has the protocol feature(s) {', '.join(missing)}, which the "
-                        f"installed deltalake {deltalake.__version__} cannot {'honour when writing' if write else 'read'}"
-                        f"; score into another --output (or upgrade deltalake, if a newer one supports them).")
+def forgotten_keys(table) -> list[int]:
+    """The 64-bit keys (:func:`maskmodel.io.objectkeys.object_keys`) of every ``(path, version)`` an erasure forgot."""
+    out: list[int] = []
+    for info in table.history():
+        record = info.get(ERASURE_KEY)
+        if isinstance(record, dict):
+            out += [int(k, 16) for k in record.get("forgotten_keys") or ()]
+    return out

@@ -27,6 +27,7 @@ from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.results import delta
+from maskmodel.results.erasure import Erasure, forget, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class MaintainConfig:
     dry_run: bool = field(False, help="list what vacuum would delete; compact nothing")
     target_file_mb: int = field(128, help="compaction writes files of about this size; runs whose files are "
                                           "already this large on average are left alone")
+    forget: str = field("", path=True, help="instead of compacting and vacuuming, erase the rows of the paths, "
+                                            "prefixes or archive#members listed in this file (one a line) from "
+                                            "the table and from every older copy; ends time travel before it")
 
     def __post_init__(self) -> None:
         resolve_paths(self)
@@ -68,8 +72,11 @@ class MaintainResult:
     vacuumed: tuple[str, ...] = ()         # paths (relative to the table) deleted, or with dry_run to delete
     dry_run: bool = False
     left_alone: tuple[str, ...] = ()       # unreferenced files this product did not write: never deleted
+    erasure: Erasure | None = None         # what --forget did (then nothing else was done)
 
     def summary_line(self) -> str:
+        if self.erasure is not None:
+            return self.erasure.summary_line(self.results)
         done = [c for c in self.compacted if c.committed]
         merged = (f"compacted {len(done)} runs ({sum(c.files_before for c in done)} files into "
                   f"{sum(c.files_after for c in done)}); " if done else "")
@@ -111,7 +118,10 @@ def compact_run(table, uri: str, run_id: str, *, target_bytes: int) -> Compactio
 
 
 def maintain(config: MaintainConfig) -> MaintainResult:
-    """Compact (unless ``dry_run``) and vacuum the table; raises :class:`UserError` when there is no results table."""
+    """Compact (unless ``dry_run``) and vacuum the table, or with ``forget`` only erase; raises :class:`UserError`
+    when there is no results table."""
+    if config.forget:
+        return MaintainResult(config.results, erasure=forget(config.results, read_entries(config.forget)))
     table = results.open_results(config.results)  # opened once for the whole command; the old format fails here
     results.check_output(config.results, table=table)  # a folder that is not a results table
     if table is None:

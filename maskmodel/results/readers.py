@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.results import delta
+from maskmodel.results import delta, protocol
 from maskmodel.results.commit import CommitRecord
 from maskmodel.results.schema import PARTITION, log_uri, results_schema
 
@@ -29,7 +29,7 @@ def open_results(output_uri: str, version: int | None = None):
         raise UserError(f"{output_uri!r} holds results in the pre-Delta format (_commits/), which this version "
                         f"does not read; score into a new --output, or re-score these runs.")
     if table is not None:
-        delta.check_protocol(table, output_uri, write=False)  # e.g. deletionVectors set by another writer
+        protocol.check_protocol(table, output_uri, write=False)  # e.g. deletionVectors set by another writer
     return table
 
 
@@ -54,7 +54,7 @@ def check_output(output_uri: str, *, table: Any = _OPEN) -> None:
         if table.metadata().partition_columns != [PARTITION] or not {"path", "status"} <= set(names):
             raise UserError(f"{output_uri!r} is a Delta table but not a maskmodel results table; choose another "
                             f"--output.")
-        delta.check_protocol(table, output_uri, write=True)
+        protocol.check_protocol(table, output_uri, write=True)
         return
     other = [n for n in storage.listdir(output_uri) if not n.startswith((f"{PARTITION}=", "."))]
     if other:
@@ -90,9 +90,11 @@ def open_snapshot(output_uri: str, *, version: int | None = None) -> Snapshot:
     table = open_results(output_uri)
     if table is None:
         return Snapshot(output_uri, None, [])
-    commits = delta.run_commits(output_uri, table=table)  # from the latest table (see run_commits)
+    with storage.storage_errors(output_uri, "read the Delta log of"):
+        history = table.history()  # once, from the latest table (see run_commits)
+    commits = delta.run_commits(output_uri, table=table, history=history)
     if version is not None:
-        delta.at_version(table, output_uri, version)
+        delta.at_version(table, output_uri, version, history=history)
     return Snapshot(output_uri, table, _records(output_uri, table, commits))
 
 

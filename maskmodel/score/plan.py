@@ -58,6 +58,8 @@ class ScoreConfig:
     output: str = field(path=True, help="URI of the results folder (a Delta Lake table partitioned by run_id)")
     run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
     incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
+    rescore_forgotten: bool = field(False, help="with --incremental, score again the objects that jobs.maintain "
+                                                "--forget erased (by default they are skipped, like scored ones)")
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
     extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix and inside "
                                                                "archives, any case")

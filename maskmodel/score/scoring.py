@@ -189,7 +189,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     timeline.mark("output checked")
     skip, skipped = np.empty(0, np.uint64), 0
     if cfg.incremental:
-        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id, forgotten=not cfg.rescore_forgotten)
         if objects is not None:
             known = [i for i, o in enumerate(objects) if o.version is not None]
             seen = np.zeros(len(objects), bool)
