@@ -73,11 +73,29 @@ def test_foreign_parquet_in_any_layout_is_refused_in_one_sentence(tmp_path, rel)
     assert "not a results table" in text and "\n" not in text and text.count(". ") == 0
 
 
+def test_another_tables_log_is_refused(tmp_path):
+    from deltalake import write_deltalake
+
+    out = str(tmp_path / "scores")
+    write_deltalake(out, pa.table({"run_id": ["a"], "x": [1]}), partition_by=["run_id"])
+    with pytest.raises(UserError, match="is a Delta table but not a maskmodel results table"):
+        results.check_output(out)
+
+
 def test_r22_the_foreign_file_survives_every_job(tmp_path):
+    from maskmodel.score import scoring
+    from maskmodel.score.plan import ScoreConfig
+    from tests.test_scoring import write_model
+
     out = str(tmp_path / "scores")
     foreign = _foreign(out, "run_id=2025-01-01/part-0.parquet")
     with pytest.raises(UserError, match="did not write"):  # jobs.score's door check, before any work
         results.check_output(out)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    write_model(str(tmp_path / "model"))
+    with pytest.raises(UserError, match="did not write"):  # the whole job's preparation: before Ray starts
+        scoring.prepare(ScoreConfig(input=str(tmp_path / "in"), model=str(tmp_path / "model"), output=out))
     with pytest.raises(UserError):  # jobs.maintain: no results table here
         maintain(MaintainConfig(results=out, retention_hours=0))
     assert incremental.committed_keys(out).tolist() == []  # --incremental reads, deletes nothing

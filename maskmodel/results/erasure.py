@@ -73,8 +73,9 @@ class Erasure:
         else:
             head = (f"{uri}: forgot {self.rows} rows of {self.runs} runs ({self.entries} entries) in version "
                     f"{self.version}; ")
-        purged = (f"time travel to versions {self.purged_versions[0]}-{self.purged_versions[1]} has ended (their "
-                  f"files are deleted); " if self.purged_versions else "")
+        purged = (f"time travel to versions {self.purged_versions[0]}-{self.purged_versions[1]} has ended (files "
+                  f"they read are deleted; every version before {self.version} is refused); "
+                  if self.purged_versions and self.version is not None else "")
         left = (f"; {self.files_left} files holding a match could not be read and were left (re-run --forget "
                 f"when no scoring run is writing)" if self.files_left else "")
         return (f"{head}{purged}deleted {self.files_deleted} data files, rewrote {self.log_files_rewritten} "
