@@ -130,3 +130,57 @@ def test_jobs_maintain_forget_cli(history, tmp_path):
                           str(tmp_path / "empty.txt")], cwd=REPO, env=dict(os.environ), capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "lists no paths to forget" in bad.stderr
+
+
+def test_forget_on_s3(s3_bucket, tmp_path):
+    """The same erasure on the real S3 endpoint: the log is rewritten and files deleted through the storage layer."""
+    from maskmodel.io import storage
+
+    out = s3_bucket + "/scores"
+    results.commit(_writer(out, "night-1", ALICE[:1] + OTHERS[:2]), meta={"input": ALICE[0]})
+    results.commit(_writer(out, "night-1", ALICE + OTHERS[:3], rows_per_file=2), meta={})
+    results.commit(_writer(out, "night-2", OTHERS[3:]), meta={})
+    (tmp_path / "f.txt").write_text("/photos/alice\ns3://in/day1.tar#cam/alice-3.jpg\n")
+    done = maintain(MaintainConfig(results=out, forget=str(tmp_path / "f.txt"))).erasure
+    assert (done.rows, done.runs) == (3, 1)
+    fs, root = storage.filesystem(out)
+    for key in fs.find(root):
+        data = fs.cat_file(key)
+        text = data.decode("latin-1")
+        if key.endswith(".parquet"):
+            text += json.dumps(pq.read_table(pa.BufferReader(data)).to_pylist(), default=str)
+        assert not any(n in text for n in ALICE), key
+    assert sorted(results.read_results(out).column("path").to_pylist()) == sorted(OTHERS[:3] + OTHERS[3:])
+    with pytest.raises(UserError, match="ended time travel"):
+        results.read_results(out, version=1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_an_incremental_run_does_not_score_forgotten_photos_again_unless_asked(ray_local, tmp_path):
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from maskmodel.score import scoring
+    from maskmodel.score.plan import ScoreConfig
+    from tests.test_scoring import write_model
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for i, name in enumerate(("alice.jpg", "bob.jpg", "carol.jpg")):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(buf, "JPEG")
+        (photos / name).write_bytes(buf.getvalue())
+    write_model(str(tmp_path / "model"))
+    out = str(tmp_path / "out")
+    cfg = ScoreConfig(input=str(photos), model=str(tmp_path / "model"), output=out, run_id="r1", precision="fp32")
+    assert scoring.score(cfg).images == 3
+    (tmp_path / "f.txt").write_text(f"{photos}/alice.jpg\n")
+    assert maintain(MaintainConfig(results=out, forget=str(tmp_path / "f.txt"))).erasure.rows == 1
+    again = scoring.score(dataclasses.replace(cfg, run_id="r2", incremental=True))
+    assert (again.images, again.skipped) == (0, 3)  # bob and carol scored, alice forgotten: none scored again
+    asked = scoring.score(dataclasses.replace(cfg, run_id="r3", incremental=True, rescore_forgotten=True))
+    assert asked.images == 1
+    assert results.read_results(out, run_ids=["r3"]).column("path").to_pylist() == [f"{photos}/alice.jpg"]
