@@ -342,7 +342,13 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
     ``truncated image`` (see :func:`check_stream`), ``too large: ...`` (over
     ``max_bytes``, a side over ``max_side``, or Pillow's decompression-bomb
     limit), ``too small: WxH`` or ``undecodable: ...``.
-    Every check uses the original size, so ``reduce_to`` changes no reason.
+    Every check uses the original size, so ``reduce_to`` changes no reason,
+    except the bomb limit: it protects memory, so for a JPEG it applies to
+    the pixels decoded. A JPEG over it decodes reduced when ``reduce_to`` or
+    ``max_pixels`` asks for few enough pixels (``too large: N pixels, over the
+    decompression-bomb limit even reduced`` otherwise); other formats have no
+    reduced decode and are refused from the header. Transparency of any kind
+    is composited on white (:data:`BACKGROUND`).
 
     ``max_pixels`` (instead of ``reduce_to``): the picture is decoded as large
     as possible with at most this many pixels: a JPEG at the largest DCT scale

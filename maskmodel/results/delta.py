@@ -269,6 +269,11 @@ def rewrite_partition(table, uri: str, *, column: str, value: str, files: Sequen
     return True
 
 
+def partition_transactions(table, column: str, values: Sequence[str]) -> list:
+    """The app transactions a commit rewriting partitions ``column = value`` (each of ``values``) must carry."""
+    return [_next_txn(table, _app_id(column, v)) for v in values]
+
+
 def _app_id(column: str, value: str) -> str:
     """The Delta app id that every commit rewriting partition ``column = value`` carries (see the module docstring)."""
     return f"maskmodel:{column}={value}"
@@ -327,8 +332,7 @@ def active_files(table, column: str) -> dict[str, list[FileEntry]]:
 
 @dataclass(frozen=True)
 class Vacuum:
-    """What a vacuum deleted (or with ``dry_run`` would delete), and the unreferenced files it left alone because
-    this product did not write them; paths relative to the table, sorted."""
+    """Files a vacuum deleted (or would), and unreferenced ones it left alone (not this product's); sorted."""
 
     deleted: tuple[str, ...]
     left_alone: tuple[str, ...]

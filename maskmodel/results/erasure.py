@@ -172,7 +172,7 @@ def _commit_without(table, uri: str, runs: dict[str, int], entries: list[str], r
                 writer.write(batch.filter(pc.invert(matches(batch.column("path"), entries))))
         adds += [AddAction(f.path, f.bytes, {PARTITION: run}, f.modified_ms, True, f.stats) for f in writer.close()]
     props = CommitProperties(custom_metadata={ERASURE_KEY: record},
-                             app_transactions=[delta._next_txn(table, delta._app_id(PARTITION, r)) for r in runs])
+                             app_transactions=delta.partition_transactions(table, PARTITION, sorted(runs)))
     with storage.storage_errors(uri, "commit the erasure to"):
         if runs:
             table.create_write_transaction(adds, "overwrite", schema, partition_by=[PARTITION],
