@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -63,8 +64,9 @@ def check_output(output_uri: str, *, table: Any = _OPEN) -> None:
     for name in storage.listdir(output_uri):
         if not name.startswith(f"{PARTITION}="):
             continue
+        folder = storage.filesystem(storage.join(output_uri, name))[1]
         for obj in storage.list_files(storage.join(output_uri, name)):
-            rel = f"{name}/{obj.uri[len(storage.join(output_uri, name)) + 1:]}"
+            rel = f"{name}/{posixpath.relpath(storage.filesystem(obj.uri)[1], folder)}"
             if not delta.WRITER_FILE.match(rel):
                 raise UserError(f"{output_uri!r} holds files this product did not write ({rel!r}) and is not a "
                                 f"results table; choose an empty or new --output.")
