@@ -7,6 +7,11 @@ on storage (invisible to every Delta reader) until a vacuum deletes them; it spa
     python -m jobs.maintain --results s3://bucket/scores
     python -m jobs.maintain --results s3://bucket/scores --dry-run      # list what vacuum would delete
 
+Erasure on request: forget the rows of the paths, prefixes or archive#members listed in a file (one a line),
+in the table and in every older copy under it; time travel to the versions before it ends::
+
+    python -m jobs.maintain --results s3://bucket/scores --forget request-2025-17.txt
+
 On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
 
     ray job submit --working-dir . -- python -m jobs.maintain --results s3://bucket/scores

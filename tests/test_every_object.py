@@ -129,7 +129,8 @@ def test_the_readme_table_names_every_reason_the_readers_give():
         made.add(getattr(item, "error", None) or getattr(item, "reason", None))
     assert {m.split(":")[0] for m in made if m} <= kinds, made
     assert {"empty file", "not an image", "truncated image", "no image members", "unsafe member path",
-            "too large", "corrupt archive", "unreadable", "nested archive not read"} <= kinds
+            "too large", "corrupt archive", "unreadable", "nested archive not read",
+            "unsupported compression"} <= kinds
 
 
 @pytest.mark.ray
@@ -141,6 +142,8 @@ def test_every_object_gives_its_rows_once_and_an_incremental_rerun_adds_none(see
     for key, data in objects.items():
         storage.write_bytes(f"{root}/{key}", data)
     uris = {o.uri.rsplit("/", 1)[1]: o.uri for o in storage.list_files(root)}
+    for key in (".thumbs/t.jpg", "._o0.jpg", "notes.txt"):  # counted skips (issue 31), not rows
+        storage.write_bytes(f"{root}/{key}", _image(rng))
     want = sorted(uris[k] if m == "" else member_uri(uris[k], m) for k, ms in expected.items() for m in ms)
     model, out = str(tmp_path / "model"), str(tmp_path / "out")
     write_model(model)
@@ -154,6 +157,10 @@ def test_every_object_gives_its_rows_once_and_an_incremental_rerun_adds_none(see
     assert len(paths) == len(set(paths)), "a key appears twice"
     assert sorted(paths) == want, (objects.keys(), sorted(set(paths) ^ set(want)))
     assert first.images == len(want)
+    assert (first.left_out.hidden, first.left_out.extension) == (2, 1)
+    assert "3 files left out (2 hidden, 1 not of --extensions)" in first.summary_line()
+    [run] = results.list_commits(out)
+    assert run.raw["counts"]["left_out"] == {"hidden": 2, "extension": 1}
     again = scoring.score(dataclasses.replace(cfg, run_id="r2", incremental=True))
     assert again.images == 0 and again.skipped == len(objects)
 

@@ -18,7 +18,7 @@ detector finds faces, the classifier decides mask or not. A ``class_map``
 name are dropped and counted in ``skipped``.
 
 Image paths in the files are resolved against ``images_root``, by default the
-folder of the annotation file, unless they already are absolute or URIs.
+folder of the annotation file, by the rule every manifest follows (:mod:`maskmodel.io.paths`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 
 from maskmodel.errors import UserError
 from maskmodel.io import storage
+from maskmodel.io.paths import entry_folder, resolve_entry
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,11 @@ class ImageBoxes:
 
 
 def _folder(uri: str) -> str:
-    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+    return entry_folder(uri)
 
 
 def _resolve(root: str, name: str) -> str:
-    return name if ("://" in name or name.startswith("/")) else storage.join(root, name)
+    return resolve_entry(root, name)
 
 
 def _record(path: str, width: int, height: int, raw: list[tuple[list[float], str, dict]],

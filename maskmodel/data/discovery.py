@@ -3,8 +3,9 @@
 Two layouts are accepted (DESIGN.md): an ImageFolder tree
 ``<root>/<split>/<class>/<image>`` (splits ``train``, ``val``/``validation``,
 optional ``test`` and any others such as ``scene``, in any case), or a
-manifest (CSV or Parquet with ``path,label[,split]``; relative paths are
-relative to the manifest). Without a validation split, a deterministic split
+manifest (CSV or Parquet with ``path,label[,split]``; entries resolved by the one
+rule of :mod:`maskmodel.io.paths`: relative to the manifest's folder, ``file://`` URIs
+percent-decoded). Without a validation split, a deterministic split
 by hash of the path is used. :func:`discover` is plain Python and runs on the
 driver, so every problem with the data is reported before a worker starts.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from maskmodel import testhooks
 from maskmodel.errors import UserError
 from maskmodel.io import storage
+from maskmodel.io.paths import entry_folder, resolve_entry
 from maskmodel.io.decode import IMAGE_EXTENSIONS, DecodeError, decode, too_large_bytes
 
 log = logging.getLogger(__name__)
@@ -85,14 +87,13 @@ def _read_manifest(uri: str) -> list[tuple[str, str, str | None]]:
     missing = {"path", "label"} - set(table.column_names)
     if missing:
         raise UserError(f"The manifest {uri!r} lacks column(s) {sorted(missing)}; it needs path,label[,split].")
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    base = entry_folder(uri)
     paths = [str(p) for p in table.column("path").to_pylist()]
     labels = [str(v) for v in table.column("label").to_pylist()]
     splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(paths)
     rows = []
     for p, lab, sp in zip(paths, labels, splits):
-        full = p if ("://" in p or p.startswith("/")) else storage.join(base, p)
-        rows.append((full, lab, str(sp) if sp else None))
+        rows.append((resolve_entry(base, p), lab, str(sp) if sp else None))
     return rows
 
 

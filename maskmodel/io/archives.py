@@ -211,6 +211,24 @@ class _Gunzip(io.RawIOBase):
         return n
 
 
+class _Header(tarfile.TarInfo):
+    """A tar header that remembers, on its :class:`tarfile.TarFile`, why reading the next one failed.
+
+    :mod:`tarfile` ends the member loop quietly at an invalid header after the
+    first (a bad checksum, junk where a header belongs), exactly as it ends at
+    the end-of-archive block: this tells the two apart, so a tar that breaks
+    half-way gives a row that says so.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            tar.broken_header = str(e) or type(e).__name__  # type: ignore[attr-defined]
+            raise
+
+
 def _tar_stream(raw: BinaryIO) -> tuple[BinaryIO, str]:
     """``(file, tarfile mode)`` for a tar stream, gzip-compressed (every gzip member: :class:`_Gunzip`) or not."""
     buffered = io.BufferedReader(raw, 1 << 20)
@@ -232,7 +250,7 @@ def iter_tar(stream: BinaryIO, *, extensions: Sequence[str], max_bytes: int,
     counted, account = _Guarded(stream), _Accounting()
     try:
         fileobj, mode = _tar_stream(counted)
-        tar = tarfile.open(fileobj=fileobj, mode=mode)
+        tar = tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_Header)
         for info in tar:
             tar.members = []  # streaming mode keeps every header otherwise: memory must not grow per member
             if info.isdir() or not _wanted(info.name, extensions):
@@ -258,6 +276,8 @@ def iter_tar(stream: BinaryIO, *, extensions: Sequence[str], max_bytes: int,
         # archive ends with a whole block of zeros after its last member, so that block was read.
         if getattr(tar.fileobj, "pos", tar.offset + tarfile.BLOCKSIZE) < tar.offset + tarfile.BLOCKSIZE:
             yield Damage("truncated archive")
+        elif broken := getattr(tar, "broken_header", None):  # the members after it cannot be reached
+            yield Damage(f"corrupt archive: tar header at byte {tar.offset}: {broken}"[:200])
         elif empty := account.empty():
             yield empty
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
@@ -275,7 +295,15 @@ def _damage(e: BaseException) -> str:
 
 
 UNICODE_PATH_EXTRA = 0x7075  # Info-ZIP Unicode Path extra field
+#: Zip compression methods (APPNOTE 4.4.5) that :mod:`zipfile` cannot expand, by the name a row's reason gives.
+ZIP_METHODS = {1: "Shrink", 2: "Reduce", 3: "Reduce", 4: "Reduce", 5: "Reduce", 6: "Implode", 9: "Deflate64",
+               10: "PKWARE DCL Implode", 18: "IBM TERSE", 19: "IBM LZ77", 20: "zstd", 93: "zstd", 94: "MP3",
+               95: "xz", 96: "JPEG variant", 97: "WavPack", 98: "PPMd", 99: "AES encryption"}
 UTF8_FLAG = 0x800
+
+
+_EXPANDABLE = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
+                         getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)})  # Python 3.14 reads zstd
 
 
 def zip_name(info: zipfile.ZipInfo) -> str:
@@ -367,6 +395,9 @@ def iter_zip(fileobj: BinaryIO, *, extensions: Sequence[str], max_bytes: int,
             yield Member(name, size, error=reason, key=key)
         elif info.flag_bits & 0x1:
             yield Member(name, size, error="encrypted member", key=key)
+        elif info.compress_type not in _EXPANDABLE:
+            method = ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+            yield Member(name, size, error=f"unsupported compression: {method}", key=key)
         elif size > max_bytes:
             yield Member(name, size, error=too_large_bytes(size, max_bytes), key=key)
         elif info.compress_size and size > max_ratio * info.compress_size:

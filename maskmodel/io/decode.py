@@ -15,7 +15,7 @@ import zlib
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 # Formats photos come in; anything else Pillow happens to open (PSD, ICO, PDF
 # previews...) is reported as unsupported rather than guessed at.
@@ -36,7 +36,37 @@ class DecodeError(ValueError):
     """The object is not a usable image; ``str(err)`` is a short reason for the results table."""
 
 
+#: The background every transparent pixel is composited on, whatever the mode that carries the transparency
+#: (an alpha channel, a palette's, or one transparent colour): white, as a viewer shows it.
+BACKGROUND = 255
+
+
+def _transparent_colour(img: Image.Image) -> np.ndarray | None:
+    """``bool (H, W)``: the pixels of the one transparent colour an L, RGB or 16-bit grey picture may name (PNG's
+    tRNS chunk; Pillow's ``info["transparency"]``), or ``None`` when it names none."""
+    value = img.info.get("transparency")
+    if value is None or img.mode not in ("L", "RGB", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return None
+    arr = np.asarray(img)
+    if img.mode == "RGB":
+        if not isinstance(value, tuple) or len(value) != 3:
+            return None
+        return (arr == np.asarray(value, dtype=arr.dtype)).all(axis=-1)
+    return arr == value if isinstance(value, int) else None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB; every kind of transparency composited on :data:`BACKGROUND` (one rule for every mode)."""
+    clear = _transparent_colour(img)
+    rgb = _opaque_rgb(img)
+    if clear is not None and clear.any():
+        out = np.array(rgb)
+        out[clear] = BACKGROUND
+        rgb = Image.fromarray(out, mode="RGB")
+    return rgb
+
+
+def _opaque_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # Pillow's own I;16 -> RGB conversion clips to 255; scale instead.
@@ -53,9 +83,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # Transparent pixels become white, as a viewer would show them.
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background = Image.new("RGBA", rgba.size, (BACKGROUND, BACKGROUND, BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode != "RGB":
         return img.convert("RGB")
@@ -146,17 +175,48 @@ def _jpeg_stream(data: bytes) -> None:
     raise DecodeError("truncated image")  # the stream ends before its scan does
 
 
+_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"iCCP"})
+
+
+def _text_size(ctype: bytes, body: bytes) -> int | None:
+    """Expanded size of a PNG text (or ICC profile) chunk's value; ``None`` when it expands past
+    ``PngImagePlugin.MAX_TEXT_CHUNK`` (Pillow refuses the whole file then). A chunk too garbled to
+    measure is left to Pillow (size 0)."""
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    key_end = body.find(b"\0")
+    if key_end < 0:
+        return 0
+    value = body[key_end + 1:]
+    if ctype == b"tEXt":
+        return len(value)
+    if ctype == b"iTXt":
+        if len(value) < 2 or not value[0]:  # not compressed
+            return len(value)
+        rest = value[2:].split(b"\0", 2)  # language, translated keyword, text
+        if len(rest) < 3:
+            return 0
+        value = b"\0" + rest[2]
+    z = zlib.decompressobj()
+    try:
+        expanded = z.decompress(value[1:], limit)
+    except zlib.error:
+        return 0
+    return None if z.unconsumed_tail else len(expanded)
+
+
 def _png_stream(data: bytes) -> bytes:
-    """Check a PNG's chunks; returns ``data`` less any ancillary chunk whose CRC is wrong.
+    """Check a PNG's chunks; returns ``data`` less any ancillary chunk whose CRC is wrong or that is over Pillow's limits.
 
     libpng and browsers treat a bad CRC in an ancillary chunk (iCCP, tEXt...;
     lowercase first letter) as a warning and show the picture; Pillow refuses
     the file unless the process-wide ``LOAD_TRUNCATED_IMAGES`` is set, which
-    would also let truncated files through. So the chunk is dropped here. The
-    stream must reach IEND (bytes after it are ignored): a partial download,
-    cut or zero-padded, does not.
+    would also let truncated files through. So the chunk is dropped here, and
+    so is a text or ICC chunk that expands past ``PngImagePlugin.MAX_TEXT_CHUNK``
+    or takes the text past ``MAX_TEXT_MEMORY`` (limits that protect memory, not
+    verdicts on the picture: :func:`_text_size`). The stream must reach IEND
+    (bytes after it are ignored): a partial download, cut or zero-padded, does not.
     """
-    n, pos, drop = len(data), 8, []
+    n, pos, drop, text = len(data), 8, [], 0
     if n >= 24 and data[12:16] == b"IHDR":
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         if not w or not h:  # Pillow does not open these at all
@@ -173,6 +233,12 @@ def _png_stream(data: bytes) -> bytes:
         stored_crc = int.from_bytes(data[end - 4:end], "big")
         if ctype[0] & 0x20 and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != stored_crc:  # ancillary, bad
             drop.append((pos, end))
+        elif ctype in _TEXT_CHUNKS:
+            size = _text_size(ctype, data[pos + 8:end - 4])
+            if size is None or (ctype != b"iCCP" and text + size > PngImagePlugin.MAX_TEXT_MEMORY):
+                drop.append((pos, end))
+            elif ctype != b"iCCP":
+                text += size
         pos = end
     if not drop:
         return data
@@ -213,7 +279,14 @@ def _open(data: bytes, *, min_side: int, max_side: int, max_bytes: int | None) -
     if max_bytes is not None and len(data) > max_bytes:
         raise DecodeError(too_large_bytes(len(data), max_bytes))
     data = check_stream(data)
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        if data[:3] != b"\xff\xd8\xff":
+            raise  # no reduced decode exists for it: the whole picture would be allocated
+        # A JPEG decodes at 1/2, 1/4 or 1/8 scale inside libjpeg (draft): the limit applies to the pixels
+        # decoded (checked in decode), not to the header's size. The same parser, without Image.open's check.
+        img = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
     if img.format not in SUPPORTED_FORMATS:
         raise DecodeError(f"unsupported format: {img.format}")
     w, h = img.size
@@ -269,7 +342,13 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
     ``truncated image`` (see :func:`check_stream`), ``too large: ...`` (over
     ``max_bytes``, a side over ``max_side``, or Pillow's decompression-bomb
     limit), ``too small: WxH`` or ``undecodable: ...``.
-    Every check uses the original size, so ``reduce_to`` changes no reason.
+    Every check uses the original size, so ``reduce_to`` changes no reason,
+    except the bomb limit: it protects memory, so for a JPEG it applies to
+    the pixels decoded. A JPEG over it decodes reduced when ``reduce_to`` or
+    ``max_pixels`` asks for few enough pixels (``too large: N pixels, over the
+    decompression-bomb limit even reduced`` otherwise); other formats have no
+    reduced decode and are refused from the header. Transparency of any kind
+    is composited on white (:data:`BACKGROUND`).
 
     ``max_pixels`` (instead of ``reduce_to``): the picture is decoded as large
     as possible with at most this many pixels: a JPEG at the largest DCT scale
@@ -286,6 +365,9 @@ def decode(data: bytes, *, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE, m
         if reduce_to and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (reduce_to, reduce_to))
         reduced = img.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and reduced[0] * reduced[1] > limit:  # only a JPEG opened past the limit gets here
+            raise DecodeError(f"too large: {w * h} pixels, over the decompression-bomb limit even reduced")
         img.load()
         img = ImageOps.exif_transpose(img)
     if img.size != reduced:  # EXIF rotated it by 90 degrees: so is the original

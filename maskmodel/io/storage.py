@@ -309,12 +309,30 @@ def object_version(info: dict[str, Any]) -> str:
     return f"{info.get('size', 0)}-{mtime}"
 
 
-def list_files(uri: str, *, extensions: tuple[str, ...] | None = None) -> list[ObjectInfo]:
-    """Recursively list the files under ``uri``, sorted by URI.
+@dataclass(frozen=True)
+class LeftOut:
+    """The files a listing passed over on purpose, counted so that a run summary can say so.
+
+    ``hidden``: a path part (below the listed prefix) starts with ``.``: dotfiles, ``.thumbs/`` or ``.git/``
+    folders, macOS ``._IMG_0001.jpg`` AppleDouble files (resource forks, not pictures). ``extension``: the
+    name lacks every one of the extensions asked for.
+    """
+
+    hidden: int = 0
+    extension: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.hidden + self.extension
+
+
+def list_objects(uri: str, *, extensions: tuple[str, ...] | None = None) -> tuple[list[ObjectInfo], LeftOut]:
+    """Recursively list the files under ``uri``, sorted by URI, and count those passed over.
 
     ``extensions`` (lower case, without dots) filters by file name suffix in
-    any case. Hidden files (a path part starting with ``.``) are skipped.
-    Raises :class:`UserError` when ``uri`` does not exist.
+    any case. Hidden files (a path part starting with ``.``) are skipped. Both
+    kinds are counted in the :class:`LeftOut`. Raises :class:`UserError` when
+    ``uri`` does not exist.
     """
     fs, root = filesystem(uri)
     with storage_errors(uri, "list"):
@@ -322,18 +340,25 @@ def list_files(uri: str, *, extensions: tuple[str, ...] | None = None) -> list[O
         if not found:
             fs.info(root)  # raises for a missing path / bucket / credentials; an empty folder lists nothing
     exts = tuple(f".{e.lower().lstrip('.')}" for e in extensions) if extensions else None
-    out = []
+    out, hidden, other = [], 0, 0
     for path, info in found.items():
         if info.get("type") == "directory":
             continue
         rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
         if any(part.startswith(".") for part in rel.split("/")):
+            hidden += 1
             continue
         if exts and not path.lower().endswith(exts):
+            other += 1
             continue
         out.append(ObjectInfo(uri=to_uri(uri, path), size=int(info.get("size") or 0), version=object_version(info)))
     out.sort(key=lambda o: o.uri)
-    return out
+    return out, LeftOut(hidden, other)
+
+
+def list_files(uri: str, *, extensions: tuple[str, ...] | None = None) -> list[ObjectInfo]:
+    """:func:`list_objects`' objects (what was passed over is not counted)."""
+    return list_objects(uri, extensions=extensions)[0]
 
 
 def info(uri: str) -> ObjectInfo:

@@ -33,6 +33,7 @@ import logging
 import math
 import posixpath
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,12 +49,19 @@ log = logging.getLogger(__name__)
 LOG_DIR = "_delta_log"
 #: ``commitInfo`` key of a scoring commit's run metadata (a JSON object).
 RUN_KEY = "maskmodel.run"
+#: ``commitInfo`` key of an erasure commit's record (:mod:`maskmodel.results.erasure`; no path in it).
+ERASURE_KEY = "maskmodel.erasure"
 TABLE_CONFIGURATION = {
     # Run metadata lives in the commit log: keep every commit file (a few KB per run).
     "delta.enableExpiredLogCleanup": "false",
     "delta.logRetentionDuration": "interval 36500 days",
 }
 _MAX_STAT_CHARS = 1024  # longer strings get no min/max (a truncated max is not an upper bound)
+#: How :class:`maskmodel.results.AttemptWriter` names its data files, relative to the table:
+#: ``<partition>=<value>/part-NNNNN-<UTC time>-[compact-|forget-]<8 hex>.zstd.parquet``. Vacuum deletes a file
+#: only when the log once referenced it or it has this name (an attempt killed before its commit).
+WRITER_FILE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[A-Za-z0-9._-]{1,128}/part-\d{5}-\d{8}T\d{6}Z-"
+                         r"(?:compact-|forget-)?[0-9a-f]{8}\.zstd\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -145,15 +153,24 @@ def open_table(uri: str, version: int | None = None):
     return table if version is None else at_version(table, uri, version)
 
 
-def at_version(table, uri: str, version: int):
-    """``table`` (loaded at its latest version) moved back to ``version``; :class:`UserError` if it has none such.
+def at_version(table, uri: str, version: int, *, history: list[dict[str, Any]] | None = None):
+    """``table`` (loaded at its latest version) moved back to ``version``; :class:`UserError` if it has none such,
+    or ``version`` is before an erasure (whose files are gone).
 
-    The same object, moved back: no second load of the log's head.
+    The same object, moved back: no second load of the log's head. ``history``: ``table.history()`` when the
+    caller read it already (else it is read here, for the erasure check).
     """
     if version == table.version():
         return table
     if not 0 <= version <= table.version():
         raise UserError(f"{uri!r} has no version {version}; its versions are 0 to {table.version()}.")
+    with storage.storage_errors(uri, "read the Delta log of"):
+        erasures = erasure_versions(table.history() if history is None else history)
+    later = [(v, when) for v, when in erasures if version < v]
+    if later:
+        v, when = later[-1]
+        raise UserError(f"{uri!r} cannot be read at version {version}: an erasure (jobs.maintain --forget, {when}) "
+                        f"ended time travel to the versions before {v}; read version {v} or later.")
     with storage.storage_errors(uri, "read the Delta table"):
         table.load_as_version(version)
     return table
@@ -252,6 +269,11 @@ def rewrite_partition(table, uri: str, *, column: str, value: str, files: Sequen
     return True
 
 
+def partition_transactions(table, column: str, values: Sequence[str]) -> list:
+    """The app transactions a commit rewriting partitions ``column = value`` (each of ``values``) must carry."""
+    return [_next_txn(table, _app_id(column, v)) for v in values]
+
+
 def _app_id(column: str, value: str) -> str:
     """The Delta app id that every commit rewriting partition ``column = value`` carries (see the module docstring)."""
     return f"maskmodel:{column}={value}"
@@ -273,21 +295,23 @@ def _version_of(uri: str, attempt: str, before: int) -> int:
     raise UserError(f"The commit of attempt {attempt} is missing from {uri!r}'s Delta log; re-run the job.")
 
 
-def run_commits(uri: str, version: int | None = None, *, table=None) -> list[dict[str, Any]]:
+def run_commits(uri: str, version: int | None = None, *, table=None,
+                history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ``commitInfo`` of every commit with run metadata up to ``version`` (default: latest), oldest first.
 
     Each dict has the commit's ``version`` and ``timestamp`` (ms) and its run
     metadata under :data:`RUN_KEY`. Maintenance commits (compaction, vacuum) carry
     none and are left out. ``table``: the table already open at its latest
-    version (else it is opened here); its history is read once.
+    version (else it is opened here); its history is read once (``history``: already read).
     """
     # History is always read from the latest table: delta-rs 1.6 numbers the
     # history of a table loaded at an older version wrongly.
     table = open_table(uri) if table is None else table
     if table is None:
         return []
-    with storage.storage_errors(uri, "read the Delta log of"):
-        history = table.history()
+    if history is None:
+        with storage.storage_errors(uri, "read the Delta log of"):
+            history = table.history()
     out = [h for h in history if isinstance(h.get(RUN_KEY), dict) and (version is None or h["version"] <= version)]
     return sorted(out, key=lambda h: h["version"])
 
@@ -306,25 +330,71 @@ def active_files(table, column: str) -> dict[str, list[FileEntry]]:
 
 # ----------------------------------------------------------------------------- maintenance
 
-def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> list[str]:
-    """Delete the files no current commit references (killed runs, replaced runs, compacted files).
+@dataclass(frozen=True)
+class Vacuum:
+    """Files a vacuum deleted (or would), and unreferenced ones it left alone (not this product's); sorted."""
 
-    Only files older than ``retention_hours`` go: that keeps time travel over
-    the period working and spares a still-running attempt's files, so the
-    retention must exceed the longest scoring run. Returns the paths (relative
-    to the table) deleted, or with ``dry_run`` those that would be. ``table``:
-    the table already open (else it is opened here).
+    deleted: tuple[str, ...]
+    left_alone: tuple[str, ...]
+
+
+def vacuum(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> list[str]:
+    """:func:`vacuum_files`' deleted paths (relative to the table)."""
+    return list(vacuum_files(uri, retention_hours=retention_hours, dry_run=dry_run, table=table).deleted)
+
+
+def vacuum_files(uri: str, *, retention_hours: int, dry_run: bool = False, table=None) -> Vacuum:
+    """Delete the files no current commit references that this product wrote (killed, replaced, compacted runs).
+
+    A file goes only when it is older than ``retention_hours`` (that keeps time
+    travel over the period working and spares a still-running attempt's files,
+    so the retention must exceed the longest scoring run) and either a commit of
+    the log once referenced it or it has the writer's own name
+    (:data:`WRITER_FILE`: an attempt killed before its commit). Any other file,
+    such as a user's own Parquet dropped into the folder, is never deleted and
+    is counted in ``left_alone``. ``table``: the table already open (else it is
+    opened here).
     """
     table = open_table(uri) if table is None else table
     if table is None:
-        return []
+        return Vacuum((), ())
     root = storage.delta_location(uri)[0].rstrip("/") + "/"
     with storage.storage_errors(uri, "vacuum"):
-        # delta-rs also names removed files it deleted before: report only the files still there.
+        # delta-rs also names removed files it deleted before: consider only the files still there.
         present = {posixpath.relpath(f.uri, uri) if "://" not in uri else f.uri[len(uri.rstrip("/")) + 1:]
                    for f in storage.list_files(uri)}
-        # full=True: files of attempts that never committed are in no log entry; only a full listing finds them.
-        gone = table.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False,
-                            full=True)
-    rel = (p.removeprefix("file://").removeprefix(root) for p in gone)
-    return sorted(p for p in rel if p in present)
+
+        def unreferenced(full: bool) -> set[str]:
+            # full=True: every file in no current commit (killed attempts are in no log entry); False: the
+            # files a commit removed (tombstones), which the log once referenced.
+            found = table.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False,
+                                 full=full)
+            return {p.removeprefix("file://").removeprefix(root) for p in found} & present
+
+        candidates, tombstoned = unreferenced(True), unreferenced(False)
+        deleted = sorted(p for p in candidates | tombstoned if p in tombstoned or WRITER_FILE.match(p))
+        left = sorted(candidates - set(deleted))
+        if not dry_run:
+            for rel in deleted:
+                storage.delete(storage.join(uri, rel), recursive=False)
+    if left:
+        log.warning("vacuum of %s left %d files alone that this product did not write (first: %s)", uri, len(left),
+                    left[0])
+    return Vacuum(tuple(deleted), tuple(left))
+
+
+def erasure_versions(history: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """``(version, when)`` of each erasure commit in a table's ``history()`` (read at its latest version), oldest
+    first."""
+    return sorted((int(h["version"]), str(h[ERASURE_KEY].get("at", ""))) for h in history
+                  if isinstance(h.get(ERASURE_KEY), dict))
+
+
+def forgotten_keys(table) -> list[int]:
+    """The 64-bit keys (:func:`maskmodel.io.objectkeys.object_keys`) of every ``(path, version)`` an erasure forgot."""
+    out: list[int] = []
+    for info in table.history():
+        record = info.get(ERASURE_KEY)
+        if isinstance(record, dict):
+            out += [int(k, 16) for k in record.get("forgotten_keys") or ()]
+    return out

@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 
 from maskmodel.io import storage
 from maskmodel.io.objectkeys import object_keys
-from maskmodel.results import PARTITION, RETRIED_ERROR_PREFIX, open_results
+from maskmodel.results import PARTITION, RETRIED_ERROR_PREFIX, delta, open_results
 
 
-def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.ndarray:
+def committed_keys(output_uri: str, *, exclude_run_id: str | None = None, forgotten: bool = False) -> np.ndarray:
     """Sorted keys of the ``(path, version)`` pairs already scored by committed runs.
 
     Rows whose error starts with ``unreadable`` are left out so that read
@@ -28,6 +28,8 @@ def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.
     its members were scored and none of its rows is a read failure, so an
     unchanged archive is skipped whole. 8 bytes per scored object, streamed
     from the table's current snapshot reading only the columns this needs.
+    ``forgotten``: also the pairs an erasure (``jobs.maintain --forget``) removed, so that an incremental
+    run does not score those photos again (from the erasure records: no path is read).
     """
     table = open_results(output_uri)
     if table is None:
@@ -41,6 +43,9 @@ def committed_keys(output_uri: str, *, exclude_run_id: str | None = None) -> np.
     if has_archives:
         columns["archive"] = pc.field("archive")
     parts, archives = [np.empty(0, dtype=np.uint64)], []
+    if forgotten:
+        with storage.storage_errors(output_uri, "read the Delta log of"):
+            parts.append(np.array(delta.forgotten_keys(table), dtype=np.uint64))
     with storage.storage_errors(output_uri, "read"):
         for batch in dataset.to_batches(columns=columns, filter=runs):  # one scan for both kinds of key
             failed = batch.column("failed")

@@ -27,6 +27,7 @@ from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.results import delta
+from maskmodel.results.erasure import Erasure, forget, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,14 @@ class MaintainConfig:
     retention_hours: int = field(168, help="vacuum only files unreferenced for longer than this: it must exceed "
                                            "the longest scoring run, and --as-of-version reads reach this far back")
     compact: bool = field(True, help="first rewrite each run's small files into fewer large ones")
-    vacuum: bool = field(True, help="delete the files no current commit references (killed and replaced runs)")
+    vacuum: bool = field(True, help="delete the files no current commit references that this product wrote (killed "
+                                    "and replaced runs); other files are left alone and counted")
     dry_run: bool = field(False, help="list what vacuum would delete; compact nothing")
     target_file_mb: int = field(128, help="compaction writes files of about this size; runs whose files are "
                                           "already this large on average are left alone")
+    forget: str = field("", path=True, help="instead of compacting and vacuuming, erase the rows of the paths, "
+                                            "prefixes or archive#members listed in this file (one a line) from "
+                                            "the table and from every older copy; ends time travel before it")
 
     def __post_init__(self) -> None:
         resolve_paths(self)
@@ -66,15 +71,21 @@ class MaintainResult:
     compacted: tuple[Compaction, ...] = ()
     vacuumed: tuple[str, ...] = ()         # paths (relative to the table) deleted, or with dry_run to delete
     dry_run: bool = False
+    left_alone: tuple[str, ...] = ()       # unreferenced files this product did not write: never deleted
+    erasure: Erasure | None = None         # what --forget did (then nothing else was done)
 
     def summary_line(self) -> str:
+        if self.erasure is not None:
+            return self.erasure.summary_line(self.results)
         done = [c for c in self.compacted if c.committed]
         merged = (f"compacted {len(done)} runs ({sum(c.files_before for c in done)} files into "
                   f"{sum(c.files_after for c in done)}); " if done else "")
         skipped = len(self.compacted) - len(done)
         skipped_text = f"{skipped} runs left for next time (a concurrent commit won); " if skipped else ""
         verb = "would vacuum" if self.dry_run else "vacuumed"
-        return f"{self.results}: {merged}{skipped_text}{verb} {len(self.vacuumed)} unreferenced files"
+        left = (f"; left {len(self.left_alone)} files alone that it did not write (first: {self.left_alone[0]})"
+                if self.left_alone else "")
+        return f"{self.results}: {merged}{skipped_text}{verb} {len(self.vacuumed)} unreferenced files{left}"
 
 
 def compact_run(table, uri: str, run_id: str, *, target_bytes: int) -> Compaction | None:
@@ -107,7 +118,10 @@ def compact_run(table, uri: str, run_id: str, *, target_bytes: int) -> Compactio
 
 
 def maintain(config: MaintainConfig) -> MaintainResult:
-    """Compact (unless ``dry_run``) and vacuum the table; raises :class:`UserError` when there is no results table."""
+    """Compact (unless ``dry_run``) and vacuum the table, or with ``forget`` only erase; raises :class:`UserError`
+    when there is no results table."""
+    if config.forget:
+        return MaintainResult(config.results, erasure=forget(config.results, read_entries(config.forget)))
     table = results.open_results(config.results)  # opened once for the whole command; the old format fails here
     results.check_output(config.results, table=table)  # a folder that is not a results table
     if table is None:
@@ -124,12 +138,12 @@ def maintain(config: MaintainConfig) -> MaintainResult:
                 compacted.append(done)
                 log.info("compacted run %s: %d files into %d%s", run_id, done.files_before, done.files_after,
                          "" if done.committed else " (not committed: a concurrent commit won; next time)")
-    vacuumed: list[str] = []
+    swept = delta.Vacuum((), ())
     if config.vacuum:
         with storage.storage_errors(config.results, "read the Delta table"):
             table.update_incremental()  # the compactions' commits: their replaced files are unreferenced now
-        vacuumed = delta.vacuum(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run,
-                                table=table)
-        log.info("vacuum of %s (retention %d h): %d files%s", config.results, config.retention_hours, len(vacuumed),
-                 " (dry run)" if config.dry_run else "")
-    return MaintainResult(config.results, tuple(compacted), tuple(vacuumed), config.dry_run)
+        swept = delta.vacuum_files(config.results, retention_hours=config.retention_hours, dry_run=config.dry_run,
+                                   table=table)
+        log.info("vacuum of %s (retention %d h): %d files%s", config.results, config.retention_hours,
+                 len(swept.deleted), " (dry run)" if config.dry_run else "")
+    return MaintainResult(config.results, tuple(compacted), swept.deleted, config.dry_run, swept.left_alone)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -12,18 +13,24 @@ import pyarrow.dataset as pads
 
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.results import delta
+from maskmodel.results import delta, protocol
 from maskmodel.results.commit import CommitRecord
 from maskmodel.results.schema import PARTITION, log_uri, results_schema
 
 log = logging.getLogger(__name__)
 
 def open_results(output_uri: str, version: int | None = None):
-    """The results table (``None`` when nothing was committed yet); :class:`UserError` for the old format."""
+    """The results table (``None`` when nothing was committed yet).
+
+    Raises :class:`UserError` for the old format, or a table with reader features the installed deltalake
+    cannot read (:func:`maskmodel.results.delta.check_protocol`).
+    """
     table = delta.open_table(output_uri, version)
     if table is None and storage.exists(storage.join(output_uri, "_commits")):
         raise UserError(f"{output_uri!r} holds results in the pre-Delta format (_commits/), which this version "
                         f"does not read; score into a new --output, or re-score these runs.")
+    if table is not None:
+        protocol.check_protocol(table, output_uri, write=False)  # e.g. deletionVectors set by another writer
     return table
 
 
@@ -33,10 +40,14 @@ _OPEN = object()  # check_output's default: open the table itself
 def check_output(output_uri: str, *, table: Any = _OPEN) -> None:
     """Raise :class:`UserError` unless ``output_uri`` can hold a results table.
 
-    It can when it does not exist, is empty, is a results table, or holds only
-    ``run_id=`` folders of attempts that never committed. Anything else is
-    refused: vacuuming the table would delete files it does not know.
-    ``table``: what :func:`open_results` gave for ``output_uri`` (else it is opened here).
+    It can when it does not exist, is empty, is a results table whose protocol
+    the installed deltalake can read and write, or holds only ``run_id=``
+    folders of attempts that never committed (files named as the writer names
+    them, :data:`maskmodel.results.delta.WRITER_FILE`). Anything else (foreign
+    Parquet in any partition layout, another table's log, a table with a
+    feature such as ``deletionVectors`` the installed deltalake cannot honour)
+    is refused before any work. ``table``: what :func:`open_results` gave for
+    ``output_uri`` (else it is opened here).
     """
     table = open_results(output_uri) if table is _OPEN else table
     if table is not None:
@@ -44,11 +55,21 @@ def check_output(output_uri: str, *, table: Any = _OPEN) -> None:
         if table.metadata().partition_columns != [PARTITION] or not {"path", "status"} <= set(names):
             raise UserError(f"{output_uri!r} is a Delta table but not a maskmodel results table; choose another "
                             f"--output.")
+        protocol.check_protocol(table, output_uri, write=True)
         return
     other = [n for n in storage.listdir(output_uri) if not n.startswith((f"{PARTITION}=", "."))]
     if other:
         raise UserError(f"{output_uri!r} holds other files ({other[0]!r}) and is not a results table; choose an "
                         f"empty or new --output.")
+    for name in storage.listdir(output_uri):
+        if not name.startswith(f"{PARTITION}="):
+            continue
+        folder = storage.filesystem(storage.join(output_uri, name))[1]
+        for obj in storage.list_files(storage.join(output_uri, name)):
+            rel = f"{name}/{posixpath.relpath(storage.filesystem(obj.uri)[1], folder)}"
+            if not delta.WRITER_FILE.match(rel):
+                raise UserError(f"{output_uri!r} holds files this product did not write ({rel!r}) and is not a "
+                                f"results table; choose an empty or new --output.")
 
 
 @dataclass(frozen=True)
@@ -71,9 +92,11 @@ def open_snapshot(output_uri: str, *, version: int | None = None) -> Snapshot:
     table = open_results(output_uri)
     if table is None:
         return Snapshot(output_uri, None, [])
-    commits = delta.run_commits(output_uri, table=table)  # from the latest table (see run_commits)
+    with storage.storage_errors(output_uri, "read the Delta log of"):
+        history = table.history()  # once, from the latest table (see run_commits)
+    commits = delta.run_commits(output_uri, table=table, history=history)
     if version is not None:
-        delta.at_version(table, output_uri, version)
+        delta.at_version(table, output_uri, version, history=history)
     return Snapshot(output_uri, table, _records(output_uri, table, commits))
 
 

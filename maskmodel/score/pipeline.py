@@ -16,7 +16,6 @@ The pipeline streams: its memory does not grow with the number of images.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Iterator
 
@@ -24,7 +23,7 @@ import pyarrow as pa
 
 from maskmodel import rayshim, timeline
 from maskmodel.errors import UserError
-from maskmodel.io import storage
+from maskmodel.io import paths, storage
 from maskmodel.io.archives import archive_kind
 from maskmodel.io.storage import ObjectInfo
 from maskmodel.raysession import init_ray
@@ -84,15 +83,13 @@ def _only(batch: pa.Table, *, archives: bool) -> pa.Table:
 
 
 def manifest_base(manifest: str) -> str:
-    """The folder a manifest's relative paths are under: the manifest's own."""
-    return manifest.rsplit("/", 1)[0] if "://" in manifest else os.path.dirname(storage.filesystem(manifest)[1])
+    """The folder a manifest's relative paths are under: the manifest's own (:func:`maskmodel.io.paths.entry_folder`)."""
+    return paths.entry_folder(manifest)
 
 
 def resolve_manifest_path(base: str, path: str) -> str:
-    """A manifest entry as the URI a prefix listing would give: absolute URIs kept, relative ones under ``base``."""
-    path = path.strip()
-    uri = path if "://" in path or ("://" not in base and os.path.isabs(path)) else storage.join(base, path)
-    return storage.to_uri(uri, storage.filesystem(uri)[1])
+    """A manifest entry as the URI a prefix listing would give (the one rule: :func:`maskmodel.io.paths.resolve_entry`)."""
+    return paths.resolve_entry(base, path)
 
 
 def _resolve_paths(table: pa.Table, *, base: str) -> pa.Table:

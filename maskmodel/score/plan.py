@@ -17,7 +17,7 @@ from maskmodel import results
 from maskmodel.config import field, resolve_paths
 from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.io.decode import IMAGE_EXTENSIONS
-from maskmodel.io.storage import ObjectInfo
+from maskmodel.io.storage import LeftOut, ObjectInfo
 from maskmodel.models.classifier import ModelCard
 from maskmodel.models.detect.geometry import STRIDE, DetectOptions
 from maskmodel.models.precision import BF16_AGREEMENT_KEY
@@ -69,6 +69,8 @@ class ScoreConfig:
     output: str = field(path=True, help="URI of the results folder (a Delta Lake table partitioned by run_id)")
     run_id: str = field("", help="id of this run; re-using an id replaces that run (default: UTC timestamp)")
     incremental: bool = field(False, help="skip objects (same path and version) already in a committed run")
+    rescore_forgotten: bool = field(False, help="with --incremental, score again the objects that jobs.maintain "
+                                                "--forget erased (by default they are skipped, like scored ones)")
     allow_empty: bool = field(False, help="commit an empty run instead of failing when the input has no images")
     extensions: tuple[str, ...] = field(IMAGE_EXTENSIONS, help="file extensions scored under a prefix and inside "
                                                                "archives, any case")
@@ -187,6 +189,7 @@ class ScorePlan:
     skipped: int | None = 0                # None: not known up front (manifest + --incremental)
     manifest_rows: int | None = None       # rows of a Parquet manifest (a CSV's count is not known up front)
     detector: str = "none"                 # the face detector's model id ("none": --faces none)
+    left_out: LeftOut = LeftOut()          # files the listing passed over: hidden, or not of --extensions
 
     @property
     def total(self) -> int | None:

@@ -42,7 +42,7 @@ from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
 from maskmodel.io import objectkeys, storage
-from maskmodel.io.storage import ObjectInfo
+from maskmodel.io.storage import LeftOut, ObjectInfo
 from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import resolve_precision
@@ -81,10 +81,15 @@ class ScoreResult:
     errors: int
     skipped: int | None
     elapsed_s: float
+    left_out: LeftOut = LeftOut()  # files the listing passed over on purpose (hidden, not of --extensions)
 
     def summary_line(self) -> str:
         rate = self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
         skipped = f", {self.skipped} skipped as already scored" if self.skipped else ""
+        kinds = [f"{n} {what}" for n, what in ((self.left_out.hidden, "hidden"),
+                                               (self.left_out.extension, "not of --extensions")) if n]
+        if kinds:
+            skipped += f", {self.left_out.total} files left out ({', '.join(kinds)})"
         return (f"{self.images} images: {self.ok} ok, {self.errors} errors{skipped}, {rate:.1f} images/s; "
                 f"committed run {self.run_id} at {self.commit_uri}")
 
@@ -165,7 +170,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     with ThreadPoolExecutor(2, thread_name_prefix="model-check") as pool:
         model_check, faces_check = pool.submit(load_model_dir, cfg.model), pool.submit(check_faces, cfg)
         try:
-            objects, manifest, columns, rows = _check_input(cfg)
+            objects, manifest, columns, rows, left_out = _check_input(cfg)
         except BaseException:
             model_check.cancel()
             faces_check.cancel()
@@ -184,7 +189,7 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     timeline.mark("output checked")
     skip, skipped = np.empty(0, np.uint64), 0
     if cfg.incremental:
-        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id)
+        skip = incremental.committed_keys(cfg.output, exclude_run_id=cfg.run_id, forgotten=not cfg.rescore_forgotten)
         if objects is not None:
             known = [i for i, o in enumerate(objects) if o.version is not None]
             seen = np.zeros(len(objects), bool)
@@ -200,12 +205,13 @@ def prepare(config: ScoreConfig) -> ScorePlan:
             skipped = None
     manifest_rows = rows if manifest and not manifest.lower().endswith(".csv") else None
     return ScorePlan(cfg, card, schema, objects, manifest, tuple(columns), skip, skipped, manifest_rows,
-                     detector=detector)
+                     detector=detector, left_out=left_out)
 
 
-def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, ...], int]:
-    """``(objects, manifest, columns, rows)`` of the input: a listing, or a manifest's head; UserError if unusable."""
-    objects, manifest, columns, rows = None, None, (), 0
+def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, ...], int, LeftOut]:
+    """``(objects, manifest, columns, rows, left_out)`` of the input: a listing (and what it passed over), or a
+    manifest's head; UserError if unusable."""
+    objects, manifest, columns, rows, left_out = None, None, (), 0, LeftOut()
     if is_manifest(cfg.input):
         columns, rows, size = _manifest_head(cfg.input)
         if "path" not in columns:
@@ -221,11 +227,11 @@ def _check_input(cfg: ScoreConfig) -> tuple[list | None, str | None, tuple[str, 
             objects = None if rows else []
     else:
         listed = cfg.extensions + (ARCHIVE_EXTENSIONS if cfg.archives else ())
-        objects = storage.list_files(cfg.input, extensions=listed)
+        objects, left_out = storage.list_objects(cfg.input, extensions=listed)
         if not objects and not cfg.allow_empty:
             raise UserError(f"No images under {cfg.input!r} (extensions: {', '.join(listed)}); check the "
                             f"prefix or --extensions, or pass --allow-empty to commit an empty run.")
-    return objects, manifest, tuple(columns), rows
+    return objects, manifest, tuple(columns), rows, left_out
 
 
 def check_faces(cfg: ScoreConfig) -> str:
@@ -278,14 +284,15 @@ def execute(plan: ScorePlan) -> ScoreResult:
         progress.close()
         timeline.mark("last result batch")
     elapsed = time.monotonic() - t0
-    counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped}
+    counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped,
+              "left_out": {"hidden": plan.left_out.hidden, "extension": plan.left_out.extension}}
     record = results.commit(writer, meta={
         "counts": counts, "faces": cfg.faces, "detector": plan.detector, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
         "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
         "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
         "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
     timeline.mark("committed")
-    return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed)
+    return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed, plan.left_out)
 
 
 def score(config: ScoreConfig) -> ScoreResult:

@@ -312,7 +312,7 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str,
     listed = eval_scoring.write_manifest(manifest, items, classes)
     run = scoring.score(eval_scoring.score_config(cfg, manifest, scores, split))
     # The truth side goes through the same path resolution as the scoring job's manifest reader.
-    base = manifest.rsplit("/", 1)[0]
+    base = pipeline.manifest_base(manifest)
     truth = {pipeline.resolve_manifest_path(base, p): it.label for p, it in zip(listed, items)}
     table = results.read_results(scores, run_ids=[split])
     joined = eval_scoring.join_rows(table, truth, classes)
