@@ -21,13 +21,15 @@ import logging
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.train.detection import DetectTrainConfig, train_detector
+from maskmodel.train.config import DetectTrainConfig
 
 log = logging.getLogger("jobs.train_detector")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(DetectTrainConfig, argv, prog="python -m jobs.train_detector", description=__doc__)
+    from maskmodel.train.detection import train_detector  # after parsing: --help imports neither torch nor Ray
+
     out = train_detector(config)
     m = out.metrics
     log.info("best val AP50 %.3f (COCO AP %.3f, recall %.3f, precision %.3f at %.2f) after %d epoch(s); detector %s",

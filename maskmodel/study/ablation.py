@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.io import storage
-from maskmodel.models.classifier import ARCHITECTURES, WEIGHT_KEYWORDS
+from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES as ARCHITECTURES
+from maskmodel.models.spec import CLASSIFIER_WEIGHT_KEYWORDS as WEIGHT_KEYWORDS
 
 log = logging.getLogger(__name__)
 
