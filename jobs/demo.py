@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # The synthetic folders carry the true label, so the demo can show accuracy per split too.
     print(query.format_table(query.query(scores, ACCURACY_SQL)))
     print(scene_faces_line(data, scores, load_card(trained.model_dir).classes, storage.join(cfg.out, "scene_faces")))
-    print(f"\nbest val accuracy {trained.val_acc:.3f}; model {trained.model_dir}")
+    print(f"\nbest val accuracy {trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run}; "
+          f"model {trained.model_dir}")
     print(f"curves, augmented samples, confusion matrix: {run}")
     if cfg.detector_epochs:
         print(f"face detector {detector.model_id}: val AP50 {detector.metrics['val_ap50']:.3f}, recall "

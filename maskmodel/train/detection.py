@@ -190,6 +190,7 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
             "optimizer": config.optimizer, "momentum": config.momentum, "weight_decay": config.weight_decay,
             "lr_schedule": config.lr_schedule, "warmup_epochs": config.warmup_epochs, "seed": config.seed,
             "image_size": config.image_size, "score_threshold": config.score_threshold, "nms_iou": config.nms_iou,
+            "precision": config.precision,
             "output": config.output, "meta": meta, "columns": METRIC_COLUMNS, "panels": PANELS, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},

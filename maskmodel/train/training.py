@@ -5,7 +5,7 @@ weights, output storage, a checkpoint of another run, CPUs left for data)
 before any worker starts, streams the images through Ray Data (reduced-size
 decode + random crop and flip on CPUs, uint8 through the object store;
 rotation, colour jitter and normalisation on the workers' devices), runs
-:func:`maskmodel.train.loop.train_loop_per_worker` on ``num_workers`` Ray
+:func:`maskmodel.train.loop.train_loop_per_worker` (the classifier on :mod:`maskmodel.train.engine`) on ``num_workers`` Ray
 Train workers, and exports the best model with its reports to ``output``.
 """
 
@@ -42,6 +42,7 @@ class TrainOutputs:
     model_id: str
     val_acc: float
     epochs_run: int
+    best_epoch: int  # counted from 1: the epoch whose weights the model directory holds
 
 
 # --- driver side ---
@@ -139,7 +140,7 @@ def make_trainer(loop, loop_config: dict[str, Any], *, output: str, datasets: di
     from ray.train.torch import TorchTrainer
 
     from maskmodel.raysession import train_logging_config
-    from maskmodel.train.loop import TEST_ENV
+    from maskmodel.train.engine import TEST_ENV
     from maskmodel.train.sharding import ExactEvalDataConfig
 
     env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
@@ -290,9 +291,9 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     write_epoch_outputs(config.output, history)
     storage.write_json(storage.join(config.output, "report.json"), report)
     storage.write_bytes(storage.join(config.output, "confusion_matrix.png"),
-                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch'] + 1}"))
+                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch']}"))
     return TrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id,
-                        val_acc=float(best_row["val_acc"]), epochs_run=len(history))
+                        val_acc=float(best_row["val_acc"]), epochs_run=len(history), best_epoch=int(best_row["epoch"]))
 
 
 def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) -> float | None:
