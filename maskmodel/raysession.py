@@ -21,11 +21,15 @@ from typing import Any
 
 from maskmodel import rayshim, timeline
 from maskmodel.console import verbose
+from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Ray Data reads its logging config from this file on every (re)configuration, in every process.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # the instance a process (and Ray's state API in it) talks to
+# Ray 2.60 turns token auth on for every new local instance and says so in a WARNING on every run.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 WORKER_SETUP_HOOK = "maskmodel.raysession.setup_worker"
 # Lines Ray prints at a level its own settings cannot lower, each also in Ray's log files:
 _NOISE = (
@@ -75,8 +79,17 @@ def _hide_bars_notice(record: logging.LogRecord) -> bool:
 
 
 def setup_worker() -> None:
-    """Ray's ``worker_process_setup_hook``: runs in every worker process of the job before any task."""
+    """Ray's ``worker_process_setup_hook``: runs in every worker process of the job before any task.
+
+    Also names the job's own Ray instance in ``RAY_ADDRESS``: Ray's state API (Ray Train's placement
+    group cleaner asks it whether the controller lives) otherwise looks for "the" local instance, and
+    with another one on the machine fails with a traceback (``Found multiple active Ray instances``).
+    """
     quiet_ray_logging()
+    if not os.environ.get(RAY_ADDRESS_ENV):
+        import ray
+
+        os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
 def train_logging_config():
@@ -113,6 +126,7 @@ def filter_stderr() -> None:
 
 
 _started_here = False
+_own_address: str | None = None
 
 
 def shutdown_ray() -> None:
@@ -128,6 +142,8 @@ def shutdown_ray() -> None:
 
         ray.shutdown()
         _started_here = False
+        if _own_address is not None and os.environ.get(RAY_ADDRESS_ENV) == _own_address:
+            del os.environ[RAY_ADDRESS_ENV]  # a later ray.init in this process starts afresh, as before
         timeline.mark("ray stopped")
 
 
@@ -160,13 +176,27 @@ def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None
     starts = "address" not in kwargs and rayshim.will_start_local_ray()
     if starts and local:
         kwargs.update(local)
+    if starts:
+        # Ray's own default for a new local instance (token auth on, token in ~/.ray), set here so that Ray
+        # does not warn about it on every run; RAY_AUTH_MODE=disabled still opts out.
+        os.environ.setdefault(AUTH_MODE_ENV, "token")
     if not verbose() and not (env_is_enough and starts and "runtime_env" not in kwargs):
         runtime_env = dict(kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
         kwargs["runtime_env"] = runtime_env
-    ray.init(**kwargs)
-    global _started_here
+    try:
+        ray.init(**kwargs)
+    except ray.exceptions.AuthenticationError as e:
+        raise UserError(f"The Ray cluster at {os.environ.get(RAY_ADDRESS_ENV) or kwargs.get('address') or 'auto'} "
+                        f"refused this job's credentials ({str(e).splitlines()[0]}); set RAY_AUTH_MODE=token and "
+                        f"RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token.") from e
+    global _started_here, _own_address
     _started_here = rayshim.started_local_ray()
+    if _started_here:
+        # The job joins the instance it started, by its address, never another local one: this process's
+        # own later calls and the processes it starts; the job's Ray workers get it from setup_worker.
+        _own_address = ray.get_runtime_context().gcs_address
+        os.environ[RAY_ADDRESS_ENV] = _own_address
     if not verbose():
         import ray.data
 

@@ -249,7 +249,7 @@ def restore(model: torch.nn.Module, optimizer, scheduler, *, rank: int) -> tuple
             group["lr"] = lr
     start, attempt = int(state["epoch"]) + 1, int(state["attempt"]) + 1
     if rank == 0:
-        log.info("resumed after epoch %d (attempt %d)", start, attempt + 1)
+        log.info("resumed from the checkpoint of epoch %d (attempt %d)", start, attempt)  # epoch counted from 1
     return start, list(state["history"]), attempt
 
 
@@ -345,5 +345,5 @@ def run(task: Task, cfg: dict[str, Any]) -> None:
                      row["images_per_s"], f" | {skipped} image(s) skipped" if skipped else "", fmt_seconds(eta))
             metrics_out.record(row)
         report_epoch(cfg, rank=w.rank, model=net, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                     history=history, attempt=attempt, metrics={k: v for k, v in row.items() if not isinstance(v, list)},
-                     **task.columns)
+                     history=history, attempt=attempt, **task.columns,
+                     metrics={k: v for k, v in row.items() if not isinstance(v, list)})

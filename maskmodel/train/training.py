@@ -5,7 +5,8 @@ weights, output storage, a checkpoint of another run, CPUs left for data)
 before any worker starts, streams the images through Ray Data (reduced-size
 decode + random crop and flip on CPUs, uint8 through the object store;
 rotation, colour jitter and normalisation on the workers' devices), runs
-:func:`maskmodel.train.loop.train_loop_per_worker` (the classifier on :mod:`maskmodel.train.engine`) on ``num_workers`` Ray
+:func:`maskmodel.train.loop.train_loop_per_worker` (the classifier on the one engine,
+:mod:`maskmodel.train.engine`) on ``num_workers`` Ray
 Train workers, and exports the best model with its reports to ``output``.
 """
 
@@ -219,8 +220,9 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     counts = data.counts()
     meta = run_meta(config.arch, data.classes, config.image_size)
     check_resumable(config.output, meta)  # a different run's checkpoints are refused here, not in a worker
-    log.info("data %s: classes %s; %s", config.data, list(data.classes),
-             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()))
+    log.info("data %s: classes %s; %s%s", config.data, list(data.classes),
+             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()),
+             f"; {data.skipped_line()}" if data.skipped_by_extension else "")
     initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
 
     _init_ray()
@@ -236,7 +238,8 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache, crop=evaluate,
                                      reduce_to=evaluate.resize_size, shuffle=False)
     storage.write_json(storage.join(config.output, "train_config.json"),
-                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
+                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts,
+                        "skipped_by_extension": data.skipped_by_extension})
 
     trainer = make_trainer(
         train_loop_per_worker, output=config.output, datasets={"train": train_ds, "val": val_ds},
