@@ -21,15 +21,16 @@ from typing import Any
 
 from maskmodel import rayshim, timeline
 from maskmodel.console import verbose
-from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Ray Data reads its logging config from this file on every (re)configuration, in every process.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"  # the instance a process (and Ray's state API in it) talks to
-# Ray 2.60 turns token auth on for every new local instance and says so in a WARNING on every run.
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token" once Ray has turned token auth on (its default for a new local instance)
+# Ray 2.60 turns token auth on for every new local instance and says so in a WARNING on every run; init_ray
+# says it in one line of its own when it matters (a dashboard to open needs the token).
+_RAY_LOG_NOISE = ("Token authentication is enabled for this Ray cluster",)
 WORKER_SETUP_HOOK = "maskmodel.raysession.setup_worker"
 # Lines Ray prints at a level its own settings cannot lower, each also in Ray's log files:
 _NOISE = (
@@ -72,6 +73,12 @@ def quiet_ray_logging() -> None:
     for handler in logging.getLogger("ray").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            if _ray_log_kept not in handler.filters:
+                handler.addFilter(_ray_log_kept)
+
+
+def _ray_log_kept(record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in _RAY_LOG_NOISE)
 
 
 def _hide_bars_notice(record: logging.LogRecord) -> bool:
@@ -176,20 +183,11 @@ def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None
     starts = "address" not in kwargs and rayshim.will_start_local_ray()
     if starts and local:
         kwargs.update(local)
-    if starts:
-        # Ray's own default for a new local instance (token auth on, token in ~/.ray), set here so that Ray
-        # does not warn about it on every run; RAY_AUTH_MODE=disabled still opts out.
-        os.environ.setdefault(AUTH_MODE_ENV, "token")
     if not verbose() and not (env_is_enough and starts and "runtime_env" not in kwargs):
         runtime_env = dict(kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
         kwargs["runtime_env"] = runtime_env
-    try:
-        ray.init(**kwargs)
-    except ray.exceptions.AuthenticationError as e:
-        raise UserError(f"The Ray cluster at {os.environ.get(RAY_ADDRESS_ENV) or kwargs.get('address') or 'auto'} "
-                        f"refused this job's credentials ({str(e).splitlines()[0]}); set RAY_AUTH_MODE=token and "
-                        f"RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token.") from e
+    context = ray.init(**kwargs)
     global _started_here, _own_address
     _started_here = rayshim.started_local_ray()
     if _started_here:
@@ -197,6 +195,9 @@ def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None
         # own later calls and the processes it starts; the job's Ray workers get it from setup_worker.
         _own_address = ray.get_runtime_context().gcs_address
         os.environ[RAY_ADDRESS_ENV] = _own_address
+        if getattr(context, "dashboard_url", None) and os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+            log.info("Ray dashboard at http://%s: token auth is on (`ray get-auth-token` prints the token; "
+                     "RAY_AUTH_MODE=disabled opts out)", context.dashboard_url)
     if not verbose():
         import ray.data
 
