@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def test_each_declared_bound_is_checked_with_one_message(changes, message):
     (DetectTrainConfig, {"batch_size": 3, "num_workers": 2}, "fewer than 2 images per step"),
 ])
 def test_training_configs_refuse_out_of_bounds_values(cls, changes, flag):
-    with pytest.raises(ValueError, match=flag.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(flag)):
         cls(data="d", output="o", **changes)
 
 

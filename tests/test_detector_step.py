@@ -136,3 +136,17 @@ def test_bf16_autocast_step_on_the_cpu_trains():
     batch = collate(np.full((2, 3, 64, 64), 128, np.uint8), boxes, np.array([1, 1]), centernet=True)
     sums = detector_step(net, batch, opt, precision="bf16")
     assert torch.isfinite(sums).all() and sums[1] == 2
+
+
+def test_the_step_and_the_classifier_pass_need_no_ray():
+    """benchmarks/gpu_check.py runs them on a GPU host without Ray (../shared/GPU.md)."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys\nfrom maskmodel.train.detect_loop import collate, detector_step\n"
+            "from maskmodel.train.loop import _run_epoch\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'ray'], 'imports Ray'\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -4,7 +4,7 @@
 :class:`DetectorTask`. A detector of :mod:`maskmodel.models.detect.trainable`
 takes the images with their target boxes and returns its losses. For
 CenterFace the CenterNet targets are built padded on the CPU in the data step
-(:class:`DetectorCollate`, in Ray Data's prefetch threads) and its loss is
+(:func:`collate`, in Ray Data's prefetch threads) and its loss is
 computed with masks on the device, so a step (:func:`detector_step`) makes no
 host sync; torchvision's zoo takes per-image boxes, read once per step. Bf16
 autocast and channels_last on CUDA. Evaluation gathers every worker's boxes to
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from maskmodel.train import engine
 from maskmodel.train.engine import Worker, autocast, run_pass
@@ -33,21 +32,8 @@ EVAL_SCORE_FLOOR = 0.05  # AP ranks every detection above this (torchvision's ow
 MIN_STEP_IMAGES = 2
 
 
-class DetectorCollate(NumpyBatchCollateFn):
-    """The data step of a detector batch, on the CPU in Ray Data's prefetch threads: numpy -> tensors (+ targets).
-
-    What :func:`collate` returns; Ray pins it and copies it to the worker's device.
-    """
-
-    def __init__(self, *, centernet: bool) -> None:
-        self.centernet = centernet
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate(batch["image"], batch["boxes"], batch["n_boxes"], centernet=self.centernet)
-
-
 def collate(images: np.ndarray, boxes: np.ndarray, n_boxes: np.ndarray, *, centernet: bool) -> dict[str, torch.Tensor]:
-    """A detector batch on the CPU (see :class:`DetectorCollate`); what :func:`detector_step` takes, once on a device.
+    """A detector batch on the CPU (the data step, :func:`ray_collate`); what :func:`detector_step` takes, on a device.
 
     ``images`` uint8 ``(N, 3, S, S)``, ``boxes`` float ``(N, B, 4)`` in input pixels, ``n_boxes`` int ``(N,)``
     (``-1``: an image left out). Raises nothing for empty batches.
@@ -105,9 +91,23 @@ def detector_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimi
     return torch.stack([loss.detach().double() * learnt, learnt, (~valid).sum().double()])
 
 
+def ray_collate(*, centernet: bool):
+    """:func:`collate` as Ray Data's ``collate_fn``: run on the CPU in the prefetch threads of
+    ``iter_torch_batches``, which then pins its tensors and copies them to the worker's device.
+    (Ray is imported here, not at the top: this module, and :func:`detector_step`, need no Ray.)
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class DetectorCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate(batch["image"], batch["boxes"], batch["n_boxes"], centernet=centernet)
+
+    return DetectorCollate()
+
+
 def _train_batches(shard, *, device: torch.device, batch_size: int, centernet: bool):
     return shard.iter_torch_batches(
-        batch_size=batch_size, collate_fn=DetectorCollate(centernet=centernet), device=device,
+        batch_size=batch_size, collate_fn=ray_collate(centernet=centernet), device=device,
         pin_memory=device.type == "cuda", prefetch_batches=2, local_shuffle_buffer_size=max(64, 4 * batch_size))
 
 
