@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from maskmodel import cli
 from maskmodel.config import field, parse_config, resolve_paths
 from maskmodel.io import storage
-from maskmodel.models.classifier import ARCHITECTURES, load_card
+from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
 
@@ -43,7 +43,7 @@ class DemoConfig:
                                  "0.81-0.85 per face and 0.73-0.79 per picture, 15 gave 0.87-0.90 and 0.81-0.87)")
     detector_epochs: int = field(4, help="face detector fine-tuning epochs (0: score scenes with the pretrained "
                                          "CenterFace, --faces auto, instead)")
-    arch: str = field("resnet18", choices=ARCHITECTURES,
+    arch: str = field("resnet18", choices=CLASSIFIER_ARCHITECTURES,
                       help="architecture; resnet18 because ResNet-50 without ImageNet weights needs far more "
                            "data and epochs than a 2-core demo allows")
 
@@ -52,12 +52,14 @@ class DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DemoConfig, argv, prog="python -m jobs.demo", description=__doc__)
+    # After parsing: --help imports neither torch nor Ray.
     from maskmodel.data import synth
+    from maskmodel.models.classifier import load_card
     from maskmodel.results import query
     from maskmodel.score import scoring
     from maskmodel.train import detection, training
 
-    cfg = parse_config(DemoConfig, argv, prog="python -m jobs.demo", description=__doc__)
     data, run, det_run, scores = (storage.join(cfg.out, p) for p in ("data", "train", "detector", "scores"))
     storage.check_writable(cfg.out)
     dataset = storage.join(data, "dataset.json")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # The synthetic folders carry the true label, so the demo can show accuracy per split too.
     print(query.format_table(query.query(scores, ACCURACY_SQL)))
     print(scene_faces_line(data, scores, load_card(trained.model_dir).classes, storage.join(cfg.out, "scene_faces")))
-    print(f"\nbest val accuracy {trained.val_acc:.3f}; model {trained.model_dir}")
+    print(f"\nbest val accuracy {trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run}; "
+          f"model {trained.model_dir}")
     print(f"curves, augmented samples, confusion matrix: {run}")
     if cfg.detector_epochs:
         print(f"face detector {detector.model_id}: val AP50 {detector.metrics['val_ap50']:.3f}, recall "

@@ -18,15 +18,18 @@ import logging
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.train.training import TrainConfig, train
+from maskmodel.train.config import TrainConfig
 
 log = logging.getLogger("jobs.train")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(TrainConfig, argv, prog="python -m jobs.train", description=__doc__)
+    from maskmodel.train.training import train  # after parsing: --help imports neither torch nor Ray
+
     out = train(config)
-    log.info("best val accuracy %.4f after %d epoch(s); model %s", out.val_acc, out.epochs_run, out.model_id)
+    log.info("best val accuracy %.4f at epoch %d of %d; model %s", out.val_acc, out.best_epoch, out.epochs_run,
+             out.model_id)
     print(f"model directory: {out.model_dir}")
     print(f"metrics, curves.png, augmented_samples.png, report.json, confusion_matrix.png: {out.output}")
     return 0

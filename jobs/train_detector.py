@@ -21,18 +21,20 @@ import logging
 
 from maskmodel import cli
 from maskmodel.config import parse_config
-from maskmodel.train.detection import DetectTrainConfig, train_detector
+from maskmodel.train.config import DetectTrainConfig
 
 log = logging.getLogger("jobs.train_detector")
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(DetectTrainConfig, argv, prog="python -m jobs.train_detector", description=__doc__)
+    from maskmodel.train.detection import train_detector  # after parsing: --help imports neither torch nor Ray
+
     out = train_detector(config)
     m = out.metrics
-    log.info("best val AP50 %.3f (COCO AP %.3f, recall %.3f, precision %.3f at %.2f) after %d epoch(s); detector %s",
-             m["val_ap50"], m["val_ap"], m["val_recall"], m["val_precision"], config.score_threshold, out.epochs_run,
-             out.model_id)
+    log.info("best val AP50 %.3f at epoch %d of %d (COCO AP %.3f, recall %.3f, precision %.3f at %.2f); detector %s",
+             m["val_ap50"], m["epoch"], out.epochs_run, m["val_ap"], m["val_recall"], m["val_precision"],
+             config.score_threshold, out.model_id)
     print(f"detector directory: {out.model_dir}")
     print(f"metrics.csv, curves.png, augmented_samples.png, detections.png, report.json: {out.output}")
     return 0

@@ -20,18 +20,82 @@ T = TypeVar("T")
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
-          positional: bool = False, path: bool | Sequence[str] = False, **kwargs: Any) -> Any:
-    """A dataclass field carrying its CLI help text (and optional choices).
+          minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+          below: float | None = None, multiple_of: int | None = None, positional: bool = False,
+          path: bool | Sequence[str] = False, **kwargs: Any) -> Any:
+    """A dataclass field carrying its CLI help text and the values it accepts.
 
-    ``path=True`` marks a field holding a URI or local path (or a tuple of them) that
-    :func:`resolve_paths` makes absolute; ``path=("imagenet", "none")`` does the same but leaves
-    those keywords as they are.
+    ``minimum`` / ``maximum`` are inclusive bounds, ``above`` / ``below`` exclusive ones,
+    ``multiple_of`` a step, ``choices`` the allowed values (of each item, for a tuple field); all are
+    checked by :func:`check_fields` on construction (each :class:`JobConfig`), so each bound is
+    declared once, next to its field, and its message is written once, there. ``path=True`` marks a
+    field holding a URI or local path (or a tuple of them) that :func:`resolve_paths` makes absolute;
+    ``path=("imagenet", "none")`` does the same but leaves those keywords as they are.
     """
     metadata = {"help": help, "choices": choices, "positional": positional,
-                "path": tuple(path) if not isinstance(path, bool) else path}
+                "path": tuple(path) if not isinstance(path, bool) else path,
+                "bounds": {k: v for k, v in (("minimum", minimum), ("maximum", maximum), ("above", above),
+                                             ("below", below), ("multiple_of", multiple_of)) if v is not None}}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _bound_words(bounds: dict[str, float]) -> str:
+    """``{"minimum": 0, "below": 1}`` -> ``"in [0, 1)"``; one bound -> ``"at least 0"``, ``"above 0"``..."""
+    low = ("[", bounds["minimum"]) if "minimum" in bounds else ("(", bounds["above"]) if "above" in bounds else None
+    high = ("]", bounds["maximum"]) if "maximum" in bounds else (")", bounds["below"]) if "below" in bounds else None
+    if low and high:
+        words = f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    elif low:
+        words = f"at least {low[1]:g}" if low[0] == "[" else f"above {low[1]:g}"
+    elif high:
+        words = f"at most {high[1]:g}" if high[0] == "]" else f"below {high[1]:g}"
+    else:
+        words = ""
+    if "multiple_of" in bounds:
+        words = f"a multiple of {bounds['multiple_of']}" + (f" {words}" if words else "")
+    return words
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of ``config`` against its declared bounds and choices; :class:`ValueError` names the flag.
+
+    The one place a field's declared limits (:func:`field`) are enforced, with one message shape:
+    ``--image-size must be a multiple of 32 in [64, 2048], got 100``.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        bounds, choices = f.metadata.get("bounds") or {}, f.metadata.get("choices")
+        if choices and value is not None:
+            bad = [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if v not in choices]
+            if bad:
+                raise ValueError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {bad[0]}")
+        if not bounds or value is None:
+            continue
+        ok = (value >= bounds.get("minimum", value) and value <= bounds.get("maximum", value)
+              and ("above" not in bounds or value > bounds["above"])
+              and ("below" not in bounds or value < bounds["below"])
+              and ("multiple_of" not in bounds or value % bounds["multiple_of"] == 0))
+        if not ok:
+            raise ValueError(f"{_flag(f.name)} must be {_bound_words(bounds)}, got {value:g}")
+
+
+class JobConfig:
+    """Base of every job's frozen dataclass config: paths made absolute, then every field checked.
+
+    Construction runs :func:`resolve_paths`, :func:`check_fields` (the bounds and choices declared
+    next to each field), then :meth:`check`: a subclass overrides only that, and only for rules
+    that tie two fields together. Raises :class:`ValueError` (the CLI turns it into exit 2).
+    """
+
+    def __post_init__(self) -> None:
+        resolve_paths(self)
+        check_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields (none here); raise :class:`ValueError` naming the flags."""
 
 
 def absolute_uri(uri: str) -> str:
@@ -53,7 +117,7 @@ def absolute_uri(uri: str) -> str:
 def resolve_paths(config: Any) -> None:
     """Make every ``path=`` field of the frozen dataclass ``config`` absolute, in place.
 
-    Called first thing in each job config's ``__post_init__`` (see the module docstring for why).
+    Called first thing on construction of each :class:`JobConfig` (see the module docstring for why).
     Idempotent: an absolute path stays the same, so re-building a config on a worker changes nothing.
     """
     for f in dataclasses.fields(config):
@@ -90,7 +154,8 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = cls.__dict__.get("__annotations__", {})  # a job's own options first, then those it shares (inherited)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if not f.init:
             continue
         tp, optional = _unwrap_optional(hints[f.name])
@@ -120,7 +185,9 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
                 del kwargs["metavar"]
         else:
             kwargs["default"] = default
-            kwargs["help"] = f"{help_text} (default: {default})" if default not in (None, "") else help_text
+            notes = ([f"default: {default}"] if default not in (None, "") else []) + \
+                ([_bound_words(meta["bounds"])] if meta.get("bounds") else [])
+            kwargs["help"] = f"{help_text} ({'; '.join(notes)})" if notes else help_text
         parser.add_argument(_flag(f.name), **kwargs)
     # Not a config field: how much Ray says on the console (read by maskmodel.cli.run before parsing).
     parser.add_argument("--verbose", action="store_true", dest="_verbose",

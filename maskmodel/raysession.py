@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 # Ray Data reads its logging config from this file on every (re)configuration, in every process.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # the instance a process (and Ray's state API in it) talks to
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token" once Ray has turned token auth on (its default for a new local instance)
+# Ray 2.60 turns token auth on for every new local instance and says so in a WARNING on every run; init_ray
+# says it in one line of its own when it matters (a dashboard to open needs the token).
+_RAY_LOG_NOISE = ("Token authentication is enabled for this Ray cluster",)
 WORKER_SETUP_HOOK = "maskmodel.raysession.setup_worker"
 # Lines Ray prints at a level its own settings cannot lower, each also in Ray's log files:
 _NOISE = (
@@ -68,6 +73,12 @@ def quiet_ray_logging() -> None:
     for handler in logging.getLogger("ray").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+            if _ray_log_kept not in handler.filters:
+                handler.addFilter(_ray_log_kept)
+
+
+def _ray_log_kept(record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in _RAY_LOG_NOISE)
 
 
 def _hide_bars_notice(record: logging.LogRecord) -> bool:
@@ -75,8 +86,17 @@ def _hide_bars_notice(record: logging.LogRecord) -> bool:
 
 
 def setup_worker() -> None:
-    """Ray's ``worker_process_setup_hook``: runs in every worker process of the job before any task."""
+    """Ray's ``worker_process_setup_hook``: runs in every worker process of the job before any task.
+
+    Also names the job's own Ray instance in ``RAY_ADDRESS``: Ray's state API (Ray Train's placement
+    group cleaner asks it whether the controller lives) otherwise looks for "the" local instance, and
+    with another one on the machine fails with a traceback (``Found multiple active Ray instances``).
+    """
     quiet_ray_logging()
+    if not os.environ.get(RAY_ADDRESS_ENV):
+        import ray
+
+        os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
 def train_logging_config():
@@ -113,6 +133,7 @@ def filter_stderr() -> None:
 
 
 _started_here = False
+_own_address: str | None = None
 
 
 def shutdown_ray() -> None:
@@ -128,6 +149,8 @@ def shutdown_ray() -> None:
 
         ray.shutdown()
         _started_here = False
+        if _own_address is not None and os.environ.get(RAY_ADDRESS_ENV) == _own_address:
+            del os.environ[RAY_ADDRESS_ENV]  # a later ray.init in this process starts afresh, as before
         timeline.mark("ray stopped")
 
 
@@ -164,9 +187,17 @@ def init_ray(*, env_is_enough: bool = False, local: dict[str, Any] | None = None
         runtime_env = dict(kwargs.pop("runtime_env", None) or {})
         runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
         kwargs["runtime_env"] = runtime_env
-    ray.init(**kwargs)
-    global _started_here
+    context = ray.init(**kwargs)
+    global _started_here, _own_address
     _started_here = rayshim.started_local_ray()
+    if _started_here:
+        # The job joins the instance it started, by its address, never another local one: this process's
+        # own later calls and the processes it starts; the job's Ray workers get it from setup_worker.
+        _own_address = ray.get_runtime_context().gcs_address
+        os.environ[RAY_ADDRESS_ENV] = _own_address
+        if getattr(context, "dashboard_url", None) and os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+            log.info("Ray dashboard at http://%s: token auth is on (`ray get-auth-token` prints the token; "
+                     "RAY_AUTH_MODE=disabled opts out)", context.dashboard_url)
     if not verbose():
         import ray.data
 

@@ -31,7 +31,7 @@ CLASSIFIER_PANELS = (("train_loss", "Train loss"), ("train_acc", "Train accuracy
 def curves_png(history: Sequence[dict], panels: Sequence[tuple[str, str]] = CLASSIFIER_PANELS) -> bytes:
     """One panel per ``(history key, title)`` of ``panels`` against the epoch; keys ending in ``acc``, ``ap``,
     ``ap50``, ``recall`` or ``precision`` are shares (y axis up to 1)."""
-    epochs = [h["epoch"] + 1 for h in history]
+    epochs = [h["epoch"] for h in history]  # counted from 1
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     axes = axes[0]
     for ax, (key, title) in zip(axes, panels):

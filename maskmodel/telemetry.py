@@ -87,5 +87,5 @@ class TrainingMetrics:
 
     def record(self, row: dict) -> None:
         for key, gauge in self.gauges.values():
-            value = row[key] + 1 if key == "epoch" else row[key]
-            gauge.set(float(value), tags=self.tags)
+            if key in row:  # the detector has no accuracy
+                gauge.set(float(row[key]), tags=self.tags)

@@ -43,12 +43,12 @@ def test_grid_is_the_product_in_a_fixed_order(tmp_path):
 
 def test_rows_best_epoch_overfit_epoch_and_failures():
     spec = {"name": "t", "lr": 0.01, "augment": "off", "weights": "none"}
-    hist = [_h(0, 0.9, 0.8), _h(1, 0.9995, 0.95), _h(2, 1.0, 0.95), _h(3, 1.0, 0.9)]
+    hist = [_h(1, 0.9, 0.8), _h(2, 0.9995, 0.95), _h(3, 1.0, 0.95), _h(4, 1.0, 0.9)]
     row = summarize_trial(spec, hist, error=None, best_epoch=None, model_id="m", scene={"accuracy": 0.7,
                           "images": 10, "errors": 0}, threshold=0.999)
     assert (row["status"], row["epochs_run"], row["final_val_acc"], row["best_epoch"]) == ("ok", 4, 0.9, 2)
     assert row["train_acc_over_threshold_epoch"] == 2 and row["scene_acc"] == 0.7
-    never = summarize_trial(spec, hist[:1], error=None, best_epoch=0, model_id="m", scene=None, threshold=0.999)
+    never = summarize_trial(spec, hist[:1], error=None, best_epoch=1, model_id="m", scene=None, threshold=0.999)
     assert never["train_acc_over_threshold_epoch"] == "never" and never["scene_acc"] is None
     failed = summarize_trial(spec, [], error="Traceback...\nRuntimeError: boom", best_epoch=None, model_id="",
                              scene=None, threshold=0.999)

@@ -19,6 +19,22 @@ def test_tree_layout(tmp_path):
     assert not data.val_from_hash
 
 
+def test_files_skipped_by_extension_are_counted(tmp_path):
+    write_tiny_tree(str(tmp_path), splits=(("train", 2), ("val", 1)), size=16)
+    for name in ("train/mask/notes.txt", "train/no_mask/README", "val/mask/a.TXT", "train/mask/notes.docx"):
+        (tmp_path / name).write_text("not an image")
+    (tmp_path / "train/mask/.DS_Store").write_text("hidden: not a file of the data")
+    data = discover(str(tmp_path))
+    assert data.counts()["train"] == {"mask": 2, "no_mask": 2}
+    assert data.skipped_by_extension == {"txt": 2, "": 1, "docx": 1}
+    assert data.skipped_line() == "4 file(s) skipped by extension (txt 2, no extension 1, docx 1)"
+    only_text = tmp_path / "text"
+    (only_text / "train" / "mask").mkdir(parents=True)
+    (only_text / "train" / "mask" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match=r"\(1 other file\(s\) left out by extension\)"):
+        discover(str(only_text))
+
+
 def test_no_val_split_is_split_by_hash_deterministically(tmp_path):
     write_tiny_tree(str(tmp_path), splits=(("train", 30),), size=16)
     a, b = discover(str(tmp_path)), discover(str(tmp_path))

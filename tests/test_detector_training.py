@@ -256,7 +256,7 @@ def test_trains_resumes_and_exports_a_detector_that_loads(ray_local, tmp_path):
     assert first.epochs_run == 3
     res = train_detector(DetectTrainConfig(epochs=6, **common))  # same --output: resumes at epoch 4
     rows = _metrics(out)
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert {int(r["attempt"]) for r in rows[3:]} == {1}  # the second submission continued the first
     assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
     # The epoch's evaluation ran over every picture and face, and fine-tuning learnt the drawn faces.
@@ -311,7 +311,7 @@ def test_two_workers_on_s3_count_every_val_image_once(ray_local, s3_bucket, tmp_
 def test_a_lone_image_sits_the_step_out_and_workers_get_two_images_each():
     """BatchNorm in train mode raises on one value per channel (SSDlite pools pictures to 1x1): an epoch's last
     batch of one image must not reach the model, and the config refuses per-worker batches under two."""
-    from maskmodel.train.detect_loop import _train_epoch
+    from maskmodel.train.detect_loop import train_epoch
     from maskmodel.train.detection import DetectTrainConfig
 
     class Pooled(torch.nn.Module):  # the shape of the failure: features pooled to 1x1, then BatchNorm
@@ -337,7 +337,7 @@ def test_a_lone_image_sits_the_step_out_and_workers_get_two_images_each():
             pass
 
     model = Pooled()
-    out = _train_epoch(model, Shard(), device="cpu", batch_size=2,
+    out = train_epoch(model, Shard(), device="cpu", batch_size=2,
                        optimizer=torch.optim.SGD(model.parameters(), lr=0.01), watchdog=Beat())
     assert model.seen == [2] and out["images"] == 2 and out["skipped"] == 0
     with pytest.raises(ValueError, match="fewer than 2 images per step"):

@@ -39,7 +39,7 @@ def test_submit_training_job(ray_cluster, s3_bucket):
     )
     assert "succeeded" in res.stdout.lower(), res.stdout[-3000:] + res.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(out, "metrics.csv")))))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     _, card = load_model_dir(storage.join(out, "model"))
     assert card.classes == ("mask", "no_mask")
     for name in ("curves.png", "augmented_samples.png", "confusion_matrix.png", "report.json"):

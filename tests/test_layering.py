@@ -55,6 +55,7 @@ NEVER_IMPORTS: dict[str, set[str]] = {
     "inference": {"raysession", "rayshim", "pipeline", "scoring"},
     # The training worker's loop runs inside Ray Train: it does not start Ray or touch Ray's internals.
     "loop": {"raysession", "rayshim"},
+    "engine": {"raysession", "rayshim"},
 }
 
 # ----------------------------------------------------------------------------- reading the imports

@@ -143,7 +143,7 @@ def test_train_score_query_across_nodes(mn, trained):
     # Training: the two Ray Train workers ran on two different worker nodes, never on the head.
     assert len(set(trained.first_nodes)) == 2 and cluster.node_id("head") not in trained.first_nodes
     rows = _metrics(trained.output)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # counted from 1
     assert all(int(r["train_images"]) > 0 and int(r["val_images"]) == 12 for r in rows)
     _, card = load_model_dir(trained.model)
     assert card.classes == ("mask", "no_mask") and card.config["num_workers"] == 2
@@ -175,9 +175,9 @@ def test_train_score_query_across_nodes(mn, trained):
 @pytest.mark.slow
 def test_training_resumes_after_losing_a_worker_node(mn, trained):
     cluster = mn.cluster
-    # Each epoch once; epoch 0 from the first attempt, the epochs after the lost node from the second.
+    # Each epoch once; epoch 1 from the first attempt, the epochs after the lost node from the second.
     rows = _metrics(trained.output)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3], rows
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4], rows  # counted from 1
     attempts = [int(r["attempt"]) for r in rows]
     assert attempts[0] == 0 and attempts[-1] == 1 and attempts == sorted(attempts), attempts
     logs = cluster.job_logs(trained.sid)

@@ -12,7 +12,7 @@ import pytest
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.resources import check_actor_cpus, cpus_per_worker
-from maskmodel.train.loop import Watchdog
+from maskmodel.train.engine import Watchdog
 from maskmodel.train.outputs import CHECKPOINTS, META_FILE, check_resumable, run_meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def test_scoring_actors_must_leave_a_cpu_for_load_tasks():
 def test_watchdog_says_once_per_stall(caplog):
     now = [0.0]
     dog = Watchdog(300, rank=1, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="maskmodel.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="maskmodel.train.engine"):
         now[0] = 299
         assert not dog.check()
         now[0] = 301

@@ -16,7 +16,7 @@ from PIL import Image
 from maskmodel import testhooks
 from maskmodel.io import storage
 from maskmodel.models.classifier import load_model_dir
-from maskmodel.train.loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+from maskmodel.train.engine import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
 from maskmodel.train.training import TrainConfig, train
 from tests.conftest import write_tiny_tree
 
@@ -45,7 +45,7 @@ def test_two_workers_on_s3(ray_local, s3_data, s3_bucket):
     out = s3_bucket + "/run"
     res = train(TrainConfig(data=s3_data, output=out, epochs=4, num_workers=2, max_unreadable=0.05, **TINY))
     rows = _metrics(out)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # counted from 1, as people do
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert res.val_acc >= 0.8
     assert all(int(r["val_images"]) == 14 for r in rows)  # every val image exactly once across 2 workers
@@ -68,10 +68,10 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, s3_data, s3_bucket, m
                       max_unreadable=0.05, **TINY))
     assert storage.exists(storage.join(out, "_injected_failure"))
     rows = _metrics(out)
-    # Each epoch once; epoch 0 is from the first attempt, so the restarted workers continued from a
+    # Each epoch once; epoch 1 is from the first attempt, so the restarted workers continued from a
     # checkpoint instead of starting over. (Which checkpoint depends on whether Ray Train's controller
-    # registered the last report before the failure: epoch 1 or 0.)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    # registered the last report before the failure: epoch 2 or 1.)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # counted from 1, as people do
     attempts = [int(r["attempt"]) for r in rows]
     assert attempts[0] == 0 and attempts[-1] == 1 and attempts == sorted(attempts)
 
@@ -110,7 +110,7 @@ def test_stopped_run_resubmitted_resumes(tmp_path):
     for noise in ("Execution plan", "TrainingReport(", "Checkpoint successfully created", "core_worker.cc"):
         assert noise not in rerun.stderr, noise
     rows = _metrics(out)
-    assert [int(r["epoch"]) for r in rows] == list(range(done_before + 1))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, done_before + 2))
     assert int(rows[0]["attempt"]) == 0 and int(rows[-1]["attempt"]) >= 1
 
 

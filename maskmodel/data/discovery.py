@@ -16,7 +16,8 @@ import hashlib
 import io
 import logging
 import posixpath
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -51,6 +52,16 @@ class TrainingData:
     splits: dict[str, list[LabelledImage]]
     total_bytes: int
     val_from_hash: bool = False
+    #: Files of the tree left out for their extension, by extension (lower case, "" for none): e.g. {"txt": 2}.
+    skipped_by_extension: dict[str, int] = field(default_factory=dict)
+
+    def skipped_line(self) -> str:
+        """``"3 file(s) skipped by extension (txt 2, gif 1)"``, or ``""`` when none was."""
+        if not self.skipped_by_extension:
+            return ""
+        kinds = ", ".join(f"{e or 'no extension'} {n}" for e, n in sorted(self.skipped_by_extension.items(),
+                                                                            key=lambda kv: (-kv[1], kv[0])))
+        return f"{sum(self.skipped_by_extension.values())} file(s) skipped by extension ({kinds})"
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -97,8 +108,16 @@ def _read_manifest(uri: str) -> list[tuple[str, str, str | None]]:
     return rows
 
 
-def _read_tree(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, str, str | None]], int]:
-    objects = storage.list_files(uri, extensions=extensions)
+def _read_tree(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, str, str | None]], int, dict[str, int]]:
+    """``(rows, bytes, skipped by extension)`` of an ImageFolder tree; one listing, filtered here."""
+    exts = tuple(f".{e.lower().lstrip('.')}" for e in extensions)
+    objects, skipped = [], Counter()
+    for obj in storage.list_files(uri):
+        if obj.uri.lower().endswith(exts):
+            objects.append(obj)
+        else:
+            name = posixpath.basename(obj.uri)
+            skipped[name.rsplit(".", 1)[1].lower() if "." in name else ""] += 1
     _, root = storage.filesystem(uri)
     rows, total = [], 0
     for obj in objects:
@@ -114,7 +133,7 @@ def _read_tree(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, s
     # A tree either has split folders or class folders at the top, not both.
     if any(r[2] is not None for r in rows):
         rows = [r for r in rows if r[2] is not None]
-    return rows, total
+    return rows, total, dict(skipped)
 
 
 def discover(uri: str, *, val_fraction: float = 0.2,
@@ -125,12 +144,14 @@ def discover(uri: str, *, val_fraction: float = 0.2,
     no ``train`` split, fewer than two classes, an empty class, or validation
     classes that training does not have.
     """
+    skipped: dict[str, int] = {}
     if uri.lower().endswith(MANIFEST_SUFFIXES):
         rows, total = _read_manifest(uri), 0
     else:
-        rows, total = _read_tree(uri, extensions)
+        rows, total, skipped = _read_tree(uri, extensions)
     if not rows:
-        raise UserError(f"No images found under {uri!r}; expected <root>/train/<class>/<image> folders "
+        left_out = f" ({sum(skipped.values())} other file(s) left out by extension)" if skipped else ""
+        raise UserError(f"No images found under {uri!r}{left_out}; expected <root>/train/<class>/<image> folders "
                         f"(extensions {', '.join(extensions)}) or a CSV/Parquet manifest.")
     val_from_hash = not any(sp == "val" for _, _, sp in rows)
     assigned = []
@@ -154,7 +175,8 @@ def discover(uri: str, *, val_fraction: float = 0.2,
         splits.setdefault(split, []).append(LabelledImage(path, index[label], split))
     if not splits.get("val"):
         raise UserError(f"{uri!r} has no validation images; add a val/ split or more training images.")
-    data = TrainingData(source=uri, classes=classes, splits=splits, total_bytes=total, val_from_hash=val_from_hash)
+    data = TrainingData(source=uri, classes=classes, splits=splits, total_bytes=total, val_from_hash=val_from_hash,
+                        skipped_by_extension=skipped)
     empty = [f"{s}/{c}" for s, c_counts in data.counts().items() if s in ("train",)
              for c, n in c_counts.items() if n == 0]
     if empty:

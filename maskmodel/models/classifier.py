@@ -23,13 +23,13 @@ import torchvision
 from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
 from maskmodel.errors import UserError
 from maskmodel.io import storage
+from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES, CLASSIFIER_WEIGHT_KEYWORDS
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("resnet50", "resnet34", "resnet18")
+ARCHITECTURES = CLASSIFIER_ARCHITECTURES
 WEIGHTS_FILE = "model.pt"
-# --weights values that name a source rather than a file (every other value is a URI of a state dict).
-WEIGHT_KEYWORDS = ("imagenet", "none")
+WEIGHT_KEYWORDS = CLASSIFIER_WEIGHT_KEYWORDS
 CARD_FILE = "model.json"
 CARD_VERSION = 1
 

@@ -17,9 +17,8 @@ import torch
 
 from maskmodel.data.transforms import normalize
 from maskmodel.models.classifier import ModelCard
+from maskmodel.models.spec import BF16_AGREEMENT_KEY
 
-#: ``model.json`` metric: share of held-out images where bf16 gives the fp32 label (see :func:`label_agreement`).
-BF16_AGREEMENT_KEY = "bf16_label_agreement"
 
 
 def cpu_has_native_bf16() -> bool:

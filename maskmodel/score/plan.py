@@ -13,14 +13,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from maskmodel import results
-from maskmodel.config import field, resolve_paths
+from typing import TYPE_CHECKING
+
+from maskmodel.config import JobConfig, field
 from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
 from maskmodel.io.decode import IMAGE_EXTENSIONS
-from maskmodel.io.storage import LeftOut, ObjectInfo
-from maskmodel.models.classifier import ModelCard
-from maskmodel.models.detect.geometry import STRIDE, DetectOptions
-from maskmodel.models.precision import BF16_AGREEMENT_KEY
+from maskmodel.io.storage import LeftOut
+from maskmodel.models.spec import BF16_AGREEMENT_KEY, STRIDE, DetectOptions
+
+if TYPE_CHECKING:  # torch-free at run time: `jobs.score --help` builds its parser from this module
+    from maskmodel.io.storage import ObjectInfo
+    from maskmodel.models.classifier import ModelCard
 
 #: The columns of a manifest that scoring reads, and their types (``path`` required).
 MANIFEST_COLUMNS = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
@@ -56,11 +59,12 @@ def parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(JobConfig):
     """Everything ``jobs.score`` needs; the resolved copy is stored in the run's Delta commit.
 
     Local paths become absolute here, on construction in the driver (``path=`` fields,
     :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
+    Bounds are declared with each field and checked by :class:`~maskmodel.config.JobConfig`.
     """
 
     input: str = field(path=True, help="URI of the images: a prefix (listed recursively) or a .csv/.parquet manifest "
@@ -76,12 +80,12 @@ class ScoreConfig:
                                                                "archives, any case")
     archives: bool = field(True, help="score the image members of .tar, .tar.gz, .tgz and .zip objects (under the "
                                       "prefix or in the manifest); a member's path is <archive>#<member>")
-    max_compression_ratio: float = field(DEFAULT_MAX_RATIO, help="an archive member (or a gzip stream) expanding "
-                                                                 "more than this many times is a decompression "
-                                                                 "bomb: an error row")
-    batch_size: int = field(0, help="images per model call (0: 64 on CPU, 512 on GPU)")
-    read_batch: int = field(32, help="images per load batch (read, decode, crop)")
-    read_concurrency: int = field(32, help="object reads in flight per load batch (object stores reward "
+    max_compression_ratio: float = field(DEFAULT_MAX_RATIO, minimum=1,
+                                         help="an archive member (or a gzip stream) expanding more than this many "
+                                              "times is a decompression bomb: an error row")
+    batch_size: int = field(0, minimum=0, help="images per model call (0: 64 on CPU, 512 on GPU)")
+    read_batch: int = field(32, minimum=1, help="images per load batch (read, decode, crop)")
+    read_concurrency: int = field(32, minimum=1, help="object reads in flight per load batch (object stores reward "
                                            "concurrency: 30 ms per request one at a time is 33 images/s)")
     decode: str = field("auto", choices=("auto", "cpu", "gpu"),
                         help="where JPEGs are decoded: gpu = nvJPEG in the predictor (the load step only checks "
@@ -89,15 +93,15 @@ class ScoreConfig:
                              "decode on the CPU); auto = gpu when predictors have a GPU")
     load_tasks: bool = field(False, help="on CPU, run the load step in tasks of its own instead of inside the "
                                          "predictor actors (with GPUs it always runs in CPU tasks)")
-    num_gpus: float = field(0.0, help="GPUs per predictor actor, at most 1 (an actor uses one GPU; a fraction "
-                                      "shares one); 0 scores on CPU")
-    actors: int = field(0, help="predictor actors (0: one per GPU, or one per node on CPU)")
-    gpu_wait_s: int = field(DEFAULT_GPU_WAIT_S, help="with --num-gpus, seconds to wait for the predictor actors' "
-                                                   "GPUs (an autoscaler may be starting GPU nodes) before the run "
-                                                   "stops with a message")
-    actor_cpus: float = field(0.0, help="CPUs per GPU predictor actor, for its host work and torch threads "
-                                        "(0: half the CPUs per GPU of the GPU nodes, 1 to 4)")
-    threads: int = field(0, help="torch threads per CPU actor (0: all cores of its node)")
+    num_gpus: float = field(0.0, minimum=0, help="GPUs per predictor actor, at most 1 (an actor uses one GPU; a "
+                                                 "fraction shares one); 0 scores on CPU")
+    actors: int = field(0, minimum=0, help="predictor actors (0: one per GPU, or one per node on CPU)")
+    gpu_wait_s: int = field(DEFAULT_GPU_WAIT_S, minimum=1,
+                            help="with --num-gpus, seconds to wait for the predictor actors' GPUs (an autoscaler may "
+                                 "be starting GPU nodes) before the run stops with a message")
+    actor_cpus: float = field(0.0, minimum=0, help="CPUs per GPU predictor actor, for its host work and torch threads "
+                                                   "(0: half the CPUs per GPU of the GPU nodes, 1 to 4)")
+    threads: int = field(0, minimum=0, help="torch threads per CPU actor (0: all cores of its node)")
     dashboard: bool = field(False, help="start Ray's dashboard (http://127.0.0.1:8265) with the local Ray instance "
                                         "a run starts when RAY_ADDRESS is not set; off by default, as its processes "
                                         "cost 1-2 s of a short run on 2 cores (a joined cluster keeps its own)")
@@ -124,15 +128,17 @@ class ScoreConfig:
     detector_size: str = field("x".join(map(str, DetectOptions.input_size)),
                                help=f"detector input WIDTHxHEIGHT, sides multiples of {STRIDE}; photos are "
                                     f"letterboxed into it, not stretched")
-    max_pixels: int = field(DEFAULT_MAX_PIXELS, help="with faces, a larger photo is decoded reduced (inside "
-                                                     "libjpeg for JPEGs) to at most this many pixels; face boxes "
-                                                     "are still in original pixels")
-    max_image_bytes: int = field(64 << 20, help="objects larger than this become 'too large' error rows unread")
-    rows_per_file: int = field(250_000, help="rows per output Parquet file")
+    max_pixels: int = field(DEFAULT_MAX_PIXELS, minimum=64 * 64,
+                            help="with faces, a larger photo is decoded reduced (inside libjpeg for JPEGs) to at "
+                                 "most this many pixels; face boxes are still in original pixels")
+    max_image_bytes: int = field(64 << 20, minimum=1,
+                                 help="objects larger than this become 'too large' error rows unread")
+    rows_per_file: int = field(250_000, minimum=1, help="rows per output Parquet file")
 
-    def __post_init__(self) -> None:
-        resolve_paths(self)
+    def check(self) -> None:
         if self.run_id:
+            from maskmodel import results  # here, not at the top: --help imports no Delta Lake
+
             results.validate_run_id(self.run_id)
         object.__setattr__(self, "detector_size", "x".join(map(str, parse_size(self.detector_size))))
         if self.faces != "none":
@@ -140,21 +146,11 @@ class ScoreConfig:
             if self.decode == "gpu":
                 raise ValueError("--decode gpu goes with --faces none: with faces, the load step decodes each photo "
                                  "once on the CPU for both the detector and the face crops")
-        if self.max_pixels < 64 * 64:
-            raise ValueError("--max-pixels must be >= 4096")
         if self.decode == "gpu" and not self.num_gpus:
             raise ValueError("--decode gpu needs --num-gpus > 0 (the predictors decode on their GPU)")
         if self.num_gpus > 1:
             raise ValueError(f"--num-gpus is per predictor actor, which uses one GPU; {self.num_gpus:g} would "
                              f"reserve GPUs it never uses. Pass --num-gpus 1 and --actors N to score on N GPUs")
-        if self.gpu_wait_s < 1 or self.actor_cpus < 0:
-            raise ValueError("--gpu-wait-s must be >= 1 and --actor-cpus >= 0")
-        at_least = {"read_batch": 1, "max_image_bytes": 1, "max_compression_ratio": 1, "rows_per_file": 1, "batch_size": 0, "actors": 0,
-                    "threads": 0, "num_gpus": 0, "read_concurrency": 1}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}")
-
 
     def predict_batch(self, device: str) -> int:
         """Images per predictor call on ``device`` (``cpu``/``cuda``): ``--batch-size``, else

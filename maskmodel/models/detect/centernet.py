@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from maskmodel.models.detect import centerface
@@ -64,65 +65,109 @@ def gaussian_radius(height: torch.Tensor, width: torch.Tensor, min_overlap: floa
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
-def targets(boxes: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """CenterNet targets of one image's faces at stride :data:`STRIDE`.
+def batch_targets(boxes, counts, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """CenterNet targets of a padded batch at stride :data:`STRIDE`, built on the CPU (the data step's work).
 
-    ``boxes``: float ``(K, 4)`` ``x0, y0, x1, y1`` in input pixels (K may be 0);
-    ``shape``: the heatmap's ``(H, W)``. Returns ``heatmap`` float ``(1, H, W)``
-    in [0, 1] (1 exactly at the centre cells), ``cells`` int64 ``(K,)`` (flat
-    ``y * W + x`` of each centre), ``size`` float ``(K, 2)`` (log(h/4),
-    log(w/4)) and ``offset`` float ``(K, 2)`` (dy, dx) in cells. Boxes whose
-    centre falls outside the heatmap are dropped.
+    ``boxes``: float ``(N, B, 4)`` ``x0, y0, x1, y1`` in input pixels, the first ``counts[i]`` of row
+    ``i`` real (``counts`` int ``(N,)``; ``-1``: an image the epoch could not read, learnt nothing from);
+    ``shape``: the heatmap's ``(H, W)``. Numpy arrays or CPU tensors. Returns CPU tensors:
+    ``heatmap`` float32 ``(N, 1, H, W)`` in [0, 1] (1 exactly at the centre cells; overlapping Gaussians
+    take the maximum), ``cells`` int64 ``(N, B)`` (flat ``y * W + x`` of each centre, 0 where masked),
+    ``size`` float32 ``(N, B, 2)`` (log(h/4), log(w/4)), ``offset`` float32 ``(N, B, 2)`` (dy, dx) in
+    cells, ``mask`` bool ``(N, B)`` (a real box whose centre falls inside the heatmap) and ``valid``
+    float32 ``(N,)`` (1 for an image to learn from). Each Gaussian is drawn in its own window only.
     """
     h, w = shape
-    boxes = boxes.float()
-    bw, bh = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0), (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).cpu()
+    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+    n, b = boxes.shape[:2]
+    real = torch.arange(b).view(1, b) < counts.view(n, 1)
+    bw = (boxes[..., 2] - boxes[..., 0]).clamp(min=1.0)
+    bh = (boxes[..., 3] - boxes[..., 1]).clamp(min=1.0)
     # The decode puts a centre at (cell + offset + 0.5) * stride: the cell is the rounded centre in those units.
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / STRIDE - 0.5, (boxes[:, 1] + boxes[:, 3]) / 2 / STRIDE - 0.5
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2 / STRIDE - 0.5
+    cy = (boxes[..., 1] + boxes[..., 3]) / 2 / STRIDE - 0.5
     x, y = torch.round(cx), torch.round(cy)
-    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-    x, y, cx, cy, bw, bh = x[inside], y[inside], cx[inside], cy[inside], bw[inside], bh[inside]
+    mask = real & (x >= 0) & (x < w) & (y >= 0) & (y < h)
     radius = gaussian_radius(bh / STRIDE, bw / STRIDE).clamp(min=0).floor()
-    sigma = (2 * radius + 1) / 6
-    ys = torch.arange(h, dtype=torch.float32, device=boxes.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=torch.float32, device=boxes.device).view(1, 1, w)
-    dy, dx = ys - y.view(-1, 1, 1), xs - x.view(-1, 1, 1)
-    g = torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma.view(-1, 1, 1) ** 2))
-    g = g * ((dx.abs() <= radius.view(-1, 1, 1)) & (dy.abs() <= radius.view(-1, 1, 1)))
-    heatmap = g.amax(dim=0, keepdim=True) if len(g) else torch.zeros((1, h, w), device=boxes.device)
-    return {"heatmap": heatmap, "cells": (y * w + x).long(),
-            "size": torch.stack([torch.log(bh / STRIDE), torch.log(bw / STRIDE)], dim=1),
-            "offset": torch.stack([cy - y, cx - x], dim=1)}
+    heatmap = np.zeros((n, 1, h, w), np.float32)
+    for (i, _), r, xi, yi in zip(mask.nonzero().tolist(), radius[mask].int().tolist(), x[mask].int().tolist(),
+                                 y[mask].int().tolist()):
+        two_sigma_sq = np.float32(2) * np.float32((2 * r + 1) / 6) ** 2
+        y0, y1, x0, x1 = max(0, yi - r), min(h, yi + r + 1), max(0, xi - r), min(w, xi + r + 1)
+        dy = np.arange(y0 - yi, y1 - yi, dtype=np.float32).reshape(-1, 1)
+        dx = np.arange(x0 - xi, x1 - xi, dtype=np.float32).reshape(1, -1)
+        window = heatmap[i, 0, y0:y1, x0:x1]
+        np.maximum(window, np.exp(-(dx * dx + dy * dy) / two_sigma_sq), out=window)
+    keep = mask.float().unsqueeze(-1)
+    return {"heatmap": torch.from_numpy(heatmap), "cells": torch.where(mask, y * w + x, 0).long(),
+            "size": torch.stack([torch.log(bh / STRIDE), torch.log(bw / STRIDE)], dim=-1) * keep,
+            "offset": torch.stack([cy - y, cx - x], dim=-1) * keep, "mask": mask,
+            "valid": (counts >= 0).float()}
 
 
-def focal_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss summed over the batch (not normalised); ``pred`` is a probability."""
+#: What :func:`batch_targets` returns: the keys a batch carries to :func:`masked_loss`.
+TARGET_KEYS = ("heatmap", "cells", "size", "offset", "mask", "valid")
+
+
+def targets(boxes: torch.Tensor, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """CenterNet targets of one image's faces (float ``(K, 4)``, K may be 0): :func:`batch_targets` of a batch of one.
+
+    Returns ``heatmap`` ``(1, H, W)`` and, for the boxes whose centre falls inside it, ``cells`` ``(K',)``,
+    ``size`` ``(K', 2)`` and ``offset`` ``(K', 2)``.
+    """
+    t = batch_targets(boxes.float().cpu().reshape(1, -1, 4), [len(boxes)], shape)
+    m = t["mask"][0]
+    return {"heatmap": t["heatmap"][0], "cells": t["cells"][0][m], "size": t["size"][0][m],
+            "offset": t["offset"][0][m]}
+
+
+def focal_loss(pred: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss summed over the batch (not normalised); ``pred`` is a probability.
+
+    ``weight``: float ``(N,)``, each image's share (0 leaves an image out without a host sync).
+    """
     pred = pred.clamp(EPS, 1 - EPS)
     pos = gt.eq(1).float()
     pos_loss = torch.log(pred) * (1 - pred) ** ALPHA * pos
     neg_loss = torch.log(1 - pred) * pred ** ALPHA * (1 - gt) ** BETA * (1 - pos)
-    return -(pos_loss.sum() + neg_loss.sum())
+    per_image = (pos_loss + neg_loss).flatten(1).sum(1)
+    return -(per_image if weight is None else per_image * weight).sum()
 
 
-def loss(outputs: tuple[torch.Tensor, ...] | list[torch.Tensor], boxes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The CenterFace training loss of a batch: ``{"heatmap", "size", "offset", "landmarks"}`` scalars.
+def masked_loss(outputs, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CenterFace training loss from padded targets (:func:`batch_targets`, on the outputs' device).
 
     ``outputs``: the network's (heatmap (N, 1, H, W) probabilities, scale (N, 2, H, W), offset (N, 2, H, W),
-    landmarks (N, 10, H, W)); ``boxes``: per image float ``(K_i, 4)`` in input pixels.
+    landmarks (N, 10, H, W)). Returns ``{"heatmap", "size", "offset", "landmarks"}`` scalar tensors, each
+    normalised by the number of faces; padding, faces outside the heatmap and images with ``valid == 0``
+    count in none. No host sync: every count stays a tensor.
     """
     heatmap, scale, offset, landmarks = outputs[:4]
     n, _, h, w = heatmap.shape
-    made = [targets(b.to(heatmap.device), (h, w)) for b in boxes]
-    gt = torch.stack([t["heatmap"] for t in made])
-    faces = sum(len(t["cells"]) for t in made)
-    norm = max(faces, 1)
-    size_err, off_err = heatmap.new_zeros(()), heatmap.new_zeros(())
-    for i, t in enumerate(made):
-        if len(t["cells"]):
-            size_err = size_err + (scale[i].float().reshape(2, h * w)[:, t["cells"]].T - t["size"]).abs().sum()
-            off_err = off_err + (offset[i].float().reshape(2, h * w)[:, t["cells"]].T - t["offset"]).abs().sum()
-    return {"heatmap": focal_loss(heatmap.float(), gt) / norm, "size": SIZE_WEIGHT * size_err / norm,
-            "offset": OFFSET_WEIGHT * off_err / norm, "landmarks": landmarks.float().sum() * 0.0}
+    mask = t["mask"].float().unsqueeze(-1)  # (N, B, 1)
+    norm = t["mask"].sum().clamp(min=1).float()
+    index = t["cells"].unsqueeze(-1).expand(-1, -1, 2)  # (N, B, 2)
+
+    def at_cells(head: torch.Tensor) -> torch.Tensor:  # (N, 2, H, W) -> (N, B, 2): the head read at each centre
+        return head.float().reshape(n, 2, h * w).transpose(1, 2).gather(1, index)
+
+    return {"heatmap": focal_loss(heatmap.float(), t["heatmap"], t["valid"]) / norm,
+            "size": SIZE_WEIGHT * ((at_cells(scale) - t["size"]).abs() * mask).sum() / norm,
+            "offset": OFFSET_WEIGHT * ((at_cells(offset) - t["offset"]).abs() * mask).sum() / norm,
+            "landmarks": landmarks.float().sum() * 0.0}
+
+
+def loss(outputs: tuple[torch.Tensor, ...] | list[torch.Tensor], boxes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`masked_loss` with the targets of per-image boxes (float ``(K_i, 4)`` in input pixels) built here."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    h, w = outputs[0].shape[-2:]
+    padded = pad_sequence([b.float().cpu().reshape(-1, 4) for b in boxes], batch_first=True) if boxes else None
+    if padded is None or padded.shape[1] == 0:
+        padded = torch.zeros(len(boxes), 1, 4)
+    made = batch_targets(padded, [len(b) for b in boxes], (h, w))
+    return masked_loss(outputs, {k: v.to(outputs[0].device) for k, v in made.items()})
 
 
 class CenterFaceNet(torch.nn.Module):
@@ -131,7 +176,8 @@ class CenterFaceNet(torch.nn.Module):
     ``forward(images)``: ``images`` float ``(N, 3, H, W)`` pixel values 0..255
     (CenterFace's own input; sides multiples of 32) -> the four heads (eval),
     or with ``boxes`` (per image float ``(K_i, 4)`` in input pixels) the
-    :func:`loss` dict (training). ``state_dict`` of :attr:`network` is what a
+    :func:`loss` dict (training), or with the padded targets of :func:`batch_targets` (a dict, on the
+    device) the :func:`masked_loss` dict. ``state_dict`` of :attr:`network` is what a
     detector directory of architecture ``centerface`` holds.
     """
 
@@ -139,9 +185,12 @@ class CenterFaceNet(torch.nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | None = None):
+    def forward(self, images: torch.Tensor, boxes: list[torch.Tensor] | dict[str, torch.Tensor] | None = None):
         out = self.network(images)
-        return out if boxes is None else loss(out, boxes)
+        if boxes is None:
+            return out
+        # Padded targets built in the data step (training), or per-image boxes whose targets are built here.
+        return masked_loss(out, boxes) if isinstance(boxes, dict) else loss(out, boxes)
 
 
 def reset(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

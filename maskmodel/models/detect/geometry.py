@@ -11,7 +11,7 @@ Coordinates are ``x0, y0, x1, y1`` in pixels, ``x1``/``y1`` exclusive edges
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -19,41 +19,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-STRIDE = 32  # input sides must be multiples of this: the backbones downsample by 32
+from maskmodel.models.spec import STRIDE, DetectOptions  # noqa: F401 - re-exported: defined torch-free for configs
+
 # Candidates per image kept before NMS: NMS is quadratic in its input, and a
 # photo holds far fewer faces than this at any sensible threshold.
 PRE_NMS_TOP_K = 1000
-
-
-@dataclass(frozen=True)
-class DetectOptions:
-    """What counts as a face: thresholds and limits, in the units each field names."""
-
-    input_size: tuple[int, int] = (640, 384)  # detector input (width, height), multiples of 32; 16:9 photos fill it
-    score_threshold: float = 0.5  # detector score a candidate needs (CenterFace's reference default)
-    nms_iou: float = 0.3  # overlap above which the lower-scoring of two boxes is dropped (CenterFace's reference)
-    max_faces: int = 32  # faces kept per image, highest scores first; the rest are counted in ``dropped_max``
-    min_face: float = 8.0  # shorter side in ORIGINAL pixels a face needs; smaller ones are counted, not kept
-    margin: float = 0.25  # crop boxes grow by this share of the face's width/height on each side
-
-    def __post_init__(self) -> None:
-        w, h = self.input_size
-        if w < STRIDE or h < STRIDE or w % STRIDE or h % STRIDE:
-            raise ValueError(f"detector input size must be multiples of {STRIDE} and at least {STRIDE}, got {w}x{h}")
-        if not 0.0 <= self.score_threshold < 1.0:
-            raise ValueError(f"score threshold must be in [0, 1), got {self.score_threshold}")
-        if not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"NMS IoU must be in (0, 1], got {self.nms_iou}")
-        if self.max_faces < 1:
-            raise ValueError(f"max faces must be at least 1, got {self.max_faces}")
-        if self.min_face < 0:
-            raise ValueError(f"min face size must be zero or positive, got {self.min_face}")
-        if not 0.0 <= self.margin <= 2.0:
-            raise ValueError(f"crop margin must be between 0 and 2, got {self.margin}")
-
-    def but(self, **changes) -> "DetectOptions":
-        """A copy with ``changes`` applied (``None`` values ignored), validated again."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ import torch
 
 from maskmodel.errors import UserError
 from maskmodel.models.detect import centerface, centernet, zoo
+from maskmodel.models.spec import DETECTOR_ARCHITECTURES, DETECTOR_WEIGHT_KEYWORDS
 
-ARCHITECTURES = (centerface.ARCHITECTURE, *zoo.ZOO)
-WEIGHT_KEYWORDS = ("pretrained", "coco", "none")
+ARCHITECTURES = DETECTOR_ARCHITECTURES  # CenterFace, then torchvision's zoo (a test checks they match)
+WEIGHT_KEYWORDS = DETECTOR_WEIGHT_KEYWORDS
 
 
 def build(arch: str) -> torch.nn.Module:
