@@ -359,16 +359,31 @@ def classifier_epoch(model, shard: Shard, *, device: torch.device, batch_size: i
                       precision=precision, num_classes=len(CLASSES), channels_last=True)
 
 
-def detector_epoch(model, shard: Shard, *, device: torch.device, batch_size: int, optimizer) -> dict:
-    """One training epoch of the detector, as a training worker runs it. The one place that names the training
-    engine's detector step (``maskmodel.train.detect_loop._train_epoch`` on main 52b28d6; issue 32 reworks it
-    and its targets): adapt it here if it moves."""
-    from maskmodel.train.detect_loop import _train_epoch
-    from maskmodel.train.loop import Watchdog
+def detector_batches(shard: Shard, *, batch_size: int, centernet: bool) -> list[dict]:
+    """The shard cut into batches as the detector's data step makes them on the CPU
+    (``maskmodel.train.detect_loop.collate``: CenterNet's targets built there, padded), once, before timing."""
+    from maskmodel.train.detect_loop import collate
 
-    with Watchdog(600, rank=0) as watchdog:
-        return _train_epoch(model, shard, device=device, batch_size=batch_size, optimizer=optimizer,
-                            watchdog=watchdog)
+    cols = shard.columns
+    n = len(cols["image"])
+    return [collate(cols["image"][i:i + batch_size].numpy(), cols["boxes"][i:i + batch_size].numpy(),
+                    cols["n_boxes"][i:i + batch_size].numpy(), centernet=centernet) for i in range(0, n, batch_size)]
+
+
+def detector_epoch(model, batches: list[dict], *, device: torch.device, optimizer, precision: str) -> dict:
+    """One training pass of the detector as a training worker runs it: each CPU batch pinned and copied without
+    blocking, then the engine's step (``maskmodel.train.detect_loop.detector_step``), whose loss sums stay on the
+    device until the pass ends."""
+    from maskmodel.train.detect_loop import detector_step
+
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for cpu in batches:
+        batch = {k: (v.pin_memory() if device.type == "cuda" else v).to(device, non_blocking=True)
+                 for k, v in cpu.items()}
+        totals += detector_step(model, batch, optimizer, precision=precision, channels_last=device.type == "cuda")
+    loss, images, skipped = totals.tolist()
+    return {"loss": loss / max(images, 1.0), "images": int(images), "skipped": int(skipped)}
 
 
 def train_crops(datas: list[bytes], size: int, n: int) -> torch.Tensor:
@@ -430,10 +445,12 @@ def detector_train_step(args: argparse.Namespace, device: torch.device):
     model = build(args.detector_arch).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)  # jobs.train --task detect's defaults
-    shard = Shard(image=images, boxes=boxes, n_boxes=counts)
+    batches = detector_batches(Shard(image=images, boxes=boxes, n_boxes=counts), batch_size=bs,
+                               centernet=args.detector_arch == "centerface")
+    precision = args.precision if device.type == "cuda" else "fp32"
     before = [p.detach().clone() for p in params[:3]]
-    _, out, rate = timed_epochs(lambda: detector_epoch(model, shard, device=device, batch_size=bs, optimizer=opt),
-                                device)
+    _, out, rate = timed_epochs(lambda: detector_epoch(model, batches, device=device, optimizer=opt,
+                                                       precision=precision), device)
     changed = any(not torch.equal(a, b) for a, b in zip(before, params[:3]))
     detail = (f"{args.detector_arch}, {out['images']} images of {size} px, loss {out['loss']:.3f}, {rate:,.0f} img/s "
               f"at batch {bs} (a second epoch)")
