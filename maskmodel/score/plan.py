@@ -110,6 +110,9 @@ class ScoreConfig:
                                                      "are still in original pixels")
     max_image_bytes: int = field(64 << 20, help="objects larger than this become 'too large' error rows unread")
     rows_per_file: int = field(250_000, help="rows per output Parquet file")
+    check: str = field("", path=True, help="URI of a drift-check file (.toml or .json, see README \"Watching "
+                                           "runs\"): after the commit, the run is checked against it and a failed "
+                                           "check exits 3")
 
     def __post_init__(self) -> None:
         resolve_paths(self)
