@@ -29,19 +29,17 @@ from maskmodel.study import report_plots
 
 log = logging.getLogger(__name__)
 
-ALERT_FACES_SQL = """
-SELECT path, face.x0, face.y0, face.x1, face.y1, face.label, face.confidence
-FROM (SELECT path, unnest(faces) AS face FROM predictions WHERE status = 'ok' AND len(faces) > 0)
-WHERE face.label = $label ORDER BY face.confidence DESC, path LIMIT $n"""
-LEAST_CONFIDENT_SQL = """
-SELECT path, face.x0, face.y0, face.x1, face.y1, face.label, face.confidence
-FROM (SELECT path, unnest(faces) AS face FROM predictions WHERE status = 'ok' AND len(faces) > 0)
-ORDER BY face.confidence, path LIMIT $n"""
-#: Runs without a detector (``--faces none``): the whole picture is the face.
-WHOLE_SQL = """
-SELECT path, NULL AS x0, NULL AS y0, NULL AS x1, NULL AS y1, label, confidence FROM predictions
-WHERE status = 'ok' AND label IS NOT NULL AND (faces IS NULL OR len(faces) = 0) {where}
-ORDER BY confidence {order}, path LIMIT $n"""
+#: Faces of the reported run: each face of a photo a detector found faces in, and the whole picture of a photo
+#: classified without one (``--faces none``, or ``auto`` where no face was found).
+FACES_SQL = """
+WITH candidates AS (
+    SELECT path, face.x0 AS x0, face.y0 AS y0, face.x1 AS x1, face.y1 AS y1, face.label AS label,
+           face.confidence AS confidence
+    FROM (SELECT path, unnest(faces) AS face FROM predictions WHERE status = 'ok' AND len(faces) > 0)
+    UNION ALL
+    SELECT path, NULL::FLOAT, NULL::FLOAT, NULL::FLOAT, NULL::FLOAT, label, confidence FROM predictions
+    WHERE status = 'ok' AND label IS NOT NULL AND (faces IS NULL OR len(faces) = 0))
+SELECT * FROM candidates WHERE {where} ORDER BY confidence {order}, path LIMIT {n}"""
 
 
 @dataclass(frozen=True)
@@ -126,18 +124,15 @@ def sheet_faces(results_uri: str, run_id: str, alert_class: str, n: int) -> dict
     each: DuckDB over that run's partition only, streaming (top-n), never the whole table in memory."""
     con = query.connect(results_uri, run_ids=[run_id])
     try:
-        def rows(sql: str, **params: Any) -> list[dict[str, Any]]:
-            t = con.execute(sql, params).to_arrow_table().to_pylist()
+        def rows(where: str, order: str, **params: Any) -> list[dict[str, Any]]:
+            t = con.sql(FACES_SQL.format(where=where, order=order, n=int(n)), params=params).to_arrow_table()
             return [{"path": r["path"], "label": r["label"], "confidence": float(r["confidence"]),
-                     "box": None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"])} for r in t]
+                     "box": None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"])} for r in t.to_pylist()]
 
-        whole = {"label": "AND label = $label", "order": "DESC"}
-        alerts = rows(ALERT_FACES_SQL, label=alert_class, n=n) or \
-            rows(WHOLE_SQL.format(where=whole["label"], order=whole["order"]), label=alert_class, n=n)
-        least = rows(LEAST_CONFIDENT_SQL, n=n) or rows(WHOLE_SQL.format(where="", order="ASC"), n=n)
+        return {"alerts": rows("label = $label", "DESC", label=alert_class),
+                "least_confident": rows("true", "ASC")}
     finally:
         con.close()
-    return {"alerts": alerts, "least_confident": least}
 
 
 # ----------------------------------------------------------------------------- the page
