@@ -95,7 +95,7 @@ def batch_profile(table: pa.Table, *, alert_class: str | None, detected: bool = 
         out["faces"] = int(k.sum())
         out["faces_per_photo"] = np.bincount(np.minimum(k, MAX_FACES_BIN), minlength=MAX_FACES_BIN + 1).tolist()
         out["no_face"] = out["faces_per_photo"][0]
-        if out["faces"]:
+        if out["faces"] and "faces" in ok.column_names:
             face_labels = pc.struct_field(pc.list_flatten(ok.column("faces")), "label")
             out["face_labels"] = {vc["values"]: int(vc["counts"]) for vc in pc.value_counts(face_labels).to_pylist()
                                   if vc["values"] is not None}
