@@ -115,3 +115,21 @@ def test_the_runs_view_reads_the_profile_from_the_commit_and_sql_gives_cost_per_
     assert r["no_face_rate"] == 0.125 and r["images_per_s"] == 2.5
     assert r["usd_per_1000"] == pytest.approx(8.0 / 3600 * 0.05 / 10 * 1000)
     assert json.loads(r["profile"])["labels"] == {"mask": 4, "no_mask": 3}
+
+
+def test_compaction_and_vacuum_keep_the_runs_profile(tmp_path):
+    from maskmodel.results.maintenance import MaintainConfig, maintain
+
+    out = str(tmp_path / "out")
+    table = known_mix()
+    fold = prof.RunProfile(alert_class="no_mask")
+    fold.update(table)
+    p = fold.finish(elapsed_s=2.0, cost={})
+    writer = results.AttemptWriter(out, "r", SCHEMA, rows_per_file=2)  # five small files: compaction rewrites them
+    writer.write(table)
+    results.commit(writer, meta={"counts": {"images": 10}, "model_id": "m", "profile": p})
+    done = maintain(MaintainConfig(results=out, retention_hours=0))
+    (record,) = results.list_commits(out)
+    assert len(record.files) == 1 and done.summary_line()  # compacted: one file now, in a maintenance commit
+    assert record.raw["profile"] == json.loads(json.dumps(p))
+    assert query.query(out, "SELECT alerts FROM runs").to_pylist() == [{"alerts": 3}]
