@@ -147,8 +147,15 @@ def test_report_check_exits_3_with_one_line_per_failed_check(nights, tmp_path, c
 class Hook(http.server.BaseHTTPRequestHandler):
     answer, delay, bodies = 200, 0.0, []
 
+    trickle = False
+
     def do_POST(self):  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if type(self).trickle:  # a status line byte by byte, each within the client's read timeout
+            for byte in b"HTTP/1.1 200 OK\r\n":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.3)
         time.sleep(type(self).delay)
         type(self).bodies.append(json.loads(body))
         self.send_response(type(self).answer)
@@ -191,7 +198,7 @@ def test_a_failed_check_posts_json_to_the_webhook(nights, hook):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("trouble", ["refused", "500", "slow"])
+@pytest.mark.parametrize("trouble", ["refused", "500", "slow", "trickle"])
 def test_a_failing_webhook_is_a_warning_and_the_check_still_fails(nights, hook, trouble, caplog):
     out, _ = nights
     url, handler = hook
@@ -199,6 +206,7 @@ def test_a_failing_webhook_is_a_warning_and_the_check_still_fails(nights, hook, 
         url = _refused_url()
     handler.answer = 500 if trouble == "500" else 200
     handler.delay = 5.0 if trouble == "slow" else 0.0
+    handler.trickle = trouble == "trickle"
     checks = drift.DriftChecks(max_error_rate=0.05, webhook=url, webhook_timeout_s=0.5)
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="maskmodel.results.drift"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import tomllib
 import urllib.error
 import urllib.parse
@@ -252,9 +253,24 @@ def alert_payload(report: CheckReport, profile: Mapping[str, Any]) -> dict[str, 
 def post_webhook(url: str, payload: Mapping[str, Any], *, timeout_s: float) -> bool:
     """POST ``payload`` as JSON to ``url``; ``True`` on a 2xx answer. Never raises: a failure is a warning.
 
-    ``timeout_s`` bounds the connection and each read. The URL may carry a token, so only its host is logged.
+    ``timeout_s`` bounds the connection and each read, and the whole exchange takes at most twice that:
+    a server that answers byte by byte is left behind (in a daemon thread). The URL may carry a token, so
+    only its host is logged.
     """
     host = urllib.parse.urlsplit(url).netloc.rsplit("@", 1)[-1]
+    outcome: list[bool] = []
+    worker = threading.Thread(target=lambda: outcome.append(_post(url, host, payload, timeout_s)), daemon=True,
+                              name="webhook")
+    worker.start()
+    worker.join(2 * timeout_s)
+    if worker.is_alive():
+        log.warning("the webhook at %s did not answer within %.1f s; the alert was not delivered", host,
+                    2 * timeout_s)
+        return False
+    return bool(outcome and outcome[0])
+
+
+def _post(url: str, host: str, payload: Mapping[str, Any], timeout_s: float) -> bool:
     request = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
