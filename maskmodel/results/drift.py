@@ -232,6 +232,11 @@ def check_run(records: Sequence[CommitRecord], checks: DriftChecks, *, run_id: s
     """Check a committed run (default: the latest) against ``checks``; raises :class:`UserError` for an unknown
     run id or a run committed without a profile."""
     run, base = select_runs(records, run_id, baseline, checks.baseline_runs)
+    return check_records(run, base, checks)
+
+
+def check_records(run: CommitRecord, base: Sequence[CommitRecord], checks: DriftChecks) -> CheckReport:
+    """:func:`check_run` with the run and its baseline chosen (runs without a profile in ``base`` are left out)."""
     if not run.raw.get("profile"):
         raise UserError(f"Run {run.run_id!r} was committed without a profile (scored by an older version); "
                         f"re-score it to check it.")

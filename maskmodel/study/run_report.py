@@ -90,8 +90,7 @@ def write_report(cfg: ReportConfig) -> ReportResult:
     profile = run.raw["profile"]
     base = [r for r in base if r.raw.get("profile")]
     pooled = drift.pooled([r.raw["profile"] for r in base])
-    check = drift.check_run(records, checks, run_id=run.run_id, baseline=[r.run_id for r in base]) if checks \
-        else None
+    check = drift.check_records(run, base, checks) if checks else None
     upto = records.index(run) + 1
     shown = [r for r in records[:upto] if r.raw.get("profile")][-cfg.history:]
     psi = drift.psi(prof.confidence_histogram(profile), prof.confidence_histogram(pooled)) if pooled else None
