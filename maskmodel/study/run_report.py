@@ -146,7 +146,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;margin:6px 0}td,th{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child{text-align:left}.muted{color:#777}.fail{color:#b2182b;font-weight:600}
 .pass{color:#1a9850}.skip{color:#777}img{max-width:100%;border:1px solid #eee}
-.badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}"""
+.badge{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600}
+.row{display:flex;flex-wrap:wrap;gap:0 48px;align-items:flex-start}"""
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -178,6 +179,7 @@ def render_html(run, base: Sequence, profile: Mapping[str, Any], pooled: Mapping
                        f"{e(r.status)}</td><td style='text-align:left'>{e(r.line)}</td></tr>")
         out.append("</table>")
     names = ", ".join(r.run_id for r in base) or "none (no earlier run with a profile)"
+    out.append("<div class='row'><div>")
     out.append(f"<h2>This run against the baseline</h2><div class='muted'>baseline (pooled): {e(names)}</div>"
                "<table><tr><th></th><th>this run</th><th>baseline</th><th>change</th></tr>")
     for key, label, pattern in ROWS:
@@ -187,16 +189,16 @@ def render_html(run, base: Sequence, profile: Mapping[str, Any], pooled: Mapping
         out.append(f"<tr><td>{label}</td><td>{_fmt(a, pattern)}</td><td>{_fmt(b, pattern)}</td><td>{change}</td></tr>")
     if psi is not None:
         out.append(f"<tr><td>confidence PSI</td><td colspan=3>{psi:.3f}</td></tr>")
-    out.append("</table>")
+    out.append("</table></div><div><h2>Counts</h2>" + _counts(profile, pooled) + "</div></div>")
     out.append("<h2>Over the last runs</h2>" + _img("history.png", pngs["history.png"],
                                                    "verdict rate, error rate and mean confidence per run"))
     out.append("<h2>Confidence against the baseline</h2>" + _img("confidence.png", pngs["confidence.png"],
                                                                  "confidence histogram"))
-    out.append("<h2>Counts</h2>" + _counts(profile, pooled))
     cost = profile.get("cost") or {}
     if cost:
         out.append("<h2>Cost inputs</h2><table>" + "".join(
-            f"<tr><td>{e(k)}</td><td>{v:,.2f}</td></tr>" for k, v in cost.items() if isinstance(v, (int, float)))
+            f"<tr><td>{e(k)}</td><td>{v:,.2f}</td></tr>" if isinstance(v, float) and not v.is_integer() else
+            f"<tr><td>{e(k)}</td><td>{int(v):,}</td></tr>" for k, v in cost.items() if isinstance(v, (int, float)))
             + "</table><div class='muted'>cost per 1,000 photos: <code>SELECT (cluster_cpu_s * cpu_price + "
               "cluster_gpu_s * gpu_price) / 3600 / images * 1000 FROM runs</code> (jobs.query)</div>")
     for name, title in (("alerts", "Faces behind alerts (most confident first)"),
