@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 DEMO_CHECKS = """\
 max_label_rate_change = 0.10
 max_label_rate_z = 3.0
-max_confidence_psi = 0.25
+max_confidence_ks = 0.15
 max_error_rate = 0.05
 max_no_face_rate = 0.50
 """

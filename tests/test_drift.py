@@ -19,7 +19,7 @@ from maskmodel.results import drift
 from maskmodel.results import profile as prof
 
 CHECKS = drift.DriftChecks(max_label_rate_change=0.1, max_label_rate_z=3.0, max_confidence_psi=0.25,
-                           max_error_rate=0.05, max_no_face_rate=0.3, min_images_per_s=5.0)
+                           max_confidence_ks=0.15, max_error_rate=0.05, max_no_face_rate=0.3, min_images_per_s=5.0)
 
 
 def night(*, mask: int, no_mask: int, errors: int = 0, no_face: int = 0, conf_bin: int = 18,
@@ -41,8 +41,8 @@ def night(*, mask: int, no_mask: int, errors: int = 0, no_face: int = 0, conf_bi
 def test_an_unshifted_night_passes_every_check():
     base = drift.pooled([night(mask=800, no_mask=200), night(mask=790, no_mask=210)])
     got = drift.evaluate(CHECKS, night(mask=395, no_mask=105, errors=5), base)
-    assert [r.name for r in got] == ["label_rate_change", "label_rate_z", "confidence_psi", "error_rate",
-                                     "no_face_rate", "throughput"]
+    assert [r.name for r in got] == ["label_rate_change", "label_rate_z", "confidence_psi", "confidence_ks",
+                                     "error_rate", "no_face_rate", "throughput"]
     assert all(r.status == "passed" for r in got), [r.line for r in got]
     z = drift.two_proportion_z(105, 500, 410, 2000)
     assert got[1].value == pytest.approx(z) and abs(z) < 1
@@ -60,14 +60,27 @@ def test_a_shifted_night_fails_with_the_numbers():
     assert got["label_rate_z"].value == pytest.approx(z) and f"z {z:+.2f}" in got["label_rate_z"].line
     # all confidence moved from bin 18 to bin 12: PSI = 2 * (1 - 1e-4) * ln(1 / 1e-4)
     assert got["confidence_psi"].value == pytest.approx(2 * (1 - 1e-4) * np.log(1e4))
+    assert got["confidence_ks"].value == 1.0  # every photo below every baseline photo
     assert got["error_rate"].line == "error_rate: 0.072 (70/970 objects) above the ceiling 0.050"
     assert got["no_face_rate"].value == 400 / 900
     assert got["throughput"].line == "throughput: 4.85 images/s (970 in 200.0 s), floor 5.00"
 
 
+def test_ks_distance_over_fixed_bins():
+    base = np.zeros(20)
+    base[15:20] = [200, 400, 800, 1600, 3000]
+    assert drift.ks_distance(base / 10, base) == pytest.approx(0.0)
+    small = np.zeros(20)
+    small[[10, 17, 18, 19]] = [2, 4, 6, 10]  # 22 photos, two in a bin the baseline never saw
+    # CDF gaps: 2/22 at bin 10; at bin 15..17: 2/22 - 200/6000, 2/22 - 600/6000, 6/22 - 1400/6000 ...
+    want = max(abs(np.cumsum(small) / 22 - np.cumsum(base) / 6000))
+    assert drift.ks_distance(small, base) == pytest.approx(want) and want < 0.1
+    assert drift.psi(small, base) > 0.25  # the PSI calls this a shift: why both are offered
+
+
 def test_without_a_baseline_the_baseline_checks_are_skipped_not_failed():
     got = {r.name: r for r in drift.evaluate(CHECKS, night(mask=5, no_mask=5), None)}
-    assert got["label_rate_change"].status == got["confidence_psi"].status == "skipped"
+    assert got["label_rate_change"].status == got["confidence_psi"].status == got["confidence_ks"].status == "skipped"
     assert got["error_rate"].status == "passed"
 
 

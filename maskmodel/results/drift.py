@@ -10,6 +10,7 @@ optional; a check whose key is absent does not run)::
     max_label_rate_change = 0.10   # |rate - baseline rate| above this fails
     max_label_rate_z = 3.0         # |two-proportion z| above this fails (the change is not chance)
     max_confidence_psi = 0.25      # population stability index of the confidence histogram (fixed bins)
+    max_confidence_ks = 0.15       # Kolmogorov-Smirnov distance of the same histograms (largest CDF gap)
     max_error_rate = 0.05          # error rows / objects
     max_no_face_rate = 0.30        # photos with no face found / ok photos through a detector
     min_images_per_s = 5.0         # throughput floor
@@ -45,7 +46,8 @@ from maskmodel.results.commit import CommitRecord
 
 log = logging.getLogger(__name__)
 
-#: Proportions below this count as this in the PSI (an empty bin would make it infinite).
+#: Shares below this count as this in the PSI (an empty bin would make it infinite); with it, a bin the
+#: baseline never saw weighs ln(share / 1e-4), so a small night reads as a large shift (the KS distance does not).
 PSI_FLOOR = 1e-4
 
 
@@ -58,6 +60,7 @@ class DriftChecks:
     max_label_rate_change: float | None = None
     max_label_rate_z: float | None = None
     max_confidence_psi: float | None = None
+    max_confidence_ks: float | None = None
     max_error_rate: float | None = None
     max_no_face_rate: float | None = None
     min_images_per_s: float | None = None
@@ -167,6 +170,15 @@ def psi(actual: np.ndarray, expected: np.ndarray) -> float | None:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def ks_distance(actual: np.ndarray, expected: np.ndarray) -> float | None:
+    """Kolmogorov-Smirnov distance of two histograms over the same bins: the largest gap between their
+    cumulative shares at the bin edges, in [0, 1]; ``None`` when either is empty. Unlike the PSI it needs no
+    smoothing, so a small night whose photos fall in bins the baseline never saw is not a huge shift."""
+    if actual.sum() <= 0 or expected.sum() <= 0:
+        return None
+    return float(np.max(np.abs(np.cumsum(actual) / actual.sum() - np.cumsum(expected) / expected.sum())))
+
+
 def two_proportion_z(x1: int, n1: int, x0: int, n0: int) -> float | None:
     """The two-proportion z statistic of x1/n1 against x0/n0 (pooled variance); ``None`` when undefined."""
     if not n1 or not n0:
@@ -207,6 +219,11 @@ def evaluate(checks: DriftChecks, run: Mapping[str, Any], baseline: Mapping[str,
     lim = checks.max_confidence_psi
     add("confidence_psi", value, lim, value is not None and lim is not None and value > lim,
         f"confidence PSI {_f(value)} over {run.get('confidence_bins')} bins vs baseline (limit {_f(lim)})",
+        "no baseline runs" if not baseline else "no photo with a verdict")
+    value = ks_distance(prof.confidence_histogram(run), prof.confidence_histogram(baseline)) if baseline else None
+    lim = checks.max_confidence_ks
+    add("confidence_ks", value, lim, value is not None and lim is not None and value > lim,
+        f"confidence KS distance {_f(value)} over {run.get('confidence_bins')} bins vs baseline (limit {_f(lim)})",
         "no baseline runs" if not baseline else "no photo with a verdict")
     fig = prof.figures(run)
     for name, key, lim, what in (("error_rate", "error_rate", checks.max_error_rate,

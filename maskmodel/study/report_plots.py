@@ -45,7 +45,7 @@ def history_png(runs: Sequence[tuple[str, Mapping[str, Any]]], *, run_id: str, b
 
 
 def confidence_png(run: Mapping[str, Any], baseline: Mapping[str, Any] | None, *, run_id: str,
-                   psi: float | None) -> bytes:
+                   psi: float | None, ks: float | None = None) -> bytes:
     """The run's photo confidence histogram (share of photos per fixed bin) against the pooled baseline's."""
     n = int(run.get("confidence_bins", prof.CONFIDENCE_BINS))
     edges = np.linspace(0, 1, n + 1)
@@ -58,7 +58,8 @@ def confidence_png(run: Mapping[str, Any], baseline: Mapping[str, Any] | None, *
             ax.stairs(h / h.sum(), edges, label=name, color=color, lw=2, fill=name == "baseline", alpha=0.35
                       if name == "baseline" else 1.0)
     ax.set(xlabel="confidence of the photo's verdict", ylabel="share of photos", xlim=(0, 1),
-           title="confidence" + (f", PSI {psi:.3f} against the baseline" if psi is not None else ""))
+           title="confidence" + (f" against the baseline: PSI {psi:.3f}, KS {ks:.3f}" if psi is not None and
+                                  ks is not None else ""))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left")

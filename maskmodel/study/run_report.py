@@ -94,10 +94,11 @@ def write_report(cfg: ReportConfig) -> ReportResult:
     upto = records.index(run) + 1
     shown = [r for r in records[:upto] if r.raw.get("profile")][-cfg.history:]
     psi = drift.psi(prof.confidence_histogram(profile), prof.confidence_histogram(pooled)) if pooled else None
+    ks = drift.ks_distance(prof.confidence_histogram(profile), prof.confidence_histogram(pooled)) if pooled else None
     pngs = {
         "history.png": report_plots.history_png([(r.run_id, prof.figures(r.raw["profile"])) for r in shown],
                                                 run_id=run.run_id, baseline=[r.run_id for r in base]),
-        "confidence.png": report_plots.confidence_png(profile, pooled, run_id=run.run_id, psi=psi),
+        "confidence.png": report_plots.confidence_png(profile, pooled, run_id=run.run_id, psi=psi, ks=ks),
     }
     sheets: dict[str, dict] = {}
     if cfg.sheet and profile.get("ok"):
@@ -108,10 +109,10 @@ def write_report(cfg: ReportConfig) -> ReportResult:
     for name, data in pngs.items():
         storage.write_bytes(storage.join(cfg.out, name), data)
     summary = {"run_id": run.run_id, "baseline": [r.run_id for r in base], "figures": prof.figures(profile),
-               "baseline_figures": prof.figures(pooled) if pooled else None, "confidence_psi": psi,
+               "baseline_figures": prof.figures(pooled) if pooled else None, "confidence_psi": psi, "confidence_ks": ks,
                "checks": [c.__dict__ for c in check.results] if check else None, "sheets": sheets}
     storage.write_bytes(storage.join(cfg.out, "report.json"), json.dumps(summary, indent=2, default=str).encode())
-    page = render_html(run, base, profile, pooled, pngs, check=check, sheets=sheets, psi=psi)
+    page = render_html(run, base, profile, pooled, pngs, check=check, sheets=sheets, psi=psi, ks=ks)
     uri = storage.join(cfg.out, "report.html")
     storage.write_bytes(uri, page.encode())
     log.info("wrote the report of run %s to %s", run.run_id, uri)
@@ -161,7 +162,7 @@ def _img(name: str, data: bytes, alt: str) -> str:
 
 def render_html(run, base: Sequence, profile: Mapping[str, Any], pooled: Mapping[str, Any] | None,
                 pngs: Mapping[str, bytes], *, check: drift.CheckReport | None, sheets: Mapping[str, dict],
-                psi: float | None) -> str:
+                psi: float | None, ks: float | None) -> str:
     """The report page: headline figures against the baseline, checks, plots, counts, contact sheets."""
     e = html.escape
     fig, bfig = prof.figures(profile), prof.figures(pooled) if pooled else {}
@@ -187,13 +188,19 @@ def render_html(run, base: Sequence, profile: Mapping[str, Any], pooled: Mapping
         change = "" if a is None or b is None or key in ("images", "elapsed_s") else \
             (f"{(a - b) * 100:+.2f} pp" if "%" in pattern else f"{a - b:+.3g}")
         out.append(f"<tr><td>{label}</td><td>{_fmt(a, pattern)}</td><td>{_fmt(b, pattern)}</td><td>{change}</td></tr>")
-    if psi is not None:
-        out.append(f"<tr><td>confidence PSI</td><td colspan=3>{psi:.3f}</td></tr>")
+    if psi is not None and ks is not None:
+        out.append(f"<tr><td>confidence PSI / KS</td><td></td><td></td><td>{psi:.3f} / {ks:.3f}</td></tr>")
     out.append("</table></div><div><h2>Counts</h2>" + _counts(profile, pooled) + "</div></div>")
     out.append("<h2>Over the last runs</h2>" + _img("history.png", pngs["history.png"],
                                                    "verdict rate, error rate and mean confidence per run"))
     out.append("<h2>Confidence against the baseline</h2>" + _img("confidence.png", pngs["confidence.png"],
                                                                  "confidence histogram"))
+    for name, title in (("alerts", "Faces behind alerts (most confident first)"),
+                        ("least_confident", "Least confident faces")):
+        if f"{name}.png" in pngs:
+            gone = sheets[name].get("unreadable", 0)
+            note = f" <span class='muted'>({gone} no longer readable)</span>" if gone else ""
+            out.append(f"<h2>{title}{note}</h2>" + _img(f"{name}.png", pngs[f"{name}.png"], title))
     cost = profile.get("cost") or {}
     if cost:
         out.append("<h2>Cost inputs</h2><table>" + "".join(
@@ -201,12 +208,6 @@ def render_html(run, base: Sequence, profile: Mapping[str, Any], pooled: Mapping
             f"<tr><td>{e(k)}</td><td>{int(v):,}</td></tr>" for k, v in cost.items() if isinstance(v, (int, float)))
             + "</table><div class='muted'>cost per 1,000 photos: <code>SELECT (cluster_cpu_s * cpu_price + "
               "cluster_gpu_s * gpu_price) / 3600 / images * 1000 FROM runs</code> (jobs.query)</div>")
-    for name, title in (("alerts", "Faces behind alerts (most confident first)"),
-                        ("least_confident", "Least confident faces")):
-        if f"{name}.png" in pngs:
-            gone = sheets[name].get("unreadable", 0)
-            note = f" <span class='muted'>({gone} no longer readable)</span>" if gone else ""
-            out.append(f"<h2>{title}{note}</h2>" + _img(f"{name}.png", pngs[f"{name}.png"], title))
     out.append("</body></html>")
     return "\n".join(out)
 
