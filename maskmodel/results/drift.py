@@ -280,29 +280,28 @@ def post_webhook(url: str, payload: Mapping[str, Any], *, timeout_s: float) -> b
     only its host is logged.
     """
     host = urllib.parse.urlsplit(url).netloc.rsplit("@", 1)[-1]
-    outcome: list[bool] = []
-    worker = threading.Thread(target=lambda: outcome.append(_post(url, host, payload, timeout_s)), daemon=True,
+    outcome: list[str | None] = []  # the worker's failure, or None for delivered; logged here, never after
+    worker = threading.Thread(target=lambda: outcome.append(_post(url, payload, timeout_s)), daemon=True,
                               name="webhook")
     worker.start()
     worker.join(2 * timeout_s)
-    if worker.is_alive():
-        log.warning("the webhook at %s did not answer within %.1f s; the alert was not delivered", host,
-                    2 * timeout_s)
-        return False
-    return bool(outcome and outcome[0])
+    failure = outcome[0] if outcome else f"no answer within {2 * timeout_s:.1f} s"
+    if failure is None:
+        log.info("alert posted to the webhook at %s", host)
+        return True
+    log.warning("the webhook at %s %s; the alert was not delivered", host, failure)
+    return False
 
 
-def _post(url: str, host: str, payload: Mapping[str, Any], timeout_s: float) -> bool:
+def _post(url: str, payload: Mapping[str, Any], timeout_s: float) -> str | None:
+    """POST and read the answer; ``None`` when delivered (2xx), else what went wrong (no URL in it)."""
     request = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - http(s) checked on load
             answer.read(1024)
-        log.info("alert posted to the webhook at %s", host)
-        return True
+        return None
     except urllib.error.HTTPError as e:
-        log.warning("the webhook at %s answered HTTP %d; the alert was not delivered", host, e.code)
+        return f"answered HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:  # refused, unresolvable, timed out
-        reason = getattr(e, "reason", e)
-        log.warning("the webhook at %s could not be reached (%s); the alert was not delivered", host, reason)
-    return False
+        return f"could not be reached ({getattr(e, 'reason', e)})"
