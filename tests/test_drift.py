@@ -241,3 +241,13 @@ def test_jobs_report_rejects_a_bad_check_file_before_anything(nights, tmp_path):
     with pytest.raises(UserError, match="must be a float"):
         report.main(["--results", out, "--check", str(bad), "--out", str(tmp_path / "r")])
     assert not storage.exists(str(tmp_path / "r"))
+
+
+def test_jobs_report_refuses_an_out_folder_inside_the_results(nights):
+    from jobs import report
+
+    out, _ = nights
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--results", out, "--out", f"{out}/report"])
+    assert exit_.value.code == 2
+    results.check_output(out)  # the results folder still holds only the table
