@@ -36,7 +36,8 @@ def rows(run_id: str, n: int, seed: int) -> pa.Table:
         "path": [f"s3://archive/{run_id}/{i:07d}.jpg" for i in range(n)],
         "status": np.where(err, "error", "ok"), "error": pa.array(np.where(err, "truncated image", None)),
         "label": pa.array(np.where(err, None, label)), "confidence": pa.array(conf, mask=err),
-        "width": pa.array(np.full(n, 1920, np.int32), mask=err), "height": pa.array(np.full(n, 1080, np.int32), mask=err),
+        "width": pa.array(np.full(n, 1920, np.int32), mask=err),
+        "height": pa.array(np.full(n, 1080, np.int32), mask=err),
         "faces_found": pa.array(rng.integers(0, 4, n).astype(np.int32), mask=err),
         "size": np.full(n, 330_000), "model_id": ["m"] * n, "run_id": [run_id] * n,
         "scored_at": pa.array([results.utc_now()] * n, pa.timestamp("us", tz="UTC"))})

@@ -32,8 +32,10 @@ def _refused_url() -> str:
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory, ray_local):
-    """night-1: 6 face crops (too small for the detector: no face found) and a photo with one face; night-2: the
-    same plus 3 truncated uploads and 2 more photos without a face. Both scored by ``jobs.score --check`` with a webhook that refuses connections."""
+    """report-night-1: 6 face crops (too small for the detector: no face found) and a photo with one face;
+    report-night-2: the same plus 3 truncated uploads and 2 more photos without a face. (Run ids of their own:
+    Ray's per-run counters in this session must not add up with other tests' runs.) Both scored by
+    ``jobs.score --check`` with a webhook that refuses connections."""
     from jobs import score
 
     root = tmp_path_factory.mktemp("nights")
@@ -47,7 +49,7 @@ def nights(tmp_path_factory, ray_local):
     checks.write_text(f"baseline_runs = 3\nmax_error_rate = 0.1\nmax_no_face_rate = 0.87\n"
                       f"webhook = '{_refused_url()}'\nwebhook_timeout_s = 1.0\n")
     codes, lines = {}, {}
-    for night, files in (("night-1", photos), ("night-2", shifted)):
+    for night, files in (("report-night-1", photos), ("report-night-2", shifted)):
         for name, data in files.items():
             storage.write_bytes(str(root / night / name), data)
         argv = ["--input", str(root / night), "--model", model, "--output", out, "--run-id", night,
@@ -68,14 +70,14 @@ def _run(main, argv) -> tuple[int, list[str]]:
 
 @pytest.mark.ray
 def test_score_check_passes_the_calm_night_and_fails_the_shifted_one_with_its_numbers(nights, caplog):
-    assert nights["codes"] == {"night-1": 0, "night-2": cli.EXIT_CHECK_FAILED}
-    assert nights["lines"]["night-1"][-1].startswith("checks passed for run night-1: 2 passed")
-    failed = [ln for ln in nights["lines"]["night-2"] if ln.startswith("CHECK FAILED")]
-    assert failed == ["CHECK FAILED run night-2: error_rate: 0.250 (3/12 objects) above the ceiling 0.100",
-                      "CHECK FAILED run night-2: no_face_rate: 0.889 (8/9 photos through a detector) above the "
+    assert nights["codes"] == {"report-night-1": 0, "report-night-2": cli.EXIT_CHECK_FAILED}
+    assert nights["lines"]["report-night-1"][-1].startswith("checks passed for run report-night-1: 2 passed")
+    failed = [ln for ln in nights["lines"]["report-night-2"] if ln.startswith("CHECK FAILED")]
+    assert failed == ["CHECK FAILED run report-night-2: error_rate: 0.250 (3/12 objects) above the ceiling 0.100",
+                      "CHECK FAILED run report-night-2: no_face_rate: 0.889 (8/9 photos through a detector) above the "
                       "ceiling 0.870"]  # the crops hold no face a detector finds, as the two empty photos
     # both runs are committed whatever the checks said
-    assert [r.run_id for r in results.list_commits(nights["out"])] == ["night-1", "night-2"]
+    assert [r.run_id for r in results.list_commits(nights["out"])] == ["report-night-1", "report-night-2"]
 
 
 @pytest.mark.ray
@@ -94,7 +96,8 @@ def report_dir(nights):
 
     out = nights["root"] / "report"
     code, lines = _run(report.main, ["--results", nights["out"], "--out", str(out), "--check", nights["checks"]])
-    assert code == cli.EXIT_CHECK_FAILED and lines[0].startswith("report of run night-2 (baseline: night-1)")
+    assert code == cli.EXIT_CHECK_FAILED
+    assert lines[0].startswith("report of run report-night-2 (baseline: report-night-1)")
     return out
 
 
@@ -102,7 +105,7 @@ def report_dir(nights):
 def test_the_report_holds_the_figures_sheets_and_no_secrets(report_dir, nights):
     page = (report_dir / "report.html").read_text()
     summary = json.loads((report_dir / "report.json").read_text())
-    assert summary["run_id"] == "night-2" and summary["baseline"] == ["night-1"]
+    assert summary["run_id"] == "report-night-2" and summary["baseline"] == ["report-night-1"]
     assert summary["figures"]["error_rate"] == 0.25 and summary["baseline_figures"]["error_rate"] == 0.0
     assert summary["sheets"]["least_confident"]["tiles"] == 9  # every ok photo's face (or whole picture)
     assert summary["sheets"]["alerts"]["tiles"] == summary["sheets"]["alerts"]["faces"]

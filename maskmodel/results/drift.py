@@ -229,7 +229,8 @@ def evaluate(checks: DriftChecks, run: Mapping[str, Any], baseline: Mapping[str,
     for name, key, lim, what in (("error_rate", "error_rate", checks.max_error_rate,
                                   f"{run.get('errors', 0)}/{run.get('images', 0)} objects"),
                                  ("no_face_rate", "no_face_rate", checks.max_no_face_rate,
-                                  f"{run.get('no_face', 0)}/{run.get('photos_with_faces', 0)} photos through a detector")):
+                                  f"{run.get('no_face', 0)}/{run.get('photos_with_faces', 0)} "
+                                  f"photos through a detector")):
         add(name, fig[key], lim, fig[key] is not None and lim is not None and fig[key] > lim,
             f"{_f(fig[key])} ({what}) above the ceiling {_f(lim)}" if fig[key] is not None and lim is not None
             and fig[key] > lim else f"{_f(fig[key])} ({what}), ceiling {_f(lim)}", "a rate over no objects")

@@ -169,7 +169,8 @@ def figures(profile: Mapping[str, Any]) -> dict[str, float | None]:
     """The headline figures of a profile (``None`` where undefined, e.g. a rate over no photos).
 
     ``error_rate`` = errors / images; ``verdict_rate`` = alerts / photos with a verdict (the photo-verdict alert
-    rate); ``no_face_rate`` = photos with no face found / ok photos that went through a detector; ``mean_confidence`` over photos with a verdict;
+    rate); ``no_face_rate`` = photos with no face found / ok photos that went through a detector;
+    ``mean_confidence`` over photos with a verdict;
     ``faces_per_photo`` over photos that went through a detector; ``images_per_s``; ``elapsed_s``.
     """
     labelled = sum(profile.get("labels", {}).values())
