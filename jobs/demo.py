@@ -9,8 +9,11 @@ for a few epochs, fine-tunes the CenterFace face detector on the ``detect`` scen
 couple of CPU cores and a few minutes in all), then scores the held-out ``test`` crops with
 ``--faces none`` and the ``scene`` pictures with the trained detector as two runs, and prints the
 per-run summary, the accuracy per split, and the detector's recall and precision on the scenes with
-the per-face accuracy. Each step is one of the real jobs; the commands to run them yourself are
-printed at the end.
+the per-face accuracy. Then a second "night" of scenes with a shifted mix (three in four pictures
+with an unmasked face instead of one in two, and some truncated uploads) is scored as run
+``night-2``, and ``jobs.report`` compares it with the ``scene`` run: the report page
+(``<out>/report/report.html``) and the drift checks of ``<out>/checks.toml``, which fail. Each step
+is one of the real jobs; the commands to run them yourself are printed at the end.
 """
 
 from __future__ import annotations
@@ -91,9 +94,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"face detector {detector.model_id}: val AP50 {detector.metrics['val_ap50']:.3f}, recall "
               f"{detector.metrics['val_recall']:.3f}, precision {detector.metrics['val_precision']:.3f}; "
               f"curves and detections.png: {det_run}")
+    print(shifted_night(cfg, storage.read_json(dataset)["scene_size"], trained.model_dir, faces, scores))
     print(f"try:  python -m jobs.query --results {scores} "
           f"\"SELECT run_id, label, count(*) FROM predictions GROUP BY ALL ORDER BY ALL\"")
     return 0
+
+
+#: The demo's drift checks (README "Watching runs"): what the shifted night fails.
+DEMO_CHECKS = """\
+max_label_rate_change = 0.10
+max_label_rate_z = 3.0
+max_confidence_ks = 0.15
+max_error_rate = 0.05
+max_no_face_rate = 0.50
+"""
+#: The shifted night: scenes by picture verdict (three in four with an unmasked face), and truncated uploads.
+NIGHT_SCENES = {"no_mask": 30, "mask": 10}
+NIGHT_TRUNCATED = 4
+
+
+def shifted_night(cfg: DemoConfig, scene_size: int, model: str, faces: str, scores: str) -> str:
+    """Draw and score the shifted night (run ``night-2``), report it against run ``scene`` and check it; the
+    lines to print: the run, each failed check, the report's path."""
+    from maskmodel.data.synth import render_scene_sample
+    from maskmodel.score import scoring
+    from maskmodel.study.run_report import ReportConfig, write_report
+
+    night = storage.join(cfg.out, "night-2")
+    for label, n in NIGHT_SCENES.items():  # new pictures: another seed than the dataset's scenes
+        for i in range(n):
+            scene = render_scene_sample(label, i, size=scene_size, seed=2, split="scene")
+            storage.write_bytes(storage.join(night, label, f"{i:06d}.jpg"), _jpeg(scene.image, scene.jpeg_quality))
+    for i in range(NIGHT_TRUNCATED):  # uploads cut short: error rows, not a crash
+        data = _jpeg(render_scene_sample("mask", 100 + i, size=scene_size, seed=2).image, 90)
+        storage.write_bytes(storage.join(night, "uploads", f"cut-{i}.jpg"), data[: len(data) * 2 // 5])
+    res = scoring.score(scoring.ScoreConfig(input=night, model=model, output=scores, run_id="night-2", faces=faces))
+    checks = storage.join(cfg.out, "checks.toml")
+    storage.write_bytes(checks, DEMO_CHECKS.encode())
+    report = write_report(ReportConfig(results=scores, out=storage.join(cfg.out, "report"), run_id="night-2",
+                                       baseline=("scene",), check=checks))
+    lines = [f"\nnight-2 (shifted): {res.summary_line()}", *report.check.lines(),
+             f"report of night-2 against scene: {report.html}",
+             f"(jobs.report --check exits {cli.EXIT_CHECK_FAILED} on a failed check: python -m jobs.report --results "
+             f"{scores} --run-id night-2 --baseline scene --check {checks} --out {cfg.out}/report)"]
+    return "\n".join(lines)
+
+
+def _jpeg(image, quality: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def scene_faces_line(data: str, scores: str, classes, output: str) -> str:

@@ -14,6 +14,8 @@ from maskmodel.raysession import filter_stderr, shutdown_ray
 log = logging.getLogger("maskmodel")
 
 EXIT_USER_ERROR = 2
+#: ``jobs.score --check`` / ``jobs.report --check``: the run was committed (or reported) but a drift check failed.
+EXIT_CHECK_FAILED = 3
 VERBOSE_FLAG = "--verbose"
 
 

@@ -85,16 +85,16 @@ class JobConfig:
     """Base of every job's frozen dataclass config: paths made absolute, then every field checked.
 
     Construction runs :func:`resolve_paths`, :func:`check_fields` (the bounds and choices declared
-    next to each field), then :meth:`check`: a subclass overrides only that, and only for rules
+    next to each field), then :meth:`validate`: a subclass overrides only that, and only for rules
     that tie two fields together. Raises :class:`ValueError` (the CLI turns it into exit 2).
     """
 
     def __post_init__(self) -> None:
         resolve_paths(self)
         check_fields(self)
-        self.check()
+        self.validate()
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Rules across fields (none here); raise :class:`ValueError` naming the flags."""
 
 

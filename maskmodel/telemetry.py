@@ -45,6 +45,35 @@ class ScoringMetrics:
         self.rate.set(rate, tags=self.tags)
 
 
+RUN_GAUGES = {
+    "maskmodel_run_verdict_rate": ("verdict_rate", "share of the run's photos with a verdict whose verdict is the alert "
+                                                   "class"),
+    "maskmodel_run_mean_confidence": ("mean_confidence", "mean confidence of the run's photo verdicts"),
+    "maskmodel_run_error_rate": ("error_rate", "share of the run's objects that became error rows"),
+    "maskmodel_run_no_face_rate": ("no_face_rate", "share of the run's ok photos in which no face was found"),
+}
+
+
+class RunGauges:
+    """A finished run's outcome as gauges tagged ``run_id``, set once by the driver after the commit.
+
+    ``record`` takes the run's figures (:func:`maskmodel.results.profile.figures`) and sets each gauge that is
+    defined (a rate over no photos is not set). Ray must be initialised.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run_id": run_id}
+        self.gauges = {name: (key, Gauge(name, description=text, tag_keys=("run_id",)))
+                       for name, (key, text) in RUN_GAUGES.items()}
+
+    def record(self, values: dict) -> None:
+        for key, gauge in self.gauges.values():
+            if values.get(key) is not None:
+                gauge.set(float(values[key]), tags=self.tags)
+
+
 def decode_fallback_recorder(run_id: str) -> Callable[[str, int], None] | None:
     """Where Ray runs (a predictor actor), a function counting JPEGs the GPU failed to decode (decoded on the CPU
     instead) in :data:`SCORE_DECODE_FALLBACKS`, tagged with the kind of failure; ``None`` without Ray.

@@ -266,6 +266,12 @@ def test_rayjob_trains_and_cronjob_scores_incrementally() -> None:
     assert "set -e" in script and script.index("python -m jobs.maintain") > script.index("python -m jobs.score")
     assert re.search(r'jobs\.maintain\s+\\\s*--results "\$\{SCORE_OUTPUT\}"', script)
     assert "exec ray job submit" not in script.split("python -m jobs.score")[0]  # an exec'd scoring never returns
+    # The drift checks are their own step between scoring and maintenance; a failed check does not skip
+    # maintenance (`|| CHECK_STATUS=$?`) and fails the Job at the end with jobs.report's exit code.
+    report = script.index("python -m jobs.report")
+    assert script.index("python -m jobs.score") < report < script.index("python -m jobs.maintain")
+    assert re.search(r'--check "\$\{SCORE_CHECKS\}" \|\| CHECK_STATUS=\$\?', script)
+    assert script.rstrip().endswith('exit "${CHECK_STATUS}"\nfi')
 
 
 # ----------------------------------------------------------------------------- security and wiring

@@ -207,6 +207,30 @@ def test_an_old_table_is_appended_to_and_every_reader_sees_the_faces(photos):
 
 
 @pytest.mark.ray
+def test_each_commit_carries_the_profile_folded_while_scoring(photos):
+    from maskmodel.results import profile
+
+    records = {r.run_id: r for r in results.list_commits(photos["cfg"].output)}
+    for run in ("auto", "cf", "whole"):
+        got = records[run].raw["profile"]
+        # computed batch by batch while scoring; re-reading the committed rows gives the same counts
+        again = profile.batch_profile(results.read_results(photos["cfg"].output, [run]), alert_class="no_mask",
+                                      detected=run != "whole")
+        for key in ("images", "ok", "errors", "error_reasons", "labels", "no_face", "alerts", "faces",
+                    "photos_with_faces", "faces_per_photo", "face_labels", "confidence", "sizes", "pixels", "bytes"):
+            assert got[key] == again[key], (run, key)
+        assert got["elapsed_s"] > 0 and got["images_per_s"] > 0 and got["cost"]["actors"] >= 1
+        assert got["cost"]["cluster_cpu_s"] == pytest.approx(2 * got["elapsed_s"])  # ray_local: 2 CPUs
+    auto = records["auto"].raw["profile"]
+    assert (auto["images"], auto["errors"], auto["error_reasons"]) == (4, 1, {"truncated image": 1})
+    # empty.jpg: no face found; with --faces auto it still gets a verdict from the whole picture
+    assert auto["faces_per_photo"][:3] == [1, 1, 1] and auto["no_face"] == 1 and sum(auto["labels"].values()) == 3
+    assert records["cf"].raw["profile"]["no_face"] == 1 and sum(records["cf"].raw["profile"]["labels"].values()) == 2
+    whole = records["whole"].raw["profile"]  # --faces none: each picture is its own face, no detector looked
+    assert (whole["no_face"], whole["photos_with_faces"], sum(whole["labels"].values())) == (0, 0, 3)
+
+
+@pytest.mark.ray
 def test_incremental_does_not_rescore_images_scored_without_faces(photos):
     cfg = dataclasses.replace(photos["cfg"], run_id="again", incremental=True)
     res = scoring.score(cfg)

@@ -534,6 +534,13 @@ def test_scoring_metrics_reach_rays_metrics_endpoint(scored, ray_local):
     assert images.search(text) and float(images.search(text).group(1)) == result.images, text[-3000:]
     kinds = {r["error"].split(":")[0] for r in scored["table"].to_pylist() if r["error"]}
     assert set(want) == kinds and sum(want.values()) == result.errors, want
+    # The run's outcome gauges, set once after its commit from its profile.
+    gauge = re.compile(r'^ray_maskmodel_run_error_rate\{[^}]*run_id="night-1"[^}]*\} (\S+)$', re.M)
+    while not gauge.search(text) and time.monotonic() < deadline + 30:
+        time.sleep(1)
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert gauge.search(text), text[-3000:]
+    assert float(gauge.search(text).group(1)) == pytest.approx(result.errors / result.images)
 
 
 @pytest.mark.ray

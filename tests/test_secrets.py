@@ -42,23 +42,26 @@ def test_secret_key_appears_nowhere(s3_bucket):
                      "--weights", "none", "--epochs", "2", "--image-size", "32", "--batch-size", "8",
                      "--max-unreadable", "0.2"],
                     ["python", "-m", "jobs.score", "--input", data, "--model", f"{run}/model", "--output", scores,
-                     "--run-id", "s1"]):
+                     "--run-id", "s1"],
+                    # the run report: its page, PNGs and report.json (contact sheets cut from the S3 photos)
+                    ["python", "-m", "jobs.report", "--results", scores, "--out", f"{s3_bucket}/report"]):
             res = cluster.run("job", "submit", "--address", cluster.address, "--working-dir", REPO, "--", *cmd,
                               timeout=900, check=False)
             assert res.returncode == 0 and "succeeded" in res.stdout.lower(), res.stdout[-3000:] + res.stderr[-3000:]
             outputs += [res.stdout, res.stderr]
         jobs = cluster.api("/api/jobs/")
-        assert len(jobs) == 2
+        assert len(jobs) == 3
         outputs += [cluster.job_logs(j["submission_id"]) for j in jobs]
 
         needle = secret.encode()
         assert not [o for o in outputs if secret in o], "the secret is in a job's output or logs"
         # Everything the jobs wrote: results and run metadata, model.json, train_config.json, checkpoints
-        # (state, Ray Train's checkpoint metadata and snapshots), metrics, reports.
+        # (state, Ray Train's checkpoint metadata and snapshots), metrics, reports, the run report.
         fs, root = storage.filesystem(s3_bucket)
         written = fs.find(root)  # hidden files (Ray Train's .metadata.json and the like) included
         names = {p.rsplit("/", 1)[-1] for p in written}
-        assert {"model.json", "train_config.json", "metrics.csv", "state.pt"} <= names, sorted(names)
+        assert {"model.json", "train_config.json", "metrics.csv", "state.pt", "report.html", "alerts.png"} <= names, \
+            sorted(names)
         assert any("checkpoint_manager_snapshot" in n for n in names) and any(n.endswith(".parquet") for n in names)
         assert not [p for p in written if needle in fs.cat_file(p)]
         # Every log of every Ray process on every node (drivers, workers, agents, GCS, runtime envs).

@@ -31,7 +31,8 @@ The results table: one row per scored object, in a Delta Lake table of committed
 Owns: the one row schema, the attempt writer and the single commit that makes a run visible (:mod:`.schema`,
 :mod:`.writer`, :mod:`.commit`; read back through :mod:`.readers`, all re-exported here), the Delta layer (:mod:`.delta`), the keys incremental runs skip
 (:mod:`.incremental`), SQL over the table (:mod:`.query`), its maintenance (:mod:`.maintenance`), erasure on
-request (:mod:`.erasure`) and the Delta protocol features it accepts (:mod:`.protocol`).
+request (:mod:`.erasure`), the Delta protocol features it accepts (:mod:`.protocol`), each run's profile
+folded while scoring and stored in its commit (:mod:`.profile`) and drift checks over profiles (:mod:`.drift`).
 
 May import: :mod:`maskmodel.io` and the shared pieces; it knows nothing of models, Ray or images.
 """

@@ -9,7 +9,9 @@
   without DuckDB's httpfs or delta extensions, and nothing is downloaded or
   installed at run time.
 - ``runs``: one row per committed run, from the metadata stored in its Delta
-  commit (counts, model, input, precision, actors, timings, config).
+  commit (counts, model, input, precision, actors, timings, config) and its
+  profile (:mod:`maskmodel.results.profile`: alert, error and no-face rates, mean
+  confidence, throughput, cost inputs; the whole profile as JSON in ``profile``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pyarrow as pa
 from maskmodel import results
 from maskmodel.config import field, resolve_paths
 from maskmodel.errors import UserError
+from maskmodel.results.profile import figures
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,12 @@ RUNS_SCHEMA = pa.schema([
     ("elapsed_s", pa.float64()), ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")), ("committed_at", pa.timestamp("us", tz="UTC")),
     ("version", pa.int64()), ("attempt", pa.string()), ("config", pa.string()), ("metadata", pa.string()),
+    # From the run's profile (maskmodel.results.profile; null for runs committed before profiles existed).
+    ("alerts", pa.int64()), ("no_face", pa.int64()), ("faces", pa.int64()), ("verdict_rate", pa.float64()),
+    ("error_rate", pa.float64()), ("no_face_rate", pa.float64()), ("mean_confidence", pa.float64()),
+    ("images_per_s", pa.float64()), ("gpus", pa.float64()), ("actor_cpu_s", pa.float64()),
+    ("actor_gpu_s", pa.float64()), ("cluster_cpu_s", pa.float64()), ("cluster_gpu_s", pa.float64()),
+    ("driver_cpu_s", pa.float64()), ("profile", pa.string()),
 ])
 
 
@@ -111,8 +120,21 @@ def runs_table(records: Iterable[results.CommitRecord]) -> pa.Table:
                      "finished_at": _ts(m.get("finished_at")), "committed_at": _ts(r.committed_at),
                      "version": r.version, "attempt": r.attempt,
                      "config": json.dumps(m["config"], sort_keys=True) if "config" in m else None,
-                     "metadata": json.dumps(m, sort_keys=True, default=str)})
+                     "metadata": json.dumps(m, sort_keys=True, default=str), **_profile_columns(m.get("profile"))})
     return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+
+
+def _profile_columns(p: dict | None) -> dict:
+    """The ``runs`` view's profile columns of one run (all null without a profile)."""
+    if not p:
+        return {}
+    cost = p.get("cost") or {}
+    return {"alerts": p.get("alerts"), "no_face": p.get("no_face"), "faces": p.get("faces"),
+            **{k: v for k, v in figures(p).items() if k in ("verdict_rate", "error_rate", "no_face_rate",
+                                                             "mean_confidence", "images_per_s")},
+            **{k: cost.get(k) for k in ("gpus", "actor_cpu_s", "actor_gpu_s", "cluster_cpu_s", "cluster_gpu_s",
+                                        "driver_cpu_s")},
+            "profile": json.dumps(p, sort_keys=True)}
 
 
 def _ts(value: str | None) -> dt.datetime | None:

@@ -134,8 +134,11 @@ class ScoreConfig(JobConfig):
     max_image_bytes: int = field(64 << 20, minimum=1,
                                  help="objects larger than this become 'too large' error rows unread")
     rows_per_file: int = field(250_000, minimum=1, help="rows per output Parquet file")
+    check: str = field("", path=True, help="URI of a drift-check file (.toml or .json, see docs/watching-runs.md): "
+                                           "after the commit, the run is checked against it and a failed check "
+                                           "exits 3")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.run_id:
             from maskmodel import results  # here, not at the top: --help imports no Delta Lake
 

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from maskmodel import results, testhooks, timeline
+from maskmodel.alert import alert_class
 from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
@@ -46,12 +47,13 @@ from maskmodel.io.storage import LeftOut, ObjectInfo
 from maskmodel.io.archives import ARCHIVE_EXTENSIONS, archive_kind
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.precision import resolve_precision
-from maskmodel.results import incremental
+from maskmodel.results import drift, incremental
+from maskmodel.results.profile import RunProfile, figures
 from maskmodel.models.detect import load_detector
 from maskmodel.score.faces import CENTERFACE_MODES, run_options
 from maskmodel.score.pipeline import build_dataset, ensure_ray, manifest_base, resolve_manifest_path, result_batches
 from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
-from maskmodel.telemetry import ScoringMetrics
+from maskmodel.telemetry import RunGauges, ScoringMetrics
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ def prepare(config: ScoreConfig) -> ScorePlan:
     output that cannot be written, or missing credentials.
     """
     cfg = dataclasses.replace(config, run_id=config.run_id or default_run_id())
+    if cfg.check:
+        drift.load_checks(cfg.check)  # a bad check file is one sentence before any work
     # The model and detector checks (card, weights, building the networks: requests one after another, then
     # CPU) overlap the input's listing; an input error is still reported first, then the model's. Nothing is written.
     with ThreadPoolExecutor(2, thread_name_prefix="model-check") as pool:
@@ -259,11 +263,14 @@ def execute(plan: ScorePlan) -> ScoreResult:
     images = ok = actors = 0
     ray_start_s = first_batch_s = first_batch_rows = None
     precision = resolve_precision(cfg.precision, device="cuda" if cfg.num_gpus else "cpu", card=plan.card)
-    t0 = time.monotonic()
+    profile = RunProfile(alert_class=alert_class(plan.card.classes), detected=cfg.faces != "none")
+    cluster: dict[str, float] = {}
+    t0, cpu0 = time.monotonic(), time.process_time()
     if plan.has_work:
         actors, device = ensure_ray(cfg)
         ray_start_s, t0 = time.monotonic() - t0, time.monotonic()
         timeline.mark("ray up")
+        cluster = _cluster_resources()
         log.info("scoring %s with model %s (%s, %s, %d actor(s)) into %s", cfg.input, plan.card.model_id,
                  device, precision, actors, cfg.output)
         ds = build_dataset(plan, actors=actors, device=device, precision=precision)
@@ -275,6 +282,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
                 first_batch_s, first_batch_rows = time.monotonic() - t0, table.num_rows
                 timeline.mark("first result batch")
             writer.write(table)
+            profile.update(table)  # folded as it streams: the profile never re-reads rows
             n_ok = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
             images, ok = images + table.num_rows, ok + n_ok
             progress.update(table.num_rows, table.num_rows - n_ok)
@@ -286,15 +294,52 @@ def execute(plan: ScorePlan) -> ScoreResult:
     elapsed = time.monotonic() - t0
     counts = {"images": images, "ok": ok, "errors": images - ok, "skipped": plan.skipped,
               "left_out": {"hidden": plan.left_out.hidden, "extension": plan.left_out.extension}}
+    run_profile = profile.finish(elapsed_s=elapsed, cost=cost_inputs(
+        actors=actors, cpus_per_actor=1, gpus_per_actor=cfg.num_gpus if actors else 0, cluster=cluster,
+        elapsed_s=elapsed, driver_cpu_s=time.process_time() - cpu0))
     record = results.commit(writer, meta={
         "counts": counts, "faces": cfg.faces, "detector": plan.detector, "model_id": plan.card.model_id, "model": cfg.model, "classes": list(plan.card.classes),
         "input": cfg.input, "precision": precision, "actors": actors, "config": config_to_dict(cfg),
         "started_at": started.isoformat(), "finished_at": results.utc_now().isoformat(), "elapsed_s": elapsed,
-        "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows})
+        "ray_start_s": ray_start_s, "first_batch_s": first_batch_s, "first_batch_rows": first_batch_rows,
+        "profile": run_profile})
     timeline.mark("committed")
+    if plan.has_work:
+        RunGauges(cfg.run_id).record(figures(run_profile))
     return ScoreResult(cfg.run_id, record.uri, images, ok, images - ok, plan.skipped, elapsed, plan.left_out)
+
+
+def cost_inputs(*, actors: int, cpus_per_actor: float, gpus_per_actor: float, cluster: dict[str, float],
+                elapsed_s: float, driver_cpu_s: float) -> dict[str, float | int]:
+    """What a run cost, as inputs for SQL (README "Watching runs"): resources held times seconds.
+
+    ``actor_cpu_s`` / ``actor_gpu_s``: the predictor actors' reserved CPUs / GPUs x elapsed seconds;
+    ``cluster_cpu_s`` / ``cluster_gpu_s``: the whole cluster's (``ray.cluster_resources()`` at the start)
+    x elapsed seconds, what a dedicated cluster bills; ``driver_cpu_s``: CPU seconds this driver process used.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    return {"actors": actors, "gpus": actors * gpus_per_actor, "cluster_cpus": cpus, "cluster_gpus": gpus,
+            "actor_cpu_s": actors * cpus_per_actor * elapsed_s, "actor_gpu_s": actors * gpus_per_actor * elapsed_s,
+            "cluster_cpu_s": cpus * elapsed_s, "cluster_gpu_s": gpus * elapsed_s, "driver_cpu_s": driver_cpu_s}
+
+
+def _cluster_resources() -> dict[str, float]:
+    """The running Ray cluster's total resources (``{}`` where Ray cannot say)."""
+    import ray
+
+    try:
+        return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    except Exception as e:  # noqa: BLE001 - cost inputs are best effort; the run must not fail for them
+        log.warning("could not read the cluster's resources for the run's cost inputs: %s", e)
+        return {}
 
 
 def score(config: ScoreConfig) -> ScoreResult:
     """Check, score and commit: :func:`prepare` then :func:`execute`."""
     return execute(prepare(config))
+
+
+def check_scored(config: ScoreConfig, result: ScoreResult) -> drift.CheckReport:
+    """The committed run ``result`` checked against ``config.check`` (its baseline read from the Delta log)."""
+    return drift.check_run(results.list_commits(config.output), drift.load_checks(config.check),
+                           run_id=result.run_id)

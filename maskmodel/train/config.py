@@ -80,7 +80,7 @@ class TrainConfig(TrainRunConfig):
                           help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
     compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.batch_size < self.num_workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
 
@@ -128,7 +128,7 @@ class DetectTrainConfig(TrainRunConfig):
                                         "where 0.5 gave 0.86-0.92)")
     nms_iou: float = field(0.4, above=0, maximum=1, help="NMS IoU of the card (and of the per-epoch evaluation)")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.batch_size < 2 * self.num_workers:  # BatchNorm trains on two images per step at least
             raise ValueError(f"--batch-size {self.batch_size} gives a worker fewer than 2 images per step; use at "
                              f"least {2 * self.num_workers} for --num-workers {self.num_workers}")
