@@ -28,13 +28,12 @@ timeline.mark("job module runs")  # preceded by this process's start (the interp
 from maskmodel import cli  # noqa: E402 - after the first marks, so the timeline shows the imports
 from maskmodel.config import parse_config  # noqa: E402
 from maskmodel.score.plan import ScoreConfig  # noqa: E402
-from maskmodel.score.scoring import check_scored, score  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     timeline.mark("imports done")
     config = parse_config(ScoreConfig, argv, prog="python -m jobs.score", description=__doc__)
-    from maskmodel.score.scoring import score  # after parsing: --help imports neither torch nor Ray
+    from maskmodel.score.scoring import check_scored, score  # after parsing: --help imports neither torch nor Ray
 
     result = score(config)
     # Exit 0 once the run is committed, even with error rows: they are results, not failures.
