@@ -58,11 +58,7 @@ def test_readme_is_a_front_door():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("docs")
-    shim = work / ".bin"
-    shim.mkdir()
-    (shim / "python").symlink_to(sys.executable)
-    return work
+    return tmp_path_factory.mktemp("docs")
 
 
 @pytest.mark.slow
@@ -70,7 +66,12 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("page", [p for p in PAGES if any(k == "runnable" for k, _, _ in blocks(p))],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_runnable_commands(page, workdir):
-    env = {**os.environ, "PATH": f"{workdir / '.bin'}{os.pathsep}{os.environ['PATH']}",
+    # ``python`` is this interpreter: a script (not a link, which would lose the virtual environment).
+    shim = workdir.parent / "bin"
+    shim.mkdir(exist_ok=True)
+    (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shim / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
     for kind, _, body in blocks(page):
