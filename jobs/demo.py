@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: The demo's drift checks (README "Watching runs"): what the shifted night fails.
+#: The demo's drift checks (docs/watching-runs.md): what the shifted night fails.
 DEMO_CHECKS = """\
 max_label_rate_change = 0.10
 max_label_rate_z = 3.0

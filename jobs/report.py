@@ -14,7 +14,7 @@ On a cluster, as its own step after scoring (set RAY_AUTH_MODE=token when the cl
     ray job submit --working-dir . -- python -m jobs.report --results s3://bucket/scores \\
         --out s3://bucket/reports/latest --check checks.toml
 
-With --check FILE (TOML or JSON thresholds, README "Watching runs"): one line per failed check and
+With --check FILE (TOML or JSON thresholds, docs/watching-runs.md): one line per failed check and
 exit code 3; the report is written either way.
 """
 

@@ -11,7 +11,7 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
         python -m jobs.score --input s3://bucket/manifests/2025-01-01.parquet \\
         --model s3://bucket/runs/r1/model --output s3://bucket/scores --num-gpus 1
 
-With --check FILE (TOML or JSON thresholds, README "Watching runs") the committed run is then checked
+With --check FILE (TOML or JSON thresholds, docs/watching-runs.md) the committed run is then checked
 against the runs before it: one line per failed check and exit code 3 (the run stays committed).
 
 --input is a prefix (listed recursively, filtered by --extensions) or a .csv / .parquet manifest with a

@@ -100,12 +100,12 @@ def generate(rng: np.random.Generator) -> tuple[dict[str, bytes], dict[str, list
 
 
 def readme_reason_kinds() -> set[str]:
-    """The kinds (text before the first ``:``) of the README's table of error reasons."""
+    """The kinds (text before the first ``:``) of the table of error reasons in docs/archives-and-errors.md."""
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = text.split("### Error reasons", 1)[1].split("\n\n**", 1)[0]
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "archives-and-errors.md").read_text()
+    section = text.split("## Error reasons", 1)[1].split("\n\n**", 1)[0]
     cells = re.findall(r"^\| (.+?) \| ", section, flags=re.M)
     return {code.split(":")[0] for cell in cells for code in re.findall(r"`([^`]+)`", cell)}
 

@@ -4,7 +4,7 @@ The photograph is matplotlib's ``sample_data/grace_hopper.jpg`` (one face, its
 box drawn by hand in tests/test_detect.py). A two-face picture pastes real
 faces (Grace Hopper's, and her face mirrored and scaled) into a larger canvas;
 a no-face picture is smooth noise. The results table is read back by every
-reader the README shows (the package's reader, DuckDB UNNEST, polars explode),
+reader the docs show (the package's reader, DuckDB UNNEST, polars explode),
 and a table written before the face columns existed is appended to and read.
 """
 
@@ -200,7 +200,7 @@ def test_an_old_table_is_appended_to_and_every_reader_sees_the_faces(photos):
                               "GROUP BY run_id ORDER BY run_id").to_pylist()
     assert {r["run_id"]: r["faces"] for r in counts} == {"auto": 3, "cf": 3, "old": None, "whole": 0}
     df = (pl.from_arrow(photos["table"]).filter(pl.col("run_id") == "auto").select("path", "faces")
-          .explode("faces").unnest("faces"))  # the README's polars query
+          .explode("faces").unnest("faces"))  # the polars query of docs/scoring.md
     assert df.filter(pl.col("score").is_not_null()).height == 3
     meta = {r.run_id: r.raw for r in results.list_commits(out)}
     assert meta["auto"]["classes"] == list(CLASSES) and meta["auto"]["detector"] == "centerface"

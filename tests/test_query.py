@@ -1,4 +1,4 @@
-"""DuckDB over committed results on the real S3 endpoint: summary, arbitrary SQL, the README examples, the CLI."""
+"""DuckDB over committed results on the real S3 endpoint: summary, arbitrary SQL, the docs examples, the CLI."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_one_row_per_image_member_and_a_reason_for_every_bad_case(archive_input)
     version = storage.info(tar).version
     assert {rows[p]["version"] for p in rows if rows[p]["archive"] == tar} == {version}  # the archive's ETag
 
-    # The README's query: no-mask images per archive.
+    # The docs' query (docs/archives-and-errors.md): no-mask images per archive.
     from maskmodel.results import query
 
     per_archive = {r["archive"]: r for r in query.query(out, query.EXAMPLES["no-mask images per archive"]).to_pylist()}

@@ -50,7 +50,7 @@ FROM runs r LEFT JOIN agg a USING (run_id) LEFT JOIN labels l USING (run_id)
 ORDER BY r.committed_at, r.run_id
 """
 
-#: The README's example queries, kept here so the tests prove they run.
+#: The docs' example queries (docs/results-table.md), kept here so the tests prove they run.
 EXAMPLES = {
     "no-mask rate per day": """
         SELECT CAST(timezone('UTC', scored_at) AS DATE) AS day, count(*) AS images,

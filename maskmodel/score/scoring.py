@@ -311,7 +311,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
 
 def cost_inputs(*, actors: int, cpus_per_actor: float, gpus_per_actor: float, cluster: dict[str, float],
                 elapsed_s: float, driver_cpu_s: float) -> dict[str, float | int]:
-    """What a run cost, as inputs for SQL (README "Watching runs"): resources held times seconds.
+    """What a run cost, as inputs for SQL (docs/watching-runs.md): resources held times seconds.
 
     ``actor_cpu_s`` / ``actor_gpu_s``: the predictor actors' reserved CPUs / GPUs x elapsed seconds;
     ``cluster_cpu_s`` / ``cluster_gpu_s``: the whole cluster's (``ray.cluster_resources()`` at the start)

@@ -20,7 +20,7 @@ from maskmodel.models.spec import (
 )
 
 # Fine-tuned from its WIDER FACE weights, AP50 0.99 after two epochs of 240 synthetic scenes on 2 CPU cores,
-# where the zoo from scratch stays below 0.03 (benchmarks/detector_choice.py; README "Training a face detector").
+# where the zoo from scratch stays below 0.03 (benchmarks/detector_choice.py; docs/detector-training.md).
 DEFAULT_DETECTOR_ARCH = "centerface"
 
 
