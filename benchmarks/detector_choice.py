@@ -30,7 +30,7 @@ import torch
 
 from maskmodel.data.boxes import DecodeBoxes, pack_boxes, train_transform
 from maskmodel.data.synth import CLASSES, render_scene_sample
-from maskmodel.detection_metrics import detection_metrics
+from maskmodel.metrics.detection import detection_metrics
 from maskmodel.models.detect import trainable
 from maskmodel.models.detect.geometry import DetectOptions, place, postprocess
 from maskmodel.io import storage

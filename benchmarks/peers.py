@@ -17,7 +17,7 @@ pipeline img/s (from the start of the pipeline, with Ray or Daft up, to the
 output written; for ``jobs.score`` its own summary, Ray up to commit) and
 whole-process img/s (process start to exit); then, from the two sizes, each
 shape's fixed cost (s) and steady-state rate (img/s), and the timeline of one
-``jobs.score`` run (:mod:`maskmodel.timeline`).
+``jobs.score`` run (:mod:`maskmodel.runtime.timeline`).
 
 Daft pins ``pyarrow<26`` and this project uses 26, so Daft goes into a folder of
 its own, never into the product's environment; the shape runs with that folder
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from maskmodel import timeline
+    from maskmodel.runtime import timeline
     from maskmodel.data import synth
     from maskmodel.io import storage
     from maskmodel.io.latency_proxy import LatencyProxy

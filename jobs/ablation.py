@@ -20,7 +20,7 @@ On a cluster, one GPU per trial (set RAY_AUTH_MODE=token when the cluster has to
 
 from __future__ import annotations
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.io import storage
 from maskmodel.study.ablation import AblationConfig, run_ablation

@@ -25,7 +25,7 @@ at --iou, COCO AP, per-face and image-level accuracy, tables by variant and face
 
 from __future__ import annotations
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.io import storage
 from maskmodel.study.evaluation import EvalConfig, evaluate

@@ -19,7 +19,7 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
 
 from __future__ import annotations
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.results.maintenance import MaintainConfig, maintain
 

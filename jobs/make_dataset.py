@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.data import synth
 from maskmodel.io import storage

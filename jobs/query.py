@@ -15,7 +15,7 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
 
 from __future__ import annotations
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.errors import UserError
 from maskmodel.results.query import SUMMARY_SQL, QueryConfig, connect, format_table, run_sql

@@ -20,7 +20,7 @@ exit code 3; the report is written either way.
 
 from __future__ import annotations
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.study.run_report import ReportConfig, write_report
 

@@ -21,11 +21,11 @@ version) already in a committed run. Query the results with `python -m jobs.quer
 
 from __future__ import annotations
 
-from maskmodel import timeline
+from maskmodel.runtime import timeline
 
 timeline.mark("job module runs")  # preceded by this process's start (the interpreter up)
 
-from maskmodel import cli  # noqa: E402 - after the first marks, so the timeline shows the imports
+from maskmodel.runtime import cli  # noqa: E402 - after the first marks, so the timeline shows the imports
 from maskmodel.config import parse_config  # noqa: E402
 from maskmodel.score.plan import ScoreConfig  # noqa: E402
 

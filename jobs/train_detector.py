@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from maskmodel import cli
+from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.train.config import DetectTrainConfig
 

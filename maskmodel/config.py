@@ -189,7 +189,7 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
                 ([_bound_words(meta["bounds"])] if meta.get("bounds") else [])
             kwargs["help"] = f"{help_text} ({'; '.join(notes)})" if notes else help_text
         parser.add_argument(_flag(f.name), **kwargs)
-    # Not a config field: how much Ray says on the console (read by maskmodel.cli.run before parsing).
+    # Not a config field: how much Ray says on the console (read by maskmodel.runtime.cli.run before parsing).
     parser.add_argument("--verbose", action="store_true", dest="_verbose",
                         help="also show Ray's own INFO logs (execution plans, checkpoints) on the console")
     return parser

@@ -3,7 +3,7 @@
 :class:`Progress` is the scoring job's display: a live line in a terminal,
 one log line every few seconds otherwise (``ray job submit`` logs, CI).
 :func:`verbose` says whether the user asked for everything (``--verbose``);
-:mod:`maskmodel.raysession` starts Ray with its own console output kept quiet
+:mod:`maskmodel.runtime.raysession` starts Ray with its own console output kept quiet
 unless so.
 """
 

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """``fig`` rendered to PNG bytes (110 dpi, tight) and closed; every plot of the product goes through here."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -43,7 +44,7 @@ def curves_png(history: Sequence[dict], panels: Sequence[tuple[str, str]] = CLAS
             ax.set_ylim(min(0.4, min(h[key] for h in history) - 0.02), 1.005)
         elif key.endswith(("ap", "ap50", "recall", "precision")):
             ax.set_ylim(-0.02, 1.02)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, *, color: tuple[int, int, int],
@@ -74,7 +75,7 @@ def image_grid_png(images: np.ndarray, titles: Sequence[str], *, cols: int = 8,
             ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
     if suptitle:
         fig.suptitle(suptitle)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], *, title: str = "Confusion matrix") -> bytes:
@@ -92,4 +93,4 @@ def confusion_matrix_png(cm: np.ndarray, classes: Sequence[str], *, title: str =
         for j in range(cm.shape[1]):
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
                     color="white" if top and cm[i, j] > top / 2 else "black")
-    return _png(fig)
+    return figure_png(fig)

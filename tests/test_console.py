@@ -66,7 +66,7 @@ def test_fmt_seconds():
 def test_stderr_filter_drops_ray_notices_and_keeps_everything_else():
     code = (
         "import os, sys, logging\n"
-        "from maskmodel.raysession import filter_stderr\n"
+        "from maskmodel.runtime.raysession import filter_stderr\n"
         "filter_stderr()\n"
         "os.write(2, b'[2026 E 1 1] core_worker.cc:2465: Actor with class name: X has constructor arguments "
         "in the object store and max_restarts > 0. If the arguments...\\n')\n"
@@ -93,7 +93,7 @@ def test_progress_does_not_log_the_final_state_twice(caplog):
 _WORKERS_QUIET_BY = """
 import json, os, sys
 import ray
-from maskmodel.raysession import RAY_DATA_LOGGING_ENV, init_ray, shutdown_ray
+from maskmodel.runtime.raysession import RAY_DATA_LOGGING_ENV, init_ray, shutdown_ray
 # num_cpus: an argument ray.init refuses when joining a cluster, so it must only reach a Ray this process starts
 init_ray(env_is_enough=sys.argv[1] != "hook", local={"include_dashboard": False, "num_cpus": 1})
 @ray.remote
@@ -125,6 +125,6 @@ def test_a_local_ray_quiets_its_workers_through_the_environment_or_a_setup_hook(
     runtime_env, worker_config = json.loads(res.stdout.splitlines()[-2])
     assert "maskmodel-ray-data-logging" in (worker_config or "")  # quiet config reached the worker
     hook = (runtime_env or {}).get("worker_process_setup_hook")
-    assert (hook is None) if mode == "env" else (hook == "maskmodel.raysession.setup_worker"), runtime_env
+    assert (hook is None) if mode == "env" else (hook == "maskmodel.runtime.raysession.setup_worker"), runtime_env
     # shutdown_ray stops a Ray it started and leaves a joined cluster (this driver stays connected until exit)
     assert res.stdout.splitlines()[-1] == ("True" if mode == "join" else "False")

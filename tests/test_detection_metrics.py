@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskmodel.detection_metrics import detection_metrics, match
+from maskmodel.metrics.detection import detection_metrics, match
 
 
 def test_match_takes_predictions_in_score_order_and_each_truth_box_once():

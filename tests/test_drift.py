@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from maskmodel import cli, results
+from maskmodel import results
+from maskmodel.runtime import cli
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.results import drift

@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 from maskmodel import results
 from maskmodel.errors import UserError
 from maskmodel.io.objectkeys import object_keys
-from maskmodel.results import delta, incremental
+from maskmodel.results import incremental
 from maskmodel.results.erasure import ERASURE_KEY, matches
 from maskmodel.results.maintenance import MaintainConfig, maintain
 from tests.test_results_folder import _writer

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maskmodel.metrics import classification
 from maskmodel import results
 from maskmodel.errors import UserError
 from maskmodel.io import storage
@@ -29,32 +30,32 @@ CLASSES = ("mask", "no_mask")
 def test_roc_auc_and_average_precision_by_hand():
     # Descending: 0.8 (pos), 0.4 (neg), 0.35 (pos), 0.1 (neg). Of the 4 pos/neg pairs, 3 rank the positive higher.
     y, s = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
-    assert evaluation.roc_auc(y, s) == pytest.approx(0.75)
-    fpr, tpr, thr = evaluation.roc_curve(y, s)
+    assert classification.roc_auc(y, s) == pytest.approx(0.75)
+    fpr, tpr, thr = classification.roc_curve(y, s)
     assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1] and thr[0] == np.inf
     # Precision at each positive: 1/1 (recall 0.5), 2/3 (recall 1.0) -> AP = 0.5 * 1 + 0.5 * 2/3.
-    assert evaluation.average_precision(y, s) == pytest.approx(0.5 + 1 / 3)
+    assert classification.average_precision(y, s) == pytest.approx(0.5 + 1 / 3)
 
 
 def test_auc_ties_count_half_and_match_pairwise_counting():
-    assert evaluation.roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert classification.roc_auc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     s = np.round(rng.random(200), 1)  # many ties
     pos, neg = s[y == 1], s[y == 0]
     pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
-    assert evaluation.roc_auc(y, s) == pytest.approx(sum(pairs) / len(pairs))
+    assert classification.roc_auc(y, s) == pytest.approx(sum(pairs) / len(pairs))
 
 
 def test_undefined_curves_are_none():
-    assert evaluation.roc_auc([1, 1], [0.2, 0.9]) is None
-    assert evaluation.average_precision([0, 0], [0.2, 0.9]) is None
-    report = evaluation.binary_report([0, 0], [0.2, 0.9])
+    assert classification.roc_auc([1, 1], [0.2, 0.9]) is None
+    assert classification.average_precision([0, 0], [0.2, 0.9]) is None
+    report = classification.binary_report([0, 0], [0.2, 0.9])
     assert report["roc"] is None and report["pr"] is None and report["thresholds"][0]["recall"] is None
 
 
 def test_threshold_table_by_hand():
-    rows = {r["threshold"]: r for r in evaluation.threshold_table([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8],
+    rows = {r["threshold"]: r for r in classification.threshold_table([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8],
                                                                   [0.35, 0.5, 0.9])}
     assert rows[0.35] == {"threshold": 0.35, "flagged": 3, "tp": 2, "fp": 1, "fn": 0,
                           "precision": pytest.approx(2 / 3), "recall": 1.0}
@@ -63,17 +64,17 @@ def test_threshold_table_by_hand():
 
 
 def test_calibration_by_hand():
-    cal = evaluation.calibration([0.95, 0.85, 0.65, 0.55], [1, 0, 1, 1], n_bins=10)
+    cal = classification.calibration([0.95, 0.85, 0.65, 0.55], [1, 0, 1, 1], n_bins=10)
     # |1-0.95| + |0-0.85| + |1-0.65| + |1-0.55| over 4 images.
     assert cal["ece"] == pytest.approx((0.05 + 0.85 + 0.35 + 0.45) / 4)
     assert cal["mce"] == pytest.approx(0.85)
     assert [b["count"] for b in cal["bins"]] == [0, 0, 0, 0, 0, 1, 1, 0, 1, 1]
     assert cal["bins"][0]["accuracy"] is None
     # Bins are (lo, hi]: 0.5 belongs to the 0.4-0.5 bin, 0.0 to the first.
-    edges = evaluation.calibration([0.5, 0.0], [1, 1], n_bins=10)["bins"]
+    edges = classification.calibration([0.5, 0.0], [1, 1], n_bins=10)["bins"]
     assert edges[4]["count"] == 1 and edges[0]["count"] == 1
-    assert evaluation.calibration([0.7, 0.7], [1, 0], n_bins=2)["ece"] == pytest.approx(0.2)
-    assert evaluation.calibration([], [], n_bins=5)["ece"] is None
+    assert classification.calibration([0.7, 0.7], [1, 0], n_bins=2)["ece"] == pytest.approx(0.2)
+    assert classification.calibration([], [], n_bins=5)["ece"] is None
 
 
 def test_default_positive_class():

@@ -512,7 +512,7 @@ def test_a_predictor_actor_takes_one_gpu_or_a_share_of_one():
 
 
 def test_gpu_actor_cpus_are_sized_from_the_gpu_nodes():
-    from maskmodel.resources import gpu_actor_cpus
+    from maskmodel.runtime.resources import gpu_actor_cpus
 
     def node(cpus, gpus=0, alive=True):
         return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}

@@ -32,7 +32,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from maskmodel import results, testhooks
+from maskmodel import results
+from maskmodel.runtime import testhooks
 from maskmodel.io import storage
 from maskmodel.models.classifier import load_model_dir
 from tests.conftest import RayCluster, write_tiny_tree

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from maskmodel import timeline
+from maskmodel.runtime import timeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 peers = runpy.run_path(os.path.join(REPO, "benchmarks", "peers.py"), run_name="peers")

@@ -1,4 +1,4 @@
-"""Ray's private API: every name maskmodel uses exists in the installed Ray, and only maskmodel.rayshim uses any.
+"""Ray's private API: every name maskmodel uses exists in the installed Ray, and only maskmodel.runtime.rayshim uses any.
 
 When a Ray upgrade removes or moves one of these names, the first test fails
 naming it, instead of a job quietly losing a console filter or treating an
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from maskmodel import rayshim
+from maskmodel.runtime import rayshim
 
 ROOT = Path(__file__).resolve().parent.parent
 # A private Ray name: any `_`-prefixed part under `ray.` (ray._private, ray._raylet, ray.data._internal, ...).
@@ -62,7 +62,7 @@ def test_no_other_module_names_private_ray():
     assert len(files) > 30
     hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if PRIVATE.search(line)]
-    assert not hits, "private Ray API outside maskmodel/rayshim.py:\n" + "\n".join(hits)
+    assert not hits, "private Ray API outside maskmodel/runtime/rayshim.py:\n" + "\n".join(hits)
 
 
 def test_the_pattern_catches_the_usual_forms():

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from maskmodel import cli, results
+from maskmodel import results
+from maskmodel.runtime import cli
 from maskmodel.io import storage
 from tests.test_face_scoring import _hopper, _jpeg, no_face
 from tests.test_scoring import encode, face, write_model

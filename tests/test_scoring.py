@@ -23,7 +23,8 @@ import torch
 from deltalake import DeltaTable
 from PIL import Image
 
-from maskmodel import results, testhooks
+from maskmodel import results
+from maskmodel.runtime import testhooks
 from maskmodel.config import parse_config
 from maskmodel.data.transforms import EvalPreset
 from maskmodel.errors import UserError

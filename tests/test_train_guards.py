@@ -11,7 +11,7 @@ import pytest
 
 from maskmodel.errors import UserError
 from maskmodel.io import storage
-from maskmodel.resources import check_actor_cpus, cpus_per_worker
+from maskmodel.runtime.resources import check_actor_cpus, cpus_per_worker
 from maskmodel.train.engine import Watchdog
 from maskmodel.train.outputs import CHECKPOINTS, META_FILE, check_resumable, run_meta
 
@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_cpu_budget_defaults_leave_a_cpu_for_data(caplog):
     assert cpus_per_worker(0, 1, 4) == 1.0  # room for one CPU each and the data pipeline
-    with caplog.at_level(logging.INFO, logger="maskmodel.resources"):
+    with caplog.at_level(logging.INFO, logger="maskmodel.runtime.resources"):
         assert cpus_per_worker(0, 2, 2) == 0.5  # 2 workers on 2 CPUs: half each, one CPU left for data
     assert "0.5 CPU each" in caplog.text and "leave 1 of 2 CPUs" in caplog.text
     assert cpus_per_worker(0.5, 2, 2) == 0.5

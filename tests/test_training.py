@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from maskmodel import testhooks
+from maskmodel.runtime import testhooks
 from maskmodel.io import storage
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.train.engine import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
@@ -117,7 +117,7 @@ def test_stopped_run_resubmitted_resumes(tmp_path):
 STREAMING_SCRIPT = """
 import sys
 import ray
-from maskmodel import testhooks
+from maskmodel.runtime import testhooks
 from maskmodel.data.discovery import discover
 from maskmodel.train.training import TrainConfig, _prepare_split
 from maskmodel.data.transforms import TrainCrop

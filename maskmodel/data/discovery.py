@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from maskmodel import testhooks
+from maskmodel.runtime import testhooks
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.io.paths import entry_folder, resolve_entry

@@ -2,7 +2,7 @@
 
 Owns: URIs to filesystems (:mod:`.storage`: local, s3://, gs://, memory://, one-sentence errors),
 concurrent, streamed and ranged reads (:mod:`.fetch`), tar / zip members read without unpacking
-(:mod:`.archives`), strict decoding at a reduced size (:mod:`.decode`), the ``(path, version)``
+(:mod:`.archives`; members named by :mod:`.members`), strict decoding at a reduced size (:mod:`.decode`), the ``(path, version)``
 identity of an object (:mod:`.objectkeys`), and a loopback latency proxy for benchmarks and tests
 (:mod:`.latency_proxy`).
 

@@ -19,7 +19,7 @@ optional; a check whose key is absent does not run)::
 
 A check that needs a baseline (label rate, confidence) and has none (the first
 run) or a rate over no photos is reported as skipped, not failed. A failed
-check is exit code :data:`maskmodel.cli.EXIT_CHECK_FAILED` in ``jobs.score``
+check is exit code :data:`maskmodel.runtime.cli.EXIT_CHECK_FAILED` in ``jobs.score``
 and ``jobs.report``. The webhook never fails the run: any error (refused,
 HTTP error, slow: bounded by ``webhook_timeout_s``) is a warning.
 """

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel.telemetry import error_kind
+from maskmodel.runtime.telemetry import error_kind
 
 PROFILE_VERSION = 1
 #: Confidence histograms have this many equal bins over [0, 1] (bin k holds k/N <= c < (k+1)/N; 1.0 is in the last).

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from maskmodel import telemetry
+from maskmodel.runtime import telemetry
 from maskmodel.data.transforms import EvalCrop
 from maskmodel.models.precision import resolve_device
 

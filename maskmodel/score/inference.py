@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 # First, so that the mark below times this module's own imports (torch, torchvision, maskmodel) in each process:
 # in a predictor actor they are most of its start-up (benchmarks/README.md, "Timeline of one run").
-from maskmodel import timeline
+from maskmodel.runtime import timeline
 
 timeline.mark("inference import start", "import")
 
@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from maskmodel import results, telemetry, testhooks
+from maskmodel import results
+from maskmodel.runtime import telemetry, testhooks
 from maskmodel.alert import alert_class
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir

@@ -21,13 +21,13 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from maskmodel import rayshim, timeline
+from maskmodel.runtime import rayshim, timeline
 from maskmodel.errors import UserError
 from maskmodel.io import paths, storage
 from maskmodel.io.archives import archive_kind
 from maskmodel.io.storage import ObjectInfo
-from maskmodel.raysession import init_ray
-from maskmodel.resources import autoscaler_max, check_actor_cpus, cluster_cpus, gpu_actor_cpus
+from maskmodel.runtime.raysession import init_ray
+from maskmodel.runtime.resources import autoscaler_max, check_actor_cpus, cluster_cpus, gpu_actor_cpus
 from maskmodel.score.inference import Predictor
 from maskmodel.score.loading import load_archive, load_batch, zip_ranges
 from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
@@ -139,7 +139,7 @@ def ensure_ray(cfg: ScoreConfig) -> tuple[int, str]:
 
 
 def actor_cpus(cfg: ScoreConfig) -> float:
-    """CPUs per GPU predictor actor (:func:`maskmodel.resources.gpu_actor_cpus`). Ray must be initialised."""
+    """CPUs per GPU predictor actor (:func:`maskmodel.runtime.resources.gpu_actor_cpus`). Ray must be initialised."""
     import ray
 
     return gpu_actor_cpus(cfg.actor_cpus, ray.nodes(), cfg.num_gpus)
@@ -223,7 +223,7 @@ _loaded_once = False
 
 
 def _load_loose(batch: dict, **kwargs) -> dict:
-    """:func:`load_batch`, its first call in each process marked on the timeline (:mod:`maskmodel.timeline`)."""
+    """:func:`load_batch`, its first call in each process marked on the timeline (:mod:`maskmodel.runtime.timeline`)."""
     global _loaded_once
     if _loaded_once:
         return load_batch(batch, **kwargs)

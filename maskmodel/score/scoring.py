@@ -18,8 +18,8 @@ pipeline; :func:`score` does both. The per-batch steps
 
 Progress: a live line in a terminal, a log line every few seconds otherwise
 (:class:`maskmodel.console.Progress`); images, errors by kind and img/s are Ray
-metrics (:mod:`maskmodel.telemetry`). Test-only pause point ``score-batch-<k>``
-(:mod:`maskmodel.testhooks`): the driver waits after writing its k-th batch,
+metrics (:mod:`maskmodel.runtime.telemetry`). Test-only pause point ``score-batch-<k>``
+(:mod:`maskmodel.runtime.testhooks`): the driver waits after writing its k-th batch,
 so a test can kill a run mid-way without racing it.
 """
 
@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskmodel import results, testhooks, timeline
+from maskmodel import results
+from maskmodel.runtime import testhooks, timeline
 from maskmodel.alert import alert_class
 from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
@@ -53,7 +54,7 @@ from maskmodel.models.detect import load_detector
 from maskmodel.score.faces import CENTERFACE_MODES, run_options
 from maskmodel.score.pipeline import build_dataset, ensure_ray, manifest_base, resolve_manifest_path, result_batches
 from maskmodel.score.plan import MANIFEST_COLUMNS, ScoreConfig, ScorePlan
-from maskmodel.telemetry import RunGauges, ScoringMetrics
+from maskmodel.runtime.telemetry import RunGauges, ScoringMetrics
 
 log = logging.getLogger(__name__)
 

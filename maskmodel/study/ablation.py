@@ -151,7 +151,7 @@ def _plan_cpus(config: AblationConfig, trials: int) -> tuple[float, int]:
     """
     import ray
 
-    from maskmodel.resources import DATA_CPUS, cluster_cpus, cpus_per_worker
+    from maskmodel.runtime.resources import DATA_CPUS, cluster_cpus, cpus_per_worker
 
     cpus = cluster_cpus()
     kw = dict(what="trial worker", extra_cpus=config.trial_cpus)
@@ -293,7 +293,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     for w in config.weights:  # a bad --weights fails here, once, not in every trial
         init_weights(build_model(config.arch, len(data.classes)), config.arch, w)
     from maskmodel.console import verbose
-    from maskmodel.raysession import init_ray
+    from maskmodel.runtime.raysession import init_ray
 
     init_ray()  # joins RAY_ADDRESS (a cluster, `ray job submit`) if set, else starts a local Ray
     worker_cpus, concurrent = _plan_cpus(config, len(trial_specs(config)))

@@ -10,7 +10,7 @@ COCO JSON or Pascal VOC XML). Output: plain numbers for ``report.json``.
   point, i.e. over the faces the scoring run kept (its detector threshold,
   ``--max-faces``, minimum size), and ``ap50`` / ``ap`` (COCO, IoU 0.50:0.95)
   from pycocotools over those same faces, all through
-  :mod:`maskmodel.detection_metrics`. AP over kept faces is truncated at the
+  :mod:`maskmodel.metrics.detection`. AP over kept faces is truncated at the
   run's threshold: score with a lower threshold for the full curve;
 - ``face_accuracy``: the classifier's label against the annotated class, on
   matched faces whose class is a model class; ``found_and_right``: the same
@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from maskmodel.data.annotations import ImageBoxes, read_annotations
-from maskmodel.detection_metrics import detection_metrics, match
+from maskmodel.metrics.detection import detection_metrics, match
 from maskmodel.io import storage
 
 log = logging.getLogger(__name__)

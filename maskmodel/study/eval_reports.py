@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+from maskmodel.reports import figure_png  # noqa: E402
 
 RIGHT_COLOR = (26, 152, 80)   # green border: prediction matches the folder label
 WRONG_COLOR = (215, 48, 39)   # red border: misclassified
@@ -30,13 +31,6 @@ BOX_LEGEND = {"right": "found, right class", "wrong": "found, wrong class", "mis
 BOX_TILE = 224                # scene pictures hold faces down to 24 px: a bigger tile keeps their boxes visible
 BOX_WIDTH = 2
 LEGEND = 20                   # height of the legend strip above a boxed sheet
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _undefined(ax, text: str) -> None:
@@ -68,7 +62,7 @@ def roc_pr_png(binary: dict[str, Any], *, positive: str, title: str = "") -> byt
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def reliability_png(cal: dict[str, Any], *, title: str = "") -> bytes:
@@ -90,7 +84,7 @@ def reliability_png(cal: dict[str, Any], *, title: str = "") -> bytes:
     bottom.set(xlabel="confidence (top-label probability)", ylabel="images", xlim=(0, 1))
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def contact_sheet_png(images: Sequence[Image.Image], captions: Sequence[tuple[str, str]], correct: Sequence[bool],
@@ -171,7 +165,7 @@ def ablation_curves_png(curves: Sequence[tuple[str, Sequence[dict], bool]]) -> b
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _f(v: Any, digits: int = 4) -> str:

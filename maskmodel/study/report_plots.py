@@ -15,7 +15,7 @@ from maskmodel.io.decode import decode_image
 from maskmodel.models.detect.geometry import grow
 from maskmodel.results import profile as prof
 from maskmodel.study import eval_reports
-from maskmodel.study.eval_reports import _png, plt
+from maskmodel.reports import figure_png, plt
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def history_png(runs: Sequence[tuple[str, Mapping[str, Any]]], *, run_id: str, b
     step = max(1, len(runs) // 12)
     axes[-1].set_xticks(x[::step], [r for r, _ in runs][::step], rotation=30, ha="right", fontsize=8)
     axes[0].set_title(f"last {len(runs)} runs (red: {run_id}; blue: baseline)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def confidence_png(run: Mapping[str, Any], baseline: Mapping[str, Any] | None, *, run_id: str,
@@ -63,7 +63,7 @@ def confidence_png(run: Mapping[str, Any], baseline: Mapping[str, Any] | None, *
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def cut_face(image: Image.Image, box: Sequence[float] | None, margin: float = SHEET_MARGIN) -> Image.Image:

@@ -8,7 +8,7 @@ CenterFace the CenterNet targets are built padded on the CPU in the data step
 computed with masks on the device, so a step (:func:`detector_step`) makes no
 host sync; torchvision's zoo takes per-image boxes, read once per step. Bf16
 autocast and channels_last on CUDA. Evaluation gathers every worker's boxes to
-compute AP50 / COCO AP (pycocotools, :func:`maskmodel.detection_metrics.detection_metrics`)
+compute AP50 / COCO AP (pycocotools, :func:`maskmodel.metrics.detection.detection_metrics`)
 and recall / precision at the operating threshold, through the same NMS and
 limits the face stage applies when scoring
 (:func:`maskmodel.models.detect.geometry.postprocess`).
@@ -129,7 +129,7 @@ def train_epoch(model, shard, *, device, batch_size, optimizer, watchdog=None, p
 def _evaluate(model, shard, *, decode, device, batch_size, image_size, score_threshold, nms_iou,
               watchdog) -> dict[str, Any]:
     """AP50, COCO AP, recall and precision over every worker's validation rows (each counted once)."""
-    from maskmodel.detection_metrics import detection_metrics
+    from maskmodel.metrics.detection import detection_metrics
     from maskmodel.models.detect.geometry import DetectOptions, place, postprocess
 
     model.eval()

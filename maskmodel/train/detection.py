@@ -145,7 +145,7 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
 
     from maskmodel.data.boxes import DecodeBoxes, train_transform
     from maskmodel.models.detect import trainable
-    from maskmodel.resources import cluster_cpus, cpus_per_worker
+    from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
     from maskmodel.train.detect_loop import detect_loop_per_worker
     from maskmodel.train.outputs import check_resumable, run_meta
     from maskmodel.train.training import _init_ray, _object_store_bytes, make_trainer, prepare_split

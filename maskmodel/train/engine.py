@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 import torch.distributed as dist
 
-from maskmodel import testhooks
+from maskmodel.runtime import testhooks
 from maskmodel.console import fmt_seconds
 from maskmodel.train.outputs import META_FILE, STATE_FILE, write_epoch_outputs
 
@@ -302,7 +302,7 @@ def run(task: Task, cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from maskmodel.telemetry import TrainingMetrics
+    from maskmodel.runtime.telemetry import TrainingMetrics
 
     w = setup_worker(cfg)
     net = task.build(w)

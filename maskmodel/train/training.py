@@ -49,7 +49,7 @@ class TrainOutputs:
 # --- driver side ---
 
 def _init_ray() -> None:
-    from maskmodel.raysession import init_ray
+    from maskmodel.runtime.raysession import init_ray
 
     init_ray()  # connects to RAY_ADDRESS under `ray job submit`, else starts a local instance
 
@@ -140,7 +140,7 @@ def make_trainer(loop, loop_config: dict[str, Any], *, output: str, datasets: di
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from maskmodel.raysession import train_logging_config
+    from maskmodel.runtime.raysession import train_logging_config
     from maskmodel.train.engine import TEST_ENV
     from maskmodel.train.sharding import ExactEvalDataConfig
 
@@ -211,7 +211,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
 
     from maskmodel.data.discovery import discover
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
-    from maskmodel.resources import cluster_cpus, cpus_per_worker
+    from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
     from maskmodel.train.loop import train_loop_per_worker
     from maskmodel.train.outputs import check_resumable, run_meta
 
@@ -264,7 +264,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     import torch
 
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
-    from maskmodel.metrics import classification_report
+    from maskmodel.metrics.classification.classification import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
     from maskmodel.train.outputs import write_epoch_outputs
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 
-from maskmodel import rayshim
+from maskmodel.runtime import rayshim
 from maskmodel.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from maskmodel.console import LOG_LEVEL_ENV
 from maskmodel.errors import UserError
-from maskmodel.raysession import filter_stderr, shutdown_ray
+from maskmodel.runtime.raysession import filter_stderr, shutdown_ray
 
 log = logging.getLogger("maskmodel")
 

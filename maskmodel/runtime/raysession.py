@@ -8,7 +8,7 @@ internal INFO logs go only to Ray's log files (``/tmp/ray/session_*/logs``,
 ``ray-data.log``, ``train/``), in the driver and in every worker process;
 warnings and errors still reach the console. ``--verbose`` on any job (or
 ``MASKMODEL_LOG_LEVEL=DEBUG``, :func:`maskmodel.console.verbose`) brings
-everything back. What needs Ray's private API is in :mod:`maskmodel.rayshim`.
+everything back. What needs Ray's private API is in :mod:`maskmodel.runtime.rayshim`.
 Ray is imported lazily: importing this module does not import Ray.
 """
 
@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from maskmodel import rayshim, timeline
+from maskmodel.runtime import rayshim, timeline
 from maskmodel.console import verbose
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token" once Ray has turned token auth on (it
 # Ray 2.60 turns token auth on for every new local instance and says so in a WARNING on every run; init_ray
 # says it in one line of its own when it matters (a dashboard to open needs the token).
 _RAY_LOG_NOISE = ("Token authentication is enabled for this Ray cluster",)
-WORKER_SETUP_HOOK = "maskmodel.raysession.setup_worker"
+WORKER_SETUP_HOOK = "maskmodel.runtime.raysession.setup_worker"
 # Lines Ray prints at a level its own settings cannot lower, each also in Ray's log files:
 _NOISE = (
     # The C++ core worker, at ERROR, about Ray's own actors (Ray Data's map workers, Ray Train's

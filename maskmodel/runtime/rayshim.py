@@ -94,7 +94,7 @@ def resolve(dotted: str) -> Any:
                 obj = getattr(obj, attr)
             except AttributeError:
                 raise PrivateNameGone(f"{'.'.join(parts[:i + 1])} is gone from Ray {_ray_version()} "
-                                      f"(maskmodel.rayshim was checked on Ray {CHECKED_ON})") from None
+                                      f"(maskmodel.runtime.rayshim was checked on Ray {CHECKED_ON})") from None
         return obj
     raise PrivateNameGone(f"{dotted}: no module of it imports (Ray {_ray_version()})")
 

@@ -1,0 +1,78 @@
+"""The demo's own pieces that are not one of the jobs: the shifted second night and the scene-faces line.
+
+``jobs.demo`` (``make demo``) calls these after training and scoring; each uses the real jobs' library
+functions (scoring, the run report, the detection evaluation), so what the demo prints is what they give.
+"""
+
+from __future__ import annotations
+
+from maskmodel.io import storage
+from maskmodel.runtime import cli
+
+
+#: The demo's drift checks (docs/watching-runs.md): what the shifted night fails.
+DEMO_CHECKS = """\
+max_label_rate_change = 0.10
+max_label_rate_z = 3.0
+max_confidence_ks = 0.15
+max_error_rate = 0.05
+max_no_face_rate = 0.50
+"""
+#: The shifted night: scenes by picture verdict (three in four with an unmasked face), and truncated uploads.
+NIGHT_SCENES = {"no_mask": 30, "mask": 10}
+NIGHT_TRUNCATED = 4
+
+
+def shifted_night(out: str, scene_size: int, model: str, faces: str, scores: str) -> str:
+    """Draw and score the shifted night (run ``night-2``), report it against run ``scene`` and check it; the
+    lines to print: the run, each failed check, the report's path."""
+    from maskmodel.data.synth import render_scene_sample
+    from maskmodel.score import scoring
+    from maskmodel.study.run_report import ReportConfig, write_report
+
+    night = storage.join(out, "night-2")
+    for label, n in NIGHT_SCENES.items():  # new pictures: another seed than the dataset's scenes
+        for i in range(n):
+            scene = render_scene_sample(label, i, size=scene_size, seed=2, split="scene")
+            storage.write_bytes(storage.join(night, label, f"{i:06d}.jpg"), _jpeg(scene.image, scene.jpeg_quality))
+    for i in range(NIGHT_TRUNCATED):  # uploads cut short: error rows, not a crash
+        data = _jpeg(render_scene_sample("mask", 100 + i, size=scene_size, seed=2).image, 90)
+        storage.write_bytes(storage.join(night, "uploads", f"cut-{i}.jpg"), data[: len(data) * 2 // 5])
+    res = scoring.score(scoring.ScoreConfig(input=night, model=model, output=scores, run_id="night-2", faces=faces))
+    checks = storage.join(out, "checks.toml")
+    storage.write_bytes(checks, DEMO_CHECKS.encode())
+    report = write_report(ReportConfig(results=scores, out=storage.join(out, "report"), run_id="night-2",
+                                       baseline=("scene",), check=checks))
+    lines = [f"\nnight-2 (shifted): {res.summary_line()}", *report.check.lines(),
+             f"report of night-2 against scene: {report.html}",
+             f"(jobs.report --check exits {cli.EXIT_CHECK_FAILED} on a failed check: python -m jobs.report --results "
+             f"{scores} --run-id night-2 --baseline scene --check {checks} --out {out}/report)"]
+    return "\n".join(lines)
+
+
+def _jpeg(image, quality: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def scene_faces_line(data: str, scores: str, classes, output: str) -> str:
+    """The scene run's faces against ``scene.coco.json``: detection recall/precision and per-face accuracy."""
+    from maskmodel.alert import alert_class
+    from maskmodel.data.synth import SCENE_ANNOTATIONS
+    from maskmodel.results import read_results
+    from maskmodel.study.detection_report import evaluate_detection
+
+    table = read_results(scores, ["scene"])
+    s = evaluate_detection(table, storage.join(data, SCENE_ANNOTATIONS), table.column("path").to_pylist(),
+                           list(classes), alert_class(classes), iou=0.5, max_tiles=48, output=output, split="scene")
+    if not s["available"]:
+        return f"scene faces: {s['reason']}"
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+    return (f"scene faces: detection recall {pct(s['recall'])}, precision {pct(s['precision'])} at IoU 0.5 "
+            f"({s['faces']} annotated faces); per-face accuracy {pct(s['face_accuracy'])} on {s['classified']} "
+            f"matched faces; image accuracy {pct(s['image_accuracy'])}; boxed pictures: {output}/boxes_scene.png")
