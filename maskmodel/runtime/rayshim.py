@@ -4,7 +4,7 @@ Ray's private modules (``ray._private``, ``ray.data._internal`` and the like)
 change without notice between releases; each use here is one small function
 whose comment says what public API is missing and which Ray version it was
 checked on. The dotted names this module resolves are listed in
-:data:`PRIVATE_NAMES`; ``tests/test_rayshim.py`` resolves every one of them
+:data:`PRIVATE_NAMES`; ``tests/runtime/test_rayshim.py`` resolves every one of them
 against the installed Ray and fails when one is gone, so an upgrade shows
 exactly what broke instead of degrading quietly. At run time a missing name
 is logged once as a warning and the job carries on with the public behaviour.
