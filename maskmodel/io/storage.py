@@ -235,6 +235,23 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
+def read_json_object(uri: str, *, missing: str, fix: str) -> dict:
+    """The JSON object stored at ``uri`` (a model or detector card).
+
+    Raises :class:`UserError`: ``missing`` when there is no such object; one naming ``uri`` and ending
+    with ``fix`` when it is not valid UTF-8 JSON or not a JSON object.
+    """
+    if not exists(uri):
+        raise UserError(missing)
+    try:
+        raw = read_json(uri)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{uri!r} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{uri!r} is not a JSON object; {fix}")
+    return raw
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri``; on local disk via a temp file and rename, so readers never see half a file."""
     fs, path = filesystem(uri)

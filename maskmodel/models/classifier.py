@@ -172,15 +172,9 @@ def save_model_dir(uri: str, weights: bytes, card: ModelCard) -> ModelCard:
 def load_card(uri: str) -> ModelCard:
     """Read and validate ``model.json``; :class:`UserError` when missing or invalid."""
     card_uri = storage.join(uri, CARD_FILE)
-    if not storage.exists(card_uri):
-        raise UserError(f"{uri!r} is not a model directory (no {CARD_FILE}); "
-                        f"point --model at the model directory written by jobs.train.")
-    try:
-        raw = storage.read_json(card_uri)
-    except ValueError as e:
-        raise UserError(f"{card_uri!r} is not valid JSON; re-export the model with jobs.train.") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"{card_uri!r} is not a JSON object; re-export the model with jobs.train.")
+    raw = storage.read_json_object(
+        card_uri, missing=f"{uri!r} is not a model directory (no {CARD_FILE}); point --model at the model "
+                          f"directory written by jobs.train.", fix="re-export the model with jobs.train.")
     return ModelCard.from_json(raw, source=card_uri)
 
 

@@ -101,13 +101,9 @@ class DetectorCard:
 def read_card(uri: str) -> DetectorCard:
     """The validated card of the detector directory ``uri``; :class:`UserError` when absent or invalid."""
     path = storage.join(uri, CARD_FILE)
-    if not storage.exists(path):
-        raise UserError(f"{uri!r} is neither a known detector (centerface) nor a detector model directory "
-                        f"(no {CARD_FILE} there).")
-    try:
-        raw = json.loads(storage.read_text(path))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"The detector card {path!r} is not valid JSON ({e}).") from e
+    raw = storage.read_json_object(
+        path, missing=f"{uri!r} is neither a known detector (centerface) nor a detector model directory "
+                      f"(no {CARD_FILE} there).", fix="re-export it with jobs.train_detector.")
     return DetectorCard.from_dict(raw, path)
 
 
