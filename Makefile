@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/python -m jobs.demo --out $(DEMO_DIR)
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast: venv
 	$(BIN)/python -m pytest -m 'not slow'
