@@ -207,7 +207,6 @@ def split_metrics(truth: np.ndarray, ok: np.ndarray, pred: np.ndarray, probs: np
     Classification metrics, curves and calibration cover the ``ok`` rows;
     ``images``, ``errors`` and ``accuracy_all_images`` cover every row.
     """
-    from maskmodel.metrics.classification.classification import classification_report, confusion_matrix
 
     truth, ok, pred = np.asarray(truth, int), np.asarray(ok, bool), np.asarray(pred, int)
     probs = np.asarray(probs, np.float64).reshape(len(truth), len(classes))

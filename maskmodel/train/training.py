@@ -264,7 +264,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     import torch
 
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
-    from maskmodel.metrics.classification.classification import classification_report
+    from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
     from maskmodel.train.outputs import write_epoch_outputs
 

@@ -57,7 +57,7 @@ def test_timeline_marks_from_every_process_in_order(tmp_path, monkeypatch):
     timeline.mark("late", at=200.0)
     timeline.mark("early", "predictor", at=100.0)
     spawned = time.time()
-    subprocess.run([sys.executable, "-c", "from maskmodel import timeline; timeline.mark('child', 'load', at=150.0)"],
+    subprocess.run([sys.executable, "-c", "from maskmodel.runtime import timeline; timeline.mark('child', 'load', at=150.0)"],
                    cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, check=True)
     marks = timeline.read(str(path))
     # Each process's first mark comes with its start (real unix times: after the made-up ones above).

@@ -125,15 +125,18 @@ def _config_flags(module: str) -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and any(a.name == cls_name for a in node.names):
                 source = ROOT / (node.module.replace(".", "/") + ".py")
-    cls = next(n for n in ast.walk(ast.parse(source.read_text()))
-               if isinstance(n, ast.ClassDef) and n.name == cls_name)
+    # The class itself, fields it inherits included (the training configs share TrainRunConfig's):
+    # configs import neither torch nor Ray, so importing the module that defines it is cheap.
+    import dataclasses
+    import importlib
+
+    cls = getattr(importlib.import_module(".".join(source.relative_to(ROOT).with_suffix("").parts)), cls_name)
     flags = {"--help"}
-    for stmt in cls.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            flag = "--" + stmt.target.id.replace("_", "-")
-            flags.add(flag)
-            if ast.unparse(stmt.annotation) == "bool":
-                flags.add("--no-" + flag[2:])
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        flags.add(flag)
+        if f.type in (bool, "bool"):
+            flags.add("--no-" + flag[2:])
     return flags
 
 
