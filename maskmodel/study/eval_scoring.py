@@ -62,9 +62,14 @@ def join_rows(table, truth: dict[str, int], classes: Sequence[str]) -> dict[str,
 
     Returns arrays ``paths, truth, ok, pred, probs, confidence`` and ``errors``
     (``[{"path", "error"}]``). A labelled image without a committed row counts
-    as an error (``missing: no committed result row``); it is never dropped.
+    as an error (``missing: no committed result row``); it is never dropped. An ``ok`` row without a
+    label (the face stage found no face and no whole-image fallback ran) is the verdict "no alert": it
+    counts as the compliant class, with probability 1 for it.
     """
+    from maskmodel.alert import alert_class
     from maskmodel.results import prob_column
+
+    compliant = next(i for i, c in enumerate(classes) if c != alert_class(classes))
 
     rows = {p: i for i, p in enumerate(table.column("path").to_pylist())}
     status, error, label = (table.column(c).to_pylist() for c in ("status", "error", "label"))
@@ -76,6 +81,10 @@ def join_rows(table, truth: dict[str, int], classes: Sequence[str]) -> dict[str,
         i = rows.get(path)
         if i is None or status[i] != "ok":
             errors.append({"path": path, "error": "missing: no committed result row" if i is None else error[i]})
+            continue
+        if label[i] is None:  # no face found: no alert
+            ok[k], pred[k] = True, compliant
+            probs[k, compliant] = 1.0
             continue
         ok[k], pred[k] = True, classes.index(label[i])
         probs[k] = [col[i] for col in pcols]

@@ -288,3 +288,21 @@ def _with_true_faces(table, annotations: str):
                         pa.field("probs", pa.list_(pa.float32()))])
     return (table.append_column("faces", pa.array(faces, pa.list_(struct)))
             .append_column("detector", pa.array(["centerface"] * table.num_rows)))
+
+
+def test_a_photo_with_no_face_found_is_no_alert_not_a_crash():
+    """An ok row without a label (the face stage found no face) joins as the compliant class (issue 27)."""
+    import pyarrow as pa
+
+    from maskmodel.results import prob_column
+    from maskmodel.study.eval_scoring import join_rows
+
+    classes = ["mask", "no_mask"]
+    table = pa.table({"path": ["a.jpg", "b.jpg", "c.jpg"], "status": ["ok", "ok", "error"],
+                      "error": [None, None, "truncated image"], "label": [None, "no_mask", None],
+                      prob_column("mask"): [None, 0.2, None], prob_column("no_mask"): [None, 0.8, None]})
+    joined = join_rows(table, {"a.jpg": 1, "b.jpg": 1, "c.jpg": 0}, classes)
+    assert joined["ok"].tolist() == [True, True, False]
+    assert joined["pred"].tolist() == [0, 1, -1]
+    assert joined["probs"][0].tolist() == [1.0, 0.0]
+    assert joined["errors"] == [{"path": "c.jpg", "error": "truncated image"}]
