@@ -25,6 +25,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.timeout(400)
 def test_gpu_check_runs_every_check_without_ray():
     res = run_check("--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--photo-size", "160x120",
                     "--distinct", "3", "--batch-sizes", "4", "--iters", "1", "--precision", "fp32",

@@ -29,6 +29,7 @@ def _files_holding(root: str, needle: bytes) -> list[str]:
     return hits
 
 
+@pytest.mark.timeout(400)
 def test_secret_key_appears_nowhere(s3_bucket):
     secret = f"mmSECRET{uuid.uuid4().hex}"
     # Every node, and so every job driver and Ray worker, gets the key from its environment, as on EC2/K8s.

@@ -138,6 +138,7 @@ def trained(mn):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_train_score_query_across_nodes(mn, trained):
     cluster = mn.cluster
 
@@ -174,6 +175,7 @@ def test_train_score_query_across_nodes(mn, trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_training_resumes_after_losing_a_worker_node(mn, trained):
     cluster = mn.cluster
     # Each epoch once; epoch 1 from the first attempt, the epochs after the lost node from the second.
@@ -193,6 +195,7 @@ def test_training_resumes_after_losing_a_worker_node(mn, trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_scoring_commits_one_row_per_image_after_losing_a_node(mn, trained):
     cluster = mn.cluster
     scores, pause = storage.join(mn.bucket, "scores-node-lost"), storage.join(mn.bucket, "pause-score")
@@ -237,6 +240,7 @@ def test_scoring_commits_one_row_per_image_after_losing_a_node(mn, trained):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_gpu_scoring_waits_for_an_autoscaler_with_explicit_actors(mn):
     # A cluster with 0 GPUs now (GPU nodes scaled to zero): with --actors the job goes on and its
     # pending GPU actors ask the autoscaler for nodes; without it, the job stops with one sentence.

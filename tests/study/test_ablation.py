@@ -81,6 +81,7 @@ def test_bad_data_fails_before_any_trial(tmp_path):
         run_ablation(AblationConfig(data=str(tmp_path / "nope"), output=str(tmp_path / "o"), weights=("none",)))
 
 
+@pytest.mark.timeout(360)
 @pytest.mark.ray
 def test_tiny_grid_with_an_injected_failure(ray_local, tmp_path, monkeypatch):
     data, out = str(tmp_path / "data"), str(tmp_path / "abl")

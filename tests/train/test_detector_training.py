@@ -242,6 +242,7 @@ def _metrics(output: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(output, "metrics.csv")))))
 
 
+@pytest.mark.timeout(420)
 @pytest.mark.ray
 def test_trains_resumes_and_exports_a_detector_that_loads(ray_local, tmp_path):
     from maskmodel.data.annotations import read_coco

@@ -60,6 +60,7 @@ def test_two_workers_on_s3(ray_local, s3_data, s3_bucket):
     assert report["model_id"] == res.model_id
 
 
+@pytest.mark.timeout(360)
 def test_worker_failure_resumes_from_checkpoint(ray_local, s3_data, s3_bucket, monkeypatch):
     out = s3_bucket + "/faulty"
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
@@ -81,6 +82,7 @@ def _train_cmd(data: str, out: str, epochs: int) -> list[str]:
             "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "16"]
 
 
+@pytest.mark.timeout(480)
 def test_stopped_run_resubmitted_resumes(tmp_path):
     data, out, pause_dir = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "pause")
     write_tiny_tree(data, splits=(("train", 24), ("val", 6)))
