@@ -32,15 +32,21 @@ EVAL_SCORE_FLOOR = 0.05  # AP ranks every detection above this (torchvision's ow
 MIN_STEP_IMAGES = 2
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` contiguous and writable (Ray Data hands out read-only views; torch warns on those), copied only then."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 def collate(images: np.ndarray, boxes: np.ndarray, n_boxes: np.ndarray, *, centernet: bool) -> dict[str, torch.Tensor]:
     """A detector batch on the CPU (the data step, :func:`ray_collate`); what :func:`detector_step` takes, on a device.
 
     ``images`` uint8 ``(N, 3, S, S)``, ``boxes`` float ``(N, B, 4)`` in input pixels, ``n_boxes`` int ``(N,)``
     (``-1``: an image left out). Raises nothing for empty batches.
     """
-    out = {"image": torch.as_tensor(np.ascontiguousarray(images), dtype=torch.uint8),
-           "boxes": torch.as_tensor(np.ascontiguousarray(boxes), dtype=torch.float32),
-           "n_boxes": torch.as_tensor(np.asarray(n_boxes), dtype=torch.int64)}
+    out = {"image": torch.as_tensor(_writable(images), dtype=torch.uint8),
+           "boxes": torch.as_tensor(_writable(boxes), dtype=torch.float32),
+           "n_boxes": torch.as_tensor(_writable(n_boxes), dtype=torch.int64)}
     if centernet:
         from maskmodel.models.detect.centernet import STRIDE, batch_targets
 
