@@ -7,7 +7,6 @@ before scoring, naming the feature. No Ray: the door checks and maintenance are 
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -21,25 +20,11 @@ from maskmodel.errors import UserError
 from maskmodel.results import delta, incremental, query
 from maskmodel.results.maintenance import MaintainConfig, maintain
 
+from tests.results.test_results_delta import CLASSES
+from tests.results.test_results_delta import rows as _rows
+from tests.results.test_results_delta import writer as _writer
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLASSES = ("mask", "no_mask")
-WHEN = dt.datetime(2025, 3, 1, 2, 0, tzinfo=dt.timezone.utc)
-
-
-def _rows(run_id: str, paths: list[str]) -> pa.Table:
-    n = len(paths)
-    return pa.table({"path": paths, "version": ["v"] * n, "status": ["ok"] * n, "label": ["mask"] * n,
-                     "confidence": pa.array([0.9] * n, pa.float32()), "p_mask": pa.array([0.9] * n, pa.float32()),
-                     "p_no_mask": pa.array([0.1] * n, pa.float32()), "model_id": ["m1"] * n,
-                     "run_id": [run_id] * n, "scored_at": pa.array([WHEN] * n, pa.timestamp("us", tz="UTC"))})
-
-
-def _writer(out: str, run_id: str, paths: list[str], **kw) -> results.AttemptWriter:
-    w = results.AttemptWriter(out, run_id, results.results_schema(CLASSES), **kw)
-    w.write(_rows(run_id, paths))
-    return w
-
-
 def _foreign(out: str, rel: str) -> str:
     """A user's own Parquet file (not written by maskmodel) at ``out/rel``."""
     path = os.path.join(out, rel)
