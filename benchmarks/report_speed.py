@@ -55,7 +55,7 @@ def main() -> None:
         for k in range(args.runs):
             run_id = f"night-{k:04d}"
             table = rows(run_id, args.rows, k)
-            fold = prof.RunProfile(alert_class="no_mask")
+            fold = prof.RunProfile(alert_classes=("no_mask",))
             fold.update(table)
             writer = results.AttemptWriter(out, run_id, schema)
             writer.write(table)

@@ -28,13 +28,6 @@ from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
 
-ACCURACY_SQL = """
-SELECT run_id AS split, count(*) AS images,
-       round(avg(CASE WHEN label = regexp_extract(path, '/(mask|no_mask)/[^/]+$', 1) THEN 1 ELSE 0 END), 3)
-         AS accuracy
-FROM predictions WHERE status = 'ok' GROUP BY run_id ORDER BY run_id DESC
-"""
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -86,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split}: {res.summary_line()}")
     print(query.format_table(query.summary(scores)))
     # The synthetic folders carry the true label, so the demo can show accuracy per split too.
-    print(query.format_table(query.query(scores, ACCURACY_SQL)))
-    print(demo.scene_faces_line(data, scores, load_card(trained.model_dir).classes, storage.join(cfg.out, "scene_faces")))
+    card = load_card(trained.model_dir)
+    print(query.format_table(demo.split_table(scores, card.classes, card.alert_classes)))
+    print(demo.scene_faces_line(data, scores, card, storage.join(cfg.out, "scene_faces")))
     print(f"\nbest val accuracy {trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run}; "
           f"model {trained.model_dir}")
     print(f"curves, augmented samples, confusion matrix: {run}")

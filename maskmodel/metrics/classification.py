@@ -199,13 +199,17 @@ def binary_report(y_true, scores, *, thresholds: Sequence[float] = DEFAULT_THRES
 
 
 def split_metrics(truth: np.ndarray, ok: np.ndarray, pred: np.ndarray, probs: np.ndarray, *,
-                  classes: Sequence[str], positive: str, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                  n_bins: int = 10) -> dict[str, Any]:
+                  classes: Sequence[str], alert_classes: Sequence[str], roc_classes: Sequence[str] = (),
+                  thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n_bins: int = 10) -> dict[str, Any]:
     """Every number of one split from joined rows: ``truth``/``pred`` class indices, ``ok`` (scored, not an
     error row), ``probs`` (N, C) class probabilities (ignored where not ``ok``).
 
-    Classification metrics, curves and calibration cover the ``ok`` rows;
-    ``images``, ``errors`` and ``accuracy_all_images`` cover every row.
+    Classification metrics (the C x C confusion matrix, per-class precision / recall / F1), curves and
+    calibration cover the ``ok`` rows; ``images``, ``errors``, ``accuracy_all_images`` and ``verdict``
+    (:func:`verdict_accuracy`: a photo's truth is alert when its true class is one of ``alert_classes``,
+    its verdict is alert when its predicted class is; an error row is wrong) cover every row. ``binary``:
+    ROC / PR / threshold table of "any alert class", scored ``1 - p(compliant)`` (the sum of the alert
+    classes' probabilities); ``one_vs_rest``: the same for each class of ``roc_classes``, against the rest.
     """
 
     truth, ok, pred = np.asarray(truth, int), np.asarray(ok, bool), np.asarray(pred, int)
@@ -214,8 +218,35 @@ def split_metrics(truth: np.ndarray, ok: np.ndarray, pred: np.ndarray, probs: np
     out = classification_report(confusion_matrix(t, p, len(classes)), classes)
     correct = int((t == p).sum())
     out.update(images=int(len(truth)), scored=int(ok.sum()), errors=int((~ok).sum()),
-               accuracy_all_images=float(correct / len(truth)) if len(truth) else 0.0, positive_class=positive)
-    out["binary"] = binary_report(t == classes.index(positive), pr[:, classes.index(positive)],
-                                  thresholds=thresholds)
+               accuracy_all_images=float(correct / len(truth)) if len(truth) else 0.0,
+               alert_classes=list(alert_classes))
+    cols = [classes.index(c) for c in alert_classes]
+    out["verdict"] = verdict_accuracy(np.isin(truth, cols).tolist(),
+                                      [bool(np.isin(q, cols)) if o else None for q, o in zip(pred, ok)])
+    out["binary"] = binary_report(np.isin(t, cols), pr[:, cols].sum(1), thresholds=thresholds)
+    out["one_vs_rest"] = {c: binary_report(t == classes.index(c), pr[:, classes.index(c)], thresholds=thresholds)
+                          for c in roc_classes}
     out["calibration"] = calibration(pr.max(axis=1) if len(pr) else np.empty(0), t == p, n_bins)
     return out
+
+
+def verdict_accuracy(truth: Sequence[bool], predicted: Sequence[bool | None]) -> dict[str, Any]:
+    """The photo verdict accuracy: a photo is right when its verdict (alert or not) matches its truth.
+
+    ``truth``: each photo's true verdict (:func:`maskmodel.alert.truth_alert`: alert when any annotated face
+    is of an alert class); ``predicted``: its row's verdict (:func:`maskmodel.alert.row_alert`: the ``alert``
+    column; a photo where no face was found and no whole-image fallback ran is ``False``; with ``--faces
+    auto``'s fallback the row's verdict stands), ``None`` for an error or missing row, which counts as wrong.
+    Returns ``photos``, ``right``, ``accuracy`` (``None`` without photos), ``errors``, and the alert side:
+    ``alerts`` (true), ``flagged``, ``tp``, ``recall``, ``precision`` (``None`` when undefined).
+    Raises :class:`ValueError` when the two differ in length.
+    """
+    if len(truth) != len(predicted):
+        raise ValueError(f"{len(truth)} true verdicts but {len(predicted)} predicted")
+    t = [bool(v) for v in truth]
+    right = sum(p is not None and bool(p) == v for v, p in zip(t, predicted))
+    tp = sum(bool(p) and v for v, p in zip(t, predicted))
+    flagged, alerts = sum(bool(p) for p in predicted), sum(t)
+    return {"photos": len(t), "right": right, "accuracy": _ratio(right, len(t)),
+            "errors": sum(p is None for p in predicted), "alerts": alerts, "flagged": flagged, "tp": tp,
+            "recall": _ratio(tp, alerts), "precision": _ratio(tp, flagged)}

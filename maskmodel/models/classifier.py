@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torchvision
 
+from maskmodel.alert import alert_classes, card_alert_classes
 from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
 from maskmodel.errors import UserError
 from maskmodel.io import storage
@@ -55,10 +56,18 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = CARD_VERSION
+    # Classes that raise an alert (every class but the compliant one); a card without them (written before
+    # the field existed) gets them by maskmodel.alert's rule when read.
+    alert_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.alert_classes and len(self.classes) >= 2:
+            object.__setattr__(self, "alert_classes", alert_classes(self.classes))
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["classes"] = list(self.classes)
+        d["alert_classes"] = list(self.alert_classes)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
@@ -74,6 +83,9 @@ class ModelCard:
                 metrics=dict(d.get("metrics") or {}), created_at=str(d.get("created_at", "")),
                 format_version=int(d.get("format_version", CARD_VERSION)),
             )
+            if len(card.classes) >= 2:
+                card = dataclasses.replace(card, alert_classes=card_alert_classes(
+                    card.classes, [str(c) for c in d.get("alert_classes") or ()]))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{source} is not a valid model card ({type(e).__name__}: {e}); "
                             f"point --model at a directory written by jobs.train.") from e

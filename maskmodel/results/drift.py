@@ -6,7 +6,7 @@ The checks are declared in a small TOML or JSON file of flat keys (every key
 optional; a check whose key is absent does not run)::
 
     baseline_runs = 7              # baseline: the 7 runs committed before the checked one (pooled)
-    label = "no_mask"              # the rate watched (default: the model's alert class)
+    label = "no_mask"              # the rate watched (default: the alert rate, over all the model's alert classes)
     max_label_rate_change = 0.10   # |rate - baseline rate| above this fails
     max_label_rate_z = 3.0         # |two-proportion z| above this fails (the change is not chance)
     max_confidence_psi = 0.25      # population stability index of the confidence histogram (fixed bins)
@@ -191,10 +191,12 @@ def two_proportion_z(x1: int, n1: int, x0: int, n0: int) -> float | None:
 def evaluate(checks: DriftChecks, run: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> list[CheckResult]:
     """Every configured check of profile ``run`` against the pooled ``baseline`` profile (or none)."""
     out: list[CheckResult] = []
-    label = checks.label or run.get("alert_class") or ""
-    x1, n1 = run.get("labels", {}).get(label, 0), sum(run.get("labels", {}).values())
-    x0, n0 = (baseline.get("labels", {}).get(label, 0), sum(baseline.get("labels", {}).values())) if baseline \
-        else (0, 0)
+    # The watched rate: one label's when the checks name it, else the alert (verdict) rate over all alert classes.
+    label = checks.label or "|".join(prof.profile_alert_classes(run))
+    watched = [checks.label] if checks.label else prof.profile_alert_classes(run)
+    x1, n1 = sum(run.get("labels", {}).get(c, 0) for c in watched), sum(run.get("labels", {}).values())
+    x0, n0 = (sum(baseline.get("labels", {}).get(c, 0) for c in watched), sum(baseline.get("labels", {}).values())) \
+        if baseline else (0, 0)
     r1, r0 = (x1 / n1 if n1 else None), (x0 / n0 if n0 else None)
 
     def add(name: str, value: float | None, limit: float | None, fails: bool, text: str, why: str = "") -> None:

@@ -16,7 +16,7 @@ histograms add bin by bin), so the fold is the same whatever the batching.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,22 +36,23 @@ _ADDITIVE = ("images", "ok", "errors", "error_reasons", "labels", "no_face", "al
              "faces_per_photo", "face_labels", "confidence", "confidence_sum", "sizes", "pixels", "bytes")
 
 
-def empty_profile(alert_class: str | None = None) -> dict[str, Any]:
+def empty_profile(alert_classes: Sequence[str] = ()) -> dict[str, Any]:
     """The profile of no rows (what a run with nothing to score commits)."""
-    return {"profile_version": PROFILE_VERSION, "alert_class": alert_class, "confidence_bins": CONFIDENCE_BINS,
+    return {"profile_version": PROFILE_VERSION, "alert_classes": list(alert_classes), "confidence_bins": CONFIDENCE_BINS,
             "size_edges": list(SIZE_EDGES), "images": 0, "ok": 0, "errors": 0, "error_reasons": {}, "labels": {},
             "no_face": 0, "alerts": 0, "faces": 0, "photos_with_faces": 0, "faces_per_photo": [0] * (MAX_FACES_BIN + 1),
             "face_labels": {}, "confidence": {}, "confidence_sum": {}, "sizes": [0] * len(SIZE_EDGES),
             "pixels": 0, "bytes": 0}
 
 
-def batch_profile(table: pa.Table, *, alert_class: str | None, detected: bool = True) -> dict[str, Any]:
+def batch_profile(table: pa.Table, *, alert_classes: Sequence[str], detected: bool = True) -> dict[str, Any]:
     """The partial profile of one batch of result rows (columns of :data:`maskmodel.results.RESULTS_SCHEMA`).
 
     Keys (all counts are photos unless named otherwise):
 
     - ``images``, ``ok``, ``errors``; ``error_reasons``: ``{kind: n}`` (the reason before ``:``);
-    - ``labels``: ``{label: n}`` of ok photos with a verdict; ``alerts``: those whose label is ``alert_class``;
+    - ``labels``: ``{label: n}`` of ok photos with a verdict; ``alerts``: those whose label is one of ``alert_classes``
+      (the row's ``alert`` verdict);
       ``no_face``: ok photos in which the detector found no face (with ``--faces auto`` they still get a
       verdict, from the whole picture; with ``centerface`` or a detector they get none);
     - ``faces``: faces found in all; ``photos_with_faces``: ok photos that went through a detector (none when
@@ -63,7 +64,7 @@ def batch_profile(table: pa.Table, *, alert_class: str | None, detected: bool = 
     - ``sizes``: histogram of the longer side (pixels) over :data:`SIZE_EDGES`; ``pixels``: sum of
       width x height; ``bytes``: sum of object sizes (where known).
     """
-    out = empty_profile(alert_class)
+    out = empty_profile(alert_classes)
     n = table.num_rows
     if not n:
         return out
@@ -87,7 +88,7 @@ def batch_profile(table: pa.Table, *, alert_class: str | None, detected: bool = 
         c = conf[np.asarray(pc.fill_null(pc.equal(labels, label), False))]
         out["confidence"][label] = _bins(c)
         out["confidence_sum"][label] = float(c.sum())
-    out["alerts"] = out["labels"].get(alert_class, 0) if alert_class else 0
+    out["alerts"] = sum(out["labels"].get(c, 0) for c in alert_classes)
     if detected and "faces_found" in ok.column_names:
         found = ok.column("faces_found")
         k = np.asarray(found.drop_null().to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -110,6 +111,11 @@ def batch_profile(table: pa.Table, *, alert_class: str | None, detected: bool = 
     return out
 
 
+def profile_alert_classes(profile: Mapping[str, Any]) -> list[str]:
+    """The alert classes of a committed profile (one ``alert_class`` in profiles written before several could be)."""
+    return list(profile.get("alert_classes") or ([profile["alert_class"]] if profile.get("alert_class") else []))
+
+
 def _bins(conf: np.ndarray) -> list[int]:
     idx = np.clip((conf * CONFIDENCE_BINS).astype(np.int64), 0, CONFIDENCE_BINS - 1)
     return np.bincount(idx, minlength=CONFIDENCE_BINS).tolist()
@@ -126,7 +132,7 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for key in _ADDITIVE:
         out[key] = _add(a.get(key), b.get(key))
-    out["alert_class"] = a.get("alert_class") or b.get("alert_class")
+    out["alert_classes"] = a.get("alert_classes") or b.get("alert_classes") or []
     return out
 
 
@@ -145,14 +151,14 @@ def _add(x: Any, y: Any) -> Any:
 class RunProfile:
     """The fold of a run's batches: :meth:`update` with each result batch, :meth:`finish` once at the end."""
 
-    def __init__(self, *, alert_class: str | None, detected: bool = True) -> None:
-        self.alert_class, self.detected = alert_class, detected
-        self.profile = empty_profile(alert_class)
+    def __init__(self, *, alert_classes: Sequence[str], detected: bool = True) -> None:
+        self.alert_classes, self.detected = tuple(alert_classes), detected
+        self.profile = empty_profile(self.alert_classes)
         self.fold_s = 0.0  # the driver's seconds spent folding: what the profile costs the run
 
     def update(self, table: pa.Table) -> None:
         t0 = time.perf_counter()
-        self.profile = merge(self.profile, batch_profile(table, alert_class=self.alert_class, detected=self.detected))
+        self.profile = merge(self.profile, batch_profile(table, alert_classes=self.alert_classes, detected=self.detected))
         self.fold_s += time.perf_counter() - t0
 
     def finish(self, *, elapsed_s: float, cost: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,8 @@ RESULTS_SCHEMA = pa.schema([
     pa.field("size", pa.int64()),                        # bytes; null if unknown
     pa.field("status", pa.string(), nullable=False),    # "ok" | "error"
     pa.field("error", pa.string()),                      # short reason; null when ok
-    pa.field("label", pa.string()),                      # argmax class; null on error
+    pa.field("label", pa.string()),                      # argmax class (the deciding face's); null on error
+    pa.field("alert", pa.bool_()),                       # the photo's verdict: label is an alert class; null on error
     pa.field("confidence", pa.float32()),                # probability of label; null on error
     pa.field("width", pa.int32()),                       # decoded size after EXIF rotation
     pa.field("height", pa.int32()),

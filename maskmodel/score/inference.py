@@ -31,7 +31,7 @@ import torch
 
 from maskmodel import results
 from maskmodel.runtime import telemetry, testhooks
-from maskmodel.alert import alert_class
+from maskmodel.alert import alert_indices
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.models.classifier import load_model_dir
 from maskmodel.models.detect import DetectOptions
@@ -61,13 +61,14 @@ class FaceColumns:
 
 def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy | PartProbs, *, schema: pa.Schema,
                  classes: Sequence[str], model_id: str, run_id: str, scored_at: Any,
-                 faces: FaceColumns | None = None) -> pa.Table:
+                 alert_classes: Sequence[str], faces: FaceColumns | None = None) -> pa.Table:
     """Rows of ``schema`` from a :func:`load_batch` batch and the probabilities of its ok rows (in order).
 
     ``probs`` may still be on its way from the device (:class:`HostCopy`, :class:`PartProbs`): the
     columns that do not need it are built first. An ok row whose ``probs`` are
     NaN has no label (an explicit detector found no face): label, confidence and
-    ``p_<class>`` null. ``faces``: the face columns (default: ``--faces none``'s).
+    ``p_<class>`` null. ``faces``: the face columns (default: ``--faces none``'s). ``alert``: the label is one
+    of ``alert_classes`` (an ok row without a label: no alert; an error row: null).
     """
     n = len(batch["path"])
     errors, versions, sizes = (column(batch, c, n) for c in ("error", "version", "size"))
@@ -97,6 +98,8 @@ def result_table(batch: dict[str, Any], probs: np.ndarray | HostCopy | PartProbs
     full[~labelled] = 0.0
     best = full.argmax(1) if len(classes) else np.zeros(n, int)
     cols["label"] = pa.array([classes[b] if o else None for b, o in zip(best, labelled)], pa.string())
+    alert = np.isin(best, alert_indices(classes, alert_classes)) & labelled
+    cols["alert"] = pa.array(alert, pa.bool_(), mask=~ok)
     cols["confidence"] = pa.array(full.max(1) if len(classes) else full.sum(1), pa.float32(), mask=~labelled)
     for j, c in enumerate(classes):
         cols[results.prob_column(c)] = pa.array(full[:, j], pa.float32(), mask=~labelled)
@@ -188,7 +191,7 @@ class Predictor:
         self.run_id, self.precision = run_id, precision
         self.decode = DeviceDecoder(self.crop, self.device, decoder=decoder, budget=decode_budget,
                                     on_fallback=telemetry.decode_fallback_recorder(run_id))
-        self.alert = list(self.card.classes).index(alert_class(self.card.classes))
+        self.alert = alert_indices(self.card.classes, self.card.alert_classes)
         # The detector on this actor's device, batched, at the classifier's precision (None: --faces none).
         self.faces = None if faces == "none" else FaceStage(
             faces, weights=detector_weights, options=detect_options or DetectOptions(), crop=self.crop,
@@ -314,6 +317,7 @@ class Predictor:
                 probs.add(self.forward(x), len(x))
         batch["error"] = np.array(errors, dtype=object)
         table = result_table(batch, probs, schema=self.schema, classes=self.card.classes,
+                             alert_classes=self.card.alert_classes,
                              model_id=self.card.model_id, run_id=self.run_id, scored_at=results.utc_now())
         if self.calls == 1:
             timeline.mark("first forward done", "predictor")
@@ -351,6 +355,7 @@ class Predictor:
                 at += 1
         batch["error"] = np.array(errors, dtype=object)
         table = result_table(batch, verdicts, schema=self.schema, classes=classes, model_id=self.card.model_id,
+                             alert_classes=self.card.alert_classes,
                              run_id=self.run_id, scored_at=results.utc_now(), faces=cols)
         if self.calls == 1:
             timeline.mark("first forward done", "predictor")

@@ -39,7 +39,6 @@ import pyarrow.compute as pc
 
 from maskmodel import results
 from maskmodel.runtime import testhooks, timeline
-from maskmodel.alert import alert_class
 from maskmodel.config import config_to_dict
 from maskmodel.console import Progress
 from maskmodel.errors import UserError
@@ -264,7 +263,7 @@ def execute(plan: ScorePlan) -> ScoreResult:
     images = ok = actors = 0
     ray_start_s = first_batch_s = first_batch_rows = None
     precision = resolve_precision(cfg.precision, device="cuda" if cfg.num_gpus else "cpu", card=plan.card)
-    profile = RunProfile(alert_class=alert_class(plan.card.classes), detected=cfg.faces != "none")
+    profile = RunProfile(alert_classes=plan.card.alert_classes, detected=cfg.faces != "none")
     cluster: dict[str, float] = {}
     t0, cpu0 = time.monotonic(), time.process_time()
     if plan.has_work:

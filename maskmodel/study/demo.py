@@ -58,16 +58,43 @@ def _jpeg(image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def scene_faces_line(data: str, scores: str, classes, output: str) -> str:
-    """The scene run's faces against ``scene.coco.json``: detection recall/precision and per-face accuracy."""
-    from maskmodel.alert import alert_class
+#: Per run (split): images, the class accuracy (the row's label against its folder) and the photo verdict accuracy
+#: (:func:`maskmodel.metrics.classification.verdict_accuracy`'s definition: the row's ``alert`` verdict against
+#: the folder's alert-ness; an error row is wrong, an ok row without a face found is "no alert").
+SPLIT_SQL = """
+SELECT run_id AS split, count(*) AS images,
+       round(avg(CASE WHEN status = 'ok' AND label = regexp_extract(path, '/([^/]+)/[^/]+$', 1) THEN 1 ELSE 0 END),
+             3) AS accuracy,
+       round(avg(CASE WHEN status = 'ok' AND coalesce(alert, list_contains($alerts, label), false)
+                           = list_contains($alerts, regexp_extract(path, '/([^/]+)/[^/]+$', 1)) THEN 1 ELSE 0 END),
+             3) AS verdict_accuracy
+FROM predictions WHERE list_contains($classes, regexp_extract(path, '/([^/]+)/[^/]+$', 1))
+GROUP BY run_id ORDER BY run_id DESC
+"""
+
+
+def split_table(scores: str, classes, alert_classes):
+    """:data:`SPLIT_SQL` over the committed runs of ``scores`` (rows whose folder is one of ``classes``)."""
+    from maskmodel.results import query
+
+    con = query.connect(scores)
+    try:
+        return con.sql(SPLIT_SQL, params={"alerts": list(alert_classes), "classes": list(classes)}).to_arrow_table()
+    finally:
+        con.close()
+
+
+def scene_faces_line(data: str, scores: str, card, output: str) -> str:
+    """The scene run's faces against ``scene.coco.json``: detection recall/precision and per-face accuracy (the
+    photo verdict accuracy is the split table's, the same definition, so it is not printed twice)."""
     from maskmodel.data.synth import SCENE_ANNOTATIONS
     from maskmodel.results import read_results
     from maskmodel.study.detection_report import evaluate_detection
 
     table = read_results(scores, ["scene"])
     s = evaluate_detection(table, storage.join(data, SCENE_ANNOTATIONS), table.column("path").to_pylist(),
-                           list(classes), alert_class(classes), iou=0.5, max_tiles=48, output=output, split="scene")
+                           list(card.classes), card.alert_classes, iou=0.5, max_tiles=48, output=output,
+                           split="scene")
     if not s["available"]:
         return f"scene faces: {s['reason']}"
 
@@ -75,4 +102,4 @@ def scene_faces_line(data: str, scores: str, classes, output: str) -> str:
         return "n/a" if v is None else f"{v:.3f}"
     return (f"scene faces: detection recall {pct(s['recall'])}, precision {pct(s['precision'])} at IoU 0.5 "
             f"({s['faces']} annotated faces); per-face accuracy {pct(s['face_accuracy'])} on {s['classified']} "
-            f"matched faces; image accuracy {pct(s['image_accuracy'])}; boxed pictures: {output}/boxes_scene.png")
+            f"matched faces; boxed pictures: {output}/boxes_scene.png")

@@ -15,10 +15,12 @@ COCO JSON or Pascal VOC XML). Output: plain numbers for ``report.json``.
 - ``face_accuracy``: the classifier's label against the annotated class, on
   matched faces whose class is a model class; ``found_and_right``: the same
   over every annotated face (a missed face counts as wrong);
-- ``image_accuracy``: the alert verdict (:mod:`maskmodel.alert`). An image's
-  truth is an alert when its annotated image label (COCO ``images[].label``)
-  is the alert class, or, without one, when any annotated face is; its
-  prediction is an alert when its row's label is. Error rows count as wrong;
+- ``image_accuracy``: the photo verdict accuracy
+  (:func:`maskmodel.metrics.classification.verdict_accuracy`, the one definition
+  the demo's split table and the README use): a photo's truth is an alert when
+  any annotated face is of an alert class; its prediction is its row's
+  ``alert`` verdict (no face found and no whole-image fallback: no alert; the
+  whole-image fallback's verdict stands). Error rows count as wrong;
 - breakdowns of the annotated faces by an attribute (``variant``: plain,
   surgical, n95, cloth, hand, paper, scarf on the synthetic scenes; by class
   when no face carries it) and by face size (``sqrt(w * h)`` in pixels).
@@ -37,7 +39,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from maskmodel.alert import row_alert, truth_alert
 from maskmodel.data.annotations import ImageBoxes, read_annotations
+from maskmodel.metrics.classification import verdict_accuracy
 from maskmodel.metrics.detection import detection_metrics, match
 from maskmodel.io import storage
 
@@ -74,14 +78,14 @@ def load_truth(uri: str, paths: Sequence[str]) -> tuple[dict[str, ImageBoxes], i
 
 
 def face_rows(table) -> dict[str, dict[str, Any]] | None:
-    """Per path: ``status``, ``label``, ``detector`` and ``faces`` (list of dicts) of the rows; ``None`` when
-    the table has no ``faces`` column."""
+    """Per path: ``status``, ``label``, ``alert``, ``detector`` and ``faces`` (list of dicts) of the rows;
+    ``None`` when the table has no ``faces`` column."""
     if "faces" not in table.column_names:
         return None
-    cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
-            for c in ("path", "status", "label", "detector", "faces")}
-    return {p: {"status": s, "label": lab, "detector": d, "faces": f or []}
-            for p, s, lab, d, f in zip(*(cols[c] for c in ("path", "status", "label", "detector", "faces")))}
+    names = ("path", "status", "label", "alert", "detector", "faces")
+    cols = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows for c in names}
+    return {p: {"status": s, "label": lab, "alert": a, "detector": d, "faces": f or []}
+            for p, s, lab, a, d, f in zip(*(cols[c] for c in names))}
 
 
 def size_bin(side: float, edges: Sequence[float] = SIZE_EDGES) -> str:
@@ -110,11 +114,12 @@ def _table(faces: list[dict[str, Any]], key: str, order: Sequence[str], name: st
 
 
 def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[str, Any]] | None,
-                      classes: Sequence[str], positive: str, *, iou: float = 0.5, attribute: str = "variant",
+                      classes: Sequence[str], alerts: Sequence[str], *, iou: float = 0.5, attribute: str = "variant",
                       size_edges: Sequence[float] = SIZE_EDGES) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The section's numbers (see the module docstring) and, per image, what the sheet draws.
 
-    ``truth``: path -> annotated boxes; ``rows``: :func:`face_rows` (``None``: no ``faces`` column). Each
+    ``truth``: path -> annotated boxes; ``rows``: :func:`face_rows` (``None``: no ``faces`` column);
+    ``alerts``: the model's alert classes. Each
     image's entry: ``path``, ``boxes`` (``[(x0, y0, x1, y1), kind]``, kind in :data:`FACE_KINDS`: a
     matched face's predicted box is right or wrong, a missed face's annotated box, a false detection's box),
     ``problems`` (wrong + missed + false), ``verdict_right`` and ``caption`` (two lines).
@@ -122,9 +127,9 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
     if rows is None:
         return {"available": False, "reason": NO_BOXES, "images": len(truth)}, []
     t_boxes, p_boxes, p_scores, sizes, faces, images = [], [], [], [], [], []
-    verdicts, errors, whole = [], 0, 0
+    truths, predicted, errors, whole = [], [], 0, 0
     for path, rec in truth.items():
-        row = rows.get(path) or {"status": "missing", "label": None, "detector": None, "faces": []}
+        row = rows.get(path) or {"status": "missing", "label": None, "alert": None, "detector": None, "faces": []}
         ok = row["status"] == "ok"
         errors += not ok
         whole += bool(ok and row["detector"] == "none")
@@ -144,10 +149,10 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
             problems += kind in ("missed", "wrong")
             drawn.append((tuple(box) if j is None else tuple(pb[j].tolist()), kind))
         drawn += [(tuple(pb[j].tolist()), "false") for j in m.spurious]
-        label = rec.extra.get("label")
-        truth_alert = label == positive if label is not None else positive in rec.classes
-        right_verdict = ok and (row["label"] == positive) == truth_alert
-        verdicts.append((truth_alert, ok and row["label"] == positive, right_verdict))
+        true_alert, said = truth_alert(rec.classes, alerts), row_alert(row["status"], row["label"], row["alert"], alerts)
+        right_verdict = said is not None and said == true_alert
+        truths.append(true_alert)
+        predicted.append(said)
         t_boxes.append(rec.boxes)
         p_boxes.append(pb)
         p_scores.append(ps)
@@ -155,15 +160,14 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
         images.append({"path": path, "boxes": drawn, "problems": problems, "verdict_right": bool(right_verdict),
                        "caption": (f"{len(m.pairs)}/{len(rec)} found, {problems} wrong/missed/false",
                                    f"{row['label'] if ok else row['status']} (true "
-                                   f"{'alert' if truth_alert else 'no alert'})")})
+                                   f"{'alert' if true_alert else 'no alert'})")})
     by_class = not any(f["group"] is not None for f in faces)
     for f in faces:
         f["group"] = f["class"] if by_class else (f["group"] if f["group"] is not None else "-")
     dm = detection_metrics(t_boxes, p_boxes, p_scores, sizes=sizes, iou=iou, threshold=0.0)
     judged = [f for f in faces if f["found"] and f["right"] is not None]
     right = sum(bool(f["right"]) for f in judged)
-    tp = sum(t and p for t, p, _ in verdicts)
-    flagged, alerts = sum(p for _, p, _ in verdicts), sum(t for t, _, _ in verdicts)
+    verdict = verdict_accuracy(truths, predicted)
     section = {
         "available": True, "iou": iou, "images": len(truth), "error_rows": errors, "whole_image_rows": whole,
         "faces": dm["faces"], "detections": dm["detections"], "matched": dm["matched"],
@@ -172,9 +176,9 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
         "classified": len(judged), "face_accuracy": right / len(judged) if judged else None,
         "found_and_right": right / len(faces) if faces else None,
         "unclassifiable": sum(f["found"] and f["right"] is None for f in faces),
-        "image_accuracy": sum(v for _, _, v in verdicts) / len(verdicts) if verdicts else None,
-        "image_alerts": {"true": alerts, "flagged": flagged, "tp": tp,
-                         "recall": tp / alerts if alerts else None, "precision": tp / flagged if flagged else None},
+        "image_accuracy": verdict["accuracy"],
+        "image_alerts": {"true": verdict["alerts"], "flagged": verdict["flagged"], "tp": verdict["tp"],
+                         "recall": verdict["recall"], "precision": verdict["precision"]},
         "breakdown_by": "class" if by_class else attribute,
         "by_group": _table(faces, "group", list(classes) if by_class else VARIANT_ORDER,
                            "class" if by_class else attribute),
@@ -203,7 +207,7 @@ def boxed_sheet(images: Sequence[dict[str, Any]], max_tiles: int) -> tuple[bytes
 
 
 def evaluate_detection(table, annotations: str | None, paths: Sequence[str], classes: Sequence[str],
-                       positive: str, *, iou: float, max_tiles: int, output: str, split: str) -> dict[str, Any]:
+                       alerts: Sequence[str], *, iou: float, max_tiles: int, output: str, split: str) -> dict[str, Any]:
     """The detection section of one split, its boxed sheet written to ``<output>/boxes_<split>.png``.
 
     ``annotations``: the split's COCO/VOC URI (``None``: the section says there are none); ``paths``: the
@@ -213,7 +217,7 @@ def evaluate_detection(table, annotations: str | None, paths: Sequence[str], cla
         return {"available": False, "annotations": None,
                 "reason": f"no face annotations for {split!r}: pass --annotations (COCO JSON or Pascal VOC XML)"}
     truth, outside = load_truth(annotations, paths)
-    section, images = detection_section(truth, face_rows(table), classes, positive, iou=iou)
+    section, images = detection_section(truth, face_rows(table), classes, alerts, iou=iou)
     section.update(annotations=annotations, annotated_images_not_scored=outside,
                    scored_images_not_annotated=len(set(paths) - set(truth)))
     if section["available"]:

@@ -179,7 +179,7 @@ def _group_rows(rows: Sequence[dict[str, Any]], key: str) -> list[str]:
                   f"{r['right']} | {_f(r['accuracy'])} | {_f(r['found_and_right'])} |" for r in rows]
 
 
-def detection_markdown(det: dict[str, Any], split: str, positive: str) -> list[str]:
+def detection_markdown(det: dict[str, Any], split: str, alert: str) -> list[str]:
     """The detection section of one split (:mod:`maskmodel.study.detection_report`) as Markdown lines."""
     out = [f"### Faces: detection and per-face classification (`{split}`)", ""]
     if not det.get("available"):
@@ -196,7 +196,7 @@ def detection_markdown(det: dict[str, Any], split: str, positive: str) -> list[s
             f"| AP 0.50:0.95 (COCO) | {_f(det['ap'])} |",
             f"| per-face accuracy (matched faces) | {_f(det['face_accuracy'])} ({det['classified']} faces) |",
             f"| faces found and classified right / annotated | {_f(det['found_and_right'])} |",
-            f"| image-level accuracy (alert verdict, `{positive}`) | {_f(det['image_accuracy'])} |",
+            f"| photo verdict accuracy (alert: {alert}) | {_f(det['image_accuracy'])} |",
             f"| image alerts: recall / precision | {_f(a['recall'])} / {_f(a['precision'])} "
             f"({a['tp']} of {a['true']} true, {a['flagged']} flagged) |", "",
             f"By {det['breakdown_by']}:", ""]
@@ -214,7 +214,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the evaluation report's numbers and figures, per split, tied to the model id and data URI."""
     out = [f"# Evaluation of model `{report['model_id']}`", "",
            f"- model: `{report['model']}`", f"- data: `{report['data']}`",
-           f"- classes: {', '.join(report['classes'])}; alert (positive) class: `{report['positive_class']}`",
+           f"- classes: {', '.join(report['classes'])}; alert (positive) classes: "
+           f"{', '.join(f'`{c}`' for c in report['alert_classes'])}",
            f"- scoring results (committed runs, one per split): `{report['scores']}`",
            "- every number is computed from the committed scoring rows joined to the folder labels by path; "
            "all numbers are also in `report.json`", ""]
@@ -227,8 +228,11 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"| accuracy (scored images) | {_f(r['accuracy'])} |",
                 f"| accuracy, all images | {_f(r['accuracy_all_images'])} |",
                 f"| macro F1 | {_f(r['macro_f1'])} |",
-                f"| ROC AUC ({report['positive_class']}) | {_f(b['roc_auc'])} |",
-                f"| average precision ({report['positive_class']}) | {_f(b['average_precision'])} |",
+                f"| photo verdict accuracy (alert or not; error rows wrong) | {_f(r['verdict']['accuracy'])} |",
+                f"| ROC AUC ({report['alert']}) | {_f(b['roc_auc'])} |",
+                f"| average precision ({report['alert']}) | {_f(b['average_precision'])} |",
+                *[f"| ROC AUC / average precision ({c} vs rest) | {_f(o['roc_auc'])} / {_f(o['average_precision'])} |"
+                  for c, o in r.get("one_vs_rest", {}).items()],
                 f"| expected calibration error ({cal['n_bins']} bins) | {_f(cal['ece'])} |",
                 f"| max calibration error | {_f(cal['mce'])} |", "",
                 "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
@@ -238,7 +242,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 "| true \\ predicted | " + " | ".join(r["classes"]) + " |", "|---" * (len(r["classes"]) + 1) + "|"]
         out += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
                 for c, row in zip(r["classes"], r["confusion_matrix"])]
-        out += ["", f"Alert threshold table: an image is flagged as `{report['positive_class']}` when its "
+        out += ["", f"Alert threshold table: an image is flagged ({report['alert']}) when its "
                 f"probability is at least the threshold.", "",
                 "| threshold | flagged | TP | FP | FN | precision | recall |", "|---|---|---|---|---|---|---|"]
         out += [f"| {t['threshold']:.2f} | {t['flagged']} | {t['tp']} | {t['fp']} | {t['fn']} | "
@@ -250,7 +254,7 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"(red border; green = right), captions *predicted label, confidence / true label*:", "",
                 f"![contact sheet](contact_sheet_{split}.png)", ""]
         if r.get("detection", {}).get("annotations"):  # a split without face annotations has no faces section
-            out += detection_markdown(r["detection"], split, report["positive_class"])
+            out += detection_markdown(r["detection"], split, report["alert"])
         if r["error_rows"]:
             out += ["Error rows (not scored):", ""]
             out += [f"- `{e['path']}`: {e['error']}" for e in r["error_rows"][:20]]

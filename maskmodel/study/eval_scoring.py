@@ -57,19 +57,18 @@ def score_config(cfg: Any, manifest: str, scores: str, split: str) -> ScoreConfi
     return ScoreConfig(**kwargs)
 
 
-def join_rows(table, truth: dict[str, int], classes: Sequence[str]) -> dict[str, Any]:
+def join_rows(table, truth: dict[str, int], classes: Sequence[str], alert_classes: Sequence[str]) -> dict[str, Any]:
     """Join committed result rows to ``truth`` (path -> class index), in ``truth``'s order.
 
     Returns arrays ``paths, truth, ok, pred, probs, confidence`` and ``errors``
     (``[{"path", "error"}]``). A labelled image without a committed row counts
     as an error (``missing: no committed result row``); it is never dropped. An ``ok`` row without a
     label (the face stage found no face and no whole-image fallback ran) is the verdict "no alert": it
-    counts as the compliant class, with probability 1 for it.
+    counts as the compliant class (the one class not in ``alert_classes``), with probability 1 for it.
     """
-    from maskmodel.alert import alert_class
     from maskmodel.results import prob_column
 
-    compliant = next(i for i, c in enumerate(classes) if c != alert_class(classes))
+    compliant = next(i for i, c in enumerate(classes) if c not in alert_classes)
 
     rows = {p: i for i, p in enumerate(table.column("path").to_pylist())}
     status, error, label = (table.column(c).to_pylist() for c in ("status", "error", "label"))

@@ -20,9 +20,13 @@ With face boxes annotated for a split (``--annotations``, or
 per-face and image-level accuracy, tables by variant and face size, a boxed
 contact sheet) from the same committed rows.
 
-Conventions: the *positive* class is the one an alert is raised for (``no_mask``
-by default); its probability is the score; an image is flagged when its score
-is ``>= threshold``. Undefined ratios (no positives, nothing flagged) are
+Conventions: the model card's alert classes (every class but the compliant
+one, :mod:`maskmodel.alert`) are the *positive* side: the ROC / PR curves and
+the threshold table are of "any alert class", scored ``1 - p(compliant)``, and
+an image is flagged when that score is ``>= threshold``; ``--roc-classes`` adds
+one-vs-rest curves per named class. The confusion matrix is C x C with
+per-class precision / recall / F1, and ``verdict`` is the photo verdict
+accuracy (:func:`maskmodel.metrics.classification.verdict_accuracy`). Undefined ratios (no positives, nothing flagged) are
 ``None``, never NaN, so the JSON stays valid and "no data" never reads as 0.
 """
 
@@ -34,17 +38,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from maskmodel.alert import alert_class
 from maskmodel.config import config_to_dict, field, resolve_paths
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 from maskmodel.metrics.classification import DEFAULT_THRESHOLDS, split_metrics
 
 log = logging.getLogger(__name__)
-
-
-# The alert class is the positive class; one rule, shared with scoring (maskmodel.alert).
-default_positive_class = alert_class
 
 
 # ----------------------------------------------------------------------------- the jobs.evaluate pipeline
@@ -63,8 +62,10 @@ class EvalConfig:
     output: str = field(path=True, help="URI of the report folder (report.json, report.md, PNGs, scores/)")
     split: tuple[str, ...] = field(("test",), help="split(s) to evaluate, e.g. val test scene (any case; "
                                                    "Validation = val)")
-    positive_class: str = field("", help="the alert class for ROC/PR and the threshold table (default: a "
-                                         "no_mask / WithoutMask class if present, else the last class)")
+    roc_classes: tuple[str, ...] = field((), help="classes that also get a one-vs-rest ROC/PR curve and threshold "
+                                                  "table (the main ones are of any alert class: 1 - p(compliant))")
+    positive_class: str = field("", help="replaced: the model card's alert classes are the positive side; use "
+                                         "--roc-classes for one class's curves (passing it is an error)")
     thresholds: tuple[float, ...] = field(DEFAULT_THRESHOLDS, help="thresholds of the alert-threshold table")
     bins: int = field(10, help="equal-width confidence bins for the calibration error and reliability diagram")
     max_tiles: int = field(48, help="images on each contact sheet (misclassified first)")
@@ -90,6 +91,10 @@ class EvalConfig:
             raise ValueError("--thresholds must lie in [0, 1]")
         if not 0.0 < self.iou <= 1.0:
             raise ValueError("--iou must lie in (0, 1]")
+        if self.positive_class:
+            raise ValueError(f"--positive-class was replaced: the model card's alert classes (every class but the "
+                             f"compliant one) are the positive side of the curves and the threshold table; for "
+                             f"{self.positive_class!r} alone pass --roc-classes {self.positive_class}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,11 @@ class EvalResult:
     output: str
     report_uri: str
     report: dict[str, Any]
+
+
+def alert_name(alert_classes: Sequence[str]) -> str:
+    """How reports name the positive side: ``any alert class (no_mask, mask_incorrect)``, or the one class."""
+    return alert_classes[0] if len(alert_classes) == 1 else f"any alert class ({', '.join(alert_classes)})"
 
 
 def _canonical_split(name: str) -> str:
@@ -126,8 +136,7 @@ def _contact_sheet(joined: dict[str, Any], classes: Sequence[str], max_tiles: in
     return png, layout
 
 
-def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str,
-                    annotations: str | None) -> dict[str, Any]:
+def _evaluate_split(cfg: EvalConfig, card, items, split: str, annotations: str | None) -> dict[str, Any]:
     from maskmodel import reports, results
     from maskmodel.score import pipeline, scoring
     from maskmodel.study import detection_report, eval_reports, eval_scoring
@@ -141,25 +150,27 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, positive: str,
     base = pipeline.manifest_base(manifest)
     truth = {pipeline.resolve_manifest_path(base, p): it.label for p, it in zip(listed, items)}
     table = results.read_results(scores, run_ids=[split])
-    joined = eval_scoring.join_rows(table, truth, classes)
+    joined = eval_scoring.join_rows(table, truth, classes, card.alert_classes)
     out = split_metrics(joined["truth"], joined["ok"], joined["pred"], joined["probs"], classes=classes,
-                        positive=positive, thresholds=cfg.thresholds, n_bins=cfg.bins)
+                        alert_classes=card.alert_classes, roc_classes=cfg.roc_classes, thresholds=cfg.thresholds,
+                        n_bins=cfg.bins)
     out.update(run_id=split, commit=run.commit_uri, model_ids=sorted(set(table.column("model_id").to_pylist())),
                error_rows=joined["errors"])
     pngs = {f"confusion_matrix_{split}.png": reports.confusion_matrix_png(
                 np.asarray(out["confusion_matrix"]), classes, title=f"{split}: {out['scored']} images"),
-            f"roc_pr_{split}.png": eval_reports.roc_pr_png(out["binary"], positive=positive, title=split),
+            f"roc_pr_{split}.png": eval_reports.roc_pr_png(out["binary"], positive=alert_name(card.alert_classes),
+                                                           title=split),
             f"reliability_{split}.png": eval_reports.reliability_png(out["calibration"], title=split)}
     sheet, out["contact_sheet"] = _contact_sheet(joined, classes, cfg.max_tiles)
     pngs[f"contact_sheet_{split}.png"] = sheet
     for name, data in pngs.items():
         storage.write_bytes(storage.join(cfg.output, name), data)
     out["detection"] = detection_report.evaluate_detection(
-        table, annotations, list(truth), classes, positive, iou=cfg.iou, max_tiles=cfg.max_tiles,
+        table, annotations, list(truth), classes, card.alert_classes, iou=cfg.iou, max_tiles=cfg.max_tiles,
         output=cfg.output, split=split)
     out["files"] = sorted([*pngs, *out["detection"].get("files", [])])
-    log.info("%s: accuracy %.4f on %d scored image(s), %d error row(s)", split, out["accuracy"], out["scored"],
-             out["errors"])
+    log.info("%s: accuracy %.4f on %d scored image(s), %d error row(s); photo verdict accuracy %.4f", split,
+             out["accuracy"], out["scored"], out["errors"], out["verdict"]["accuracy"] or 0.0)
     return out
 
 
@@ -169,7 +180,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     Raises :class:`UserError` (one sentence) for an unwritable output, a
     missing or invalid model directory, unreadable data, a requested split
     without labelled images, data classes the model does not know, an
-    unknown ``positive_class``, a missing or unusable annotation file, or a
+    unknown ``roc_classes`` class, a missing or unusable annotation file, or a
     face option scoring cannot take, all before anything is scored.
     """
     from maskmodel.data.annotations import read_annotations
@@ -180,9 +191,9 @@ def evaluate(config: EvalConfig) -> EvalResult:
 
     storage.check_writable(config.output)
     card = load_card(config.model)
-    positive = config.positive_class or default_positive_class(card.classes)
-    if positive not in card.classes:
-        raise UserError(f"--positive-class {positive!r} is not a class of the model {config.model!r} "
+    unknown_roc = [c for c in config.roc_classes if c not in card.classes]
+    if unknown_roc:
+        raise UserError(f"--roc-classes {', '.join(unknown_roc)} is not a class of the model {config.model!r} "
                         f"(classes: {', '.join(card.classes)}).")
     data = discover(config.data)
     unknown = sorted(set(data.classes) - set(card.classes))
@@ -197,7 +208,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise UserError(f"{config.data!r} has no labelled images in split {s!r} (it has: "
                             f"{', '.join(sorted(data.splits))}); pass --split with one of those.")
     report: dict[str, Any] = {"model": config.model, "model_id": card.model_id, "data": config.data,
-                              "classes": list(card.classes), "positive_class": positive,
+                              "classes": list(card.classes), "alert_classes": list(card.alert_classes),
+                              "alert": alert_name(card.alert_classes),
                               "scores": storage.join(config.output, "scores"), "config": config_to_dict(config),
                               "splits": {}}
     if config.annotations and not storage.exists(config.annotations):
@@ -209,7 +221,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     eval_scoring.score_config(config, config.model, config.output, "check")  # so do face options scoring lacks
     for s in splits:
         items = [type(it)(it.uri, remap[it.label], it.split) for it in data.splits[s]]
-        report["splits"][s] = _evaluate_split(config, card, items, s, positive, boxes[s])
+        report["splits"][s] = _evaluate_split(config, card, items, s, boxes[s])
     uri = storage.join(config.output, "report.json")
     storage.write_json(uri, report)
     storage.write_text(storage.join(config.output, "report.md"), report_markdown(report))

@@ -77,7 +77,7 @@ def cut_face(image: Image.Image, box: Sequence[float] | None, margin: float = SH
     return image.crop((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
 
 
-def face_sheet(faces: Sequence[Mapping[str, Any]], *, alert_class: str, cols: int = 8) -> tuple[bytes, dict]:
+def face_sheet(faces: Sequence[Mapping[str, Any]], *, alert_classes: Sequence[str], cols: int = 8) -> tuple[bytes, dict]:
     """A contact sheet of ``faces`` (dicts: ``path``, ``box`` or ``None``, ``label``, ``confidence``), each cut
     from its photo read now; an alert face gets a red border. A photo that cannot be read or decoded any more
     is left out (counted in the layout's ``unreadable``)."""
@@ -95,7 +95,7 @@ def face_sheet(faces: Sequence[Mapping[str, Any]], *, alert_class: str, cols: in
             continue
         images.append(cut_face(cache[path], f.get("box")))
         captions.append((f"{f['label']} {f['confidence']:.2f}", path.rsplit("/", 1)[-1][-18:]))
-        calm.append(f["label"] != alert_class)
+        calm.append(f["label"] not in alert_classes)
     png, layout = eval_reports.contact_sheet_png(images, captions, calm, cols=cols)
     layout["unreadable"] = unreadable
     return png, layout

@@ -102,9 +102,9 @@ def write_report(cfg: ReportConfig) -> ReportResult:
     }
     sheets: dict[str, dict] = {}
     if cfg.sheet and profile.get("ok"):
-        for name, faces in sheet_faces(cfg.results, run.run_id, profile.get("alert_class") or "",
-                                       cfg.max_tiles).items():
-            png, layout = report_plots.face_sheet(faces, alert_class=profile.get("alert_class") or "")
+        alerts = prof.profile_alert_classes(profile)
+        for name, faces in sheet_faces(cfg.results, run.run_id, alerts, cfg.max_tiles).items():
+            png, layout = report_plots.face_sheet(faces, alert_classes=alerts)
             pngs[f"{name}.png"], sheets[name] = png, {**layout, "faces": len(faces)}
     for name, data in pngs.items():
         storage.write_bytes(storage.join(cfg.out, name), data)
@@ -119,7 +119,7 @@ def write_report(cfg: ReportConfig) -> ReportResult:
     return ReportResult(uri, run.run_id, tuple(r.run_id for r in base), check)
 
 
-def sheet_faces(results_uri: str, run_id: str, alert_class: str, n: int) -> dict[str, list[dict[str, Any]]]:
+def sheet_faces(results_uri: str, run_id: str, alert_classes: Sequence[str], n: int) -> dict[str, list[dict[str, Any]]]:
     """The reported run's ``alerts`` (most confident alert faces) and ``least_confident`` faces, at most ``n``
     each: DuckDB over that run's partition only, streaming (top-n), never the whole table in memory."""
     con = query.connect(results_uri, run_ids=[run_id])
@@ -129,7 +129,7 @@ def sheet_faces(results_uri: str, run_id: str, alert_class: str, n: int) -> dict
             return [{"path": r["path"], "label": r["label"], "confidence": float(r["confidence"]),
                      "box": None if r["x0"] is None else (r["x0"], r["y0"], r["x1"], r["y1"])} for r in t.to_pylist()]
 
-        return {"alerts": rows("label = $label", "DESC", label=alert_class),
+        return {"alerts": rows("list_contains($alerts, label)", "DESC", alerts=list(alert_classes)),
                 "least_confident": rows("true", "ASC")}
     finally:
         con.close()

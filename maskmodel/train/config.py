@@ -79,6 +79,9 @@ class TrainConfig(TrainRunConfig):
     jitter: float = field(0.2, minimum=0, maximum=1,
                           help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
     compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
+    compliant_class: str = field("", help="the class of faces that raise no alert; every other class does (default: "
+                                          "a mask / with_mask / WithMask spelling, else the first class that is not "
+                                          "a no-mask spelling); written to model.json as alert_classes")
 
     def validate(self) -> None:
         if self.batch_size < self.num_workers:

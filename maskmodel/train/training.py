@@ -218,9 +218,10 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     storage.check_writable(config.output)
     data = discover(config.data, val_fraction=config.val_fraction)
     counts = data.counts()
+    alerts = train_alert_classes(data.classes, config.compliant_class)  # a wrong --compliant-class fails here
     meta = run_meta(config.arch, data.classes, config.image_size)
     check_resumable(config.output, meta)  # a different run's checkpoints are refused here, not in a worker
-    log.info("data %s: classes %s; %s%s", config.data, list(data.classes),
+    log.info("data %s: classes %s (alert: %s); %s%s", config.data, list(data.classes), ", ".join(alerts),
              ", ".join(f"{s}={sum(c.values())}" for s, c in counts.items()),
              f"; {data.skipped_line()}" if data.skipped_by_extension else "")
     initial = _initial_state(config, len(data.classes))  # bad --weights fail here, before any worker
@@ -259,6 +260,18 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     return trainer, data.classes
 
 
+def train_alert_classes(classes: Sequence[str], compliant: str) -> tuple[str, ...]:
+    """The alert classes a model trained on ``classes`` gets: every class but ``compliant`` (``--compliant-class``;
+    empty: :func:`maskmodel.alert.compliant_class`'s rule). Raises :class:`UserError` for a class not in the data."""
+    from maskmodel.alert import alert_classes
+
+    try:
+        return alert_classes(classes, compliant)
+    except ValueError as e:
+        raise UserError(f"--compliant-class {compliant!r} is not a class of the training data (classes: "
+                        f"{', '.join(classes)}); name one of them.") from e
+
+
 def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutputs:
     """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
     import torch
@@ -276,7 +289,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     card = ModelCard(
         arch=config.arch, classes=tuple(classes), input_size=config.image_size,
         resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        config=config_to_dict(config),
+        config=config_to_dict(config), alert_classes=train_alert_classes(classes, config.compliant_class),
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
     )
     agreement = bf16_agreement(config, card, best["model"])

@@ -75,10 +75,16 @@ def test_coco_round_trip_with_negatives_crowds_and_attributes(tmp_path):
         read_coco(uri)
 
 
-def test_alert_class_and_deciding_face():
-    assert alert.alert_class(("mask", "no_mask")) == "no_mask"
-    assert alert.alert_class(("WithoutMask", "WithMask")) == "WithoutMask"
-    assert alert.alert_class(("a", "b", "c")) == "c"
+def test_alert_classes_and_deciding_face():
+    assert alert.alert_classes(("mask", "no_mask")) == ("no_mask",)
+    assert alert.alert_classes(("WithoutMask", "WithMask")) == ("WithoutMask",)
+    assert alert.alert_classes(("no_mask", "other")) == ("no_mask",)  # never a no-mask spelling as compliant
+    assert alert.alert_classes(("a", "b", "c")) == ("b", "c")  # no spelling known: the first class is compliant
+    three = ("mask_weared_incorrect", "with_mask", "without_mask")
+    assert alert.alert_classes(three) == ("mask_weared_incorrect", "without_mask")
+    assert alert.alert_classes(three, "without_mask") == ("mask_weared_incorrect", "with_mask")
+    with pytest.raises(ValueError, match="not one of the classes"):
+        alert.alert_classes(three, "mask")
     # A group photo: two confident masked faces, one unmasked one decides.
     probs = [[0.99, 0.01], [0.4, 0.6], [0.3, 0.7], [0.95, 0.05]]
     assert alert.deciding_face(probs, 1) == 2
@@ -87,6 +93,20 @@ def test_alert_class_and_deciding_face():
     # Three classes: a face whose label is not the alert class never decides over one whose label is.
     assert alert.deciding_face([[0.3, 0.3, 0.4], [0.0, 0.55, 0.45]], 2) == 0
     assert alert.deciding_face([[0.1, 0.5, 0.4], [0.5, 0.1, 0.4]], 2) == 0  # no alert label: most confident
+    # Several alert classes: among the alerted faces, the one most likely of ITS alert class decides.
+    faces = [[0.9, 0.05, 0.05], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8], [0.2, 0.1, 0.7]]
+    assert alert.deciding_face(faces, (1, 2)) == 2
+    assert alert.deciding_face(faces, (1,)) == 1
+    assert alert.deciding_face([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1]], (1, 2)) == 0  # nobody alerted
+    # A photo's verdict and its truth under three classes.
+    alerts = ("mask_incorrect", "no_mask")
+    assert alert.is_alert("mask_incorrect", alerts) and not alert.is_alert("mask", alerts)
+    assert not alert.is_alert(None, alerts)  # no face found, no fallback: no alert
+    assert alert.truth_alert(["mask", "mask_incorrect"], alerts) and not alert.truth_alert(["mask"], alerts)
+    assert not alert.truth_alert([], alerts)
+    assert alert.row_alert("error", None, None, alerts) is None
+    assert alert.row_alert("ok", "mask_incorrect", None, alerts) is True  # a row written before the column
+    assert alert.row_alert("ok", "mask", True, alerts) is True  # the column, when present, is the verdict
 
 
 def test_synthetic_scenes_hold_boxes_and_the_verdict(tmp_path):

@@ -45,7 +45,7 @@ def known_mix() -> pa.Table:
 
 
 def test_the_profile_of_a_known_mix_is_exact():
-    p = prof.batch_profile(known_mix(), alert_class="no_mask")
+    p = prof.batch_profile(known_mix(), alert_classes=("no_mask",))
     assert (p["images"], p["ok"], p["errors"]) == (10, 8, 2)
     assert p["error_reasons"] == {"undecodable": 1, "unreadable": 1}
     assert p["labels"] == {"mask": 4, "no_mask": 3} and p["alerts"] == 3 and p["no_face"] == 1
@@ -72,8 +72,8 @@ def test_the_profile_of_a_known_mix_is_exact():
 @pytest.mark.parametrize("cuts", [(1,), (3, 7), (0, 5, 5, 10), tuple(range(1, 10))])
 def test_folding_partial_profiles_equals_the_whole(cuts):
     table = known_mix()
-    whole = prof.batch_profile(table, alert_class="no_mask")
-    fold = prof.RunProfile(alert_class="no_mask")
+    whole = prof.batch_profile(table, alert_classes=("no_mask",))
+    fold = prof.RunProfile(alert_classes=("no_mask",))
     edges = (0, *cuts, table.num_rows)
     for a, b in zip(edges, edges[1:]):
         fold.update(table.slice(a, b - a))
@@ -85,10 +85,10 @@ def test_folding_partial_profiles_equals_the_whole(cuts):
 
 def test_a_run_without_faces_and_the_empty_run():
     whole = pa.Table.from_pylist([row(0, label="mask", conf=0.99), row(1, label="no_mask", conf=0.5)], schema=SCHEMA)
-    p = prof.batch_profile(whole, alert_class="no_mask")
+    p = prof.batch_profile(whole, alert_classes=("no_mask",))
     assert p["photos_with_faces"] == 0 and p["faces_per_photo"] == [0] * 9 and p["no_face"] == 0
     assert prof.figures(p)["faces_per_photo"] is None and prof.figures(p)["verdict_rate"] == 0.5
-    empty = prof.RunProfile(alert_class="no_mask").finish(elapsed_s=0.0, cost={})
+    empty = prof.RunProfile(alert_classes=("no_mask",)).finish(elapsed_s=0.0, cost={})
     assert empty["images"] == 0 and empty["images_per_s"] is None
     assert all(v is None for k, v in prof.figures(empty).items() if k not in ("images", "elapsed_s"))
 
@@ -102,7 +102,7 @@ def test_profiles_of_other_bins_do_not_merge():
 def test_the_runs_view_reads_the_profile_from_the_commit_and_sql_gives_cost_per_1000(tmp_path):
     out = str(tmp_path / "out")
     table = known_mix()
-    fold = prof.RunProfile(alert_class="no_mask")
+    fold = prof.RunProfile(alert_classes=("no_mask",))
     fold.update(table)
     p = fold.finish(elapsed_s=4.0, cost={"cluster_cpu_s": 8.0, "cluster_gpu_s": 0.0, "gpus": 0, "actors": 2})
     writer = results.AttemptWriter(out, "r", SCHEMA)
@@ -122,7 +122,7 @@ def test_compaction_and_vacuum_keep_the_runs_profile(tmp_path):
 
     out = str(tmp_path / "out")
     table = known_mix()
-    fold = prof.RunProfile(alert_class="no_mask")
+    fold = prof.RunProfile(alert_classes=("no_mask",))
     fold.update(table)
     p = fold.finish(elapsed_s=2.0, cost={})
     writer = results.AttemptWriter(out, "r", SCHEMA, rows_per_file=2)  # five small files: compaction rewrites them

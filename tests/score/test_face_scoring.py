@@ -214,7 +214,7 @@ def test_each_commit_carries_the_profile_folded_while_scoring(photos):
     for run in ("auto", "cf", "whole"):
         got = records[run].raw["profile"]
         # computed batch by batch while scoring; re-reading the committed rows gives the same counts
-        again = profile.batch_profile(results.read_results(photos["cfg"].output, [run]), alert_class="no_mask",
+        again = profile.batch_profile(results.read_results(photos["cfg"].output, [run]), alert_classes=("no_mask",),
                                       detected=run != "whole")
         for key in ("images", "ok", "errors", "error_reasons", "labels", "no_face", "alerts", "faces",
                     "photos_with_faces", "faces_per_photo", "face_labels", "confidence", "sizes", "pixels", "bytes"):

@@ -75,7 +75,7 @@ def _scored(root: str, *, faces: bool = True) -> pa.Table:
 
 def test_numbers_equal_a_hand_count(tmp_path):
     truth = _truth(str(tmp_path))
-    section, images = dr.detection_section(truth, dr.face_rows(_scored(str(tmp_path))), CLASSES, "no_mask")
+    section, images = dr.detection_section(truth, dr.face_rows(_scored(str(tmp_path))), CLASSES, ("no_mask",))
     assert section["available"] and section["iou"] == 0.5
     assert (section["images"], section["error_rows"], section["whole_image_rows"]) == (4, 1, 1)
     assert (section["faces"], section["detections"], section["matched"]) == (5, 4, 3)
@@ -106,7 +106,7 @@ def test_numbers_equal_a_hand_count(tmp_path):
 
 def test_breakdown_falls_back_to_the_class_and_sizes_bin_at_their_edges(tmp_path):
     truth = {k: ImageBoxes(**{**v.__dict__, "attributes": ()}) for k, v in _truth(str(tmp_path)).items()}
-    section, _ = dr.detection_section(truth, dr.face_rows(_scored(str(tmp_path))), CLASSES, "no_mask")
+    section, _ = dr.detection_section(truth, dr.face_rows(_scored(str(tmp_path))), CLASSES, ("no_mask",))
     assert section["breakdown_by"] == "class"
     assert {r["class"]: (r["faces"], r["found"], r["right"]) for r in section["by_group"]} == \
         {"mask": (3, 2, 1), "no_mask": (2, 1, 1)}
@@ -116,7 +116,7 @@ def test_breakdown_falls_back_to_the_class_and_sizes_bin_at_their_edges(tmp_path
 
 def test_rows_without_a_faces_column_give_the_no_boxes_section(tmp_path):
     section, images = dr.detection_section(_truth(str(tmp_path)), dr.face_rows(_scored(str(tmp_path), faces=False)),
-                                           CLASSES, "no_mask")
+                                           CLASSES, ("no_mask",))
     assert section == {"available": False, "reason": dr.NO_BOXES, "images": 4} and images == []
     md = "\n".join(eval_reports.detection_markdown(section, "scene", "no_mask"))
     assert "no face boxes in the scored rows" in md
@@ -132,7 +132,7 @@ def _write_images(root: str) -> None:
 def test_boxed_sheet_draws_each_kind_in_its_colour_under_a_legend(tmp_path):
     root = str(tmp_path)
     _write_images(root)
-    _, images = dr.detection_section(_truth(root), dr.face_rows(_scored(root)), CLASSES, "no_mask")
+    _, images = dr.detection_section(_truth(root), dr.face_rows(_scored(root)), CLASSES, ("no_mask",))
     png, layout = dr.boxed_sheet(images, 2)
     sheet = Image.open(io.BytesIO(png)).convert("RGB")
     assert layout["tiles"] == 2 and layout["legend_height"] == eval_reports.LEGEND
@@ -169,7 +169,7 @@ def test_evaluate_detection_reads_coco_and_writes_the_sheet(tmp_path):
     none = dr.evaluate_detection(_scored(root, faces=False), dr.default_annotations(root, "scene"), paths, CLASSES,
                                  "no_mask", iou=0.5, max_tiles=8, output=str(tmp_path / "o2"), split="scene")
     assert none["available"] is False and not os.path.exists(tmp_path / "o2" / "boxes_scene.png")
-    unannotated = dr.evaluate_detection(_scored(root), None, paths, CLASSES, "no_mask", iou=0.5, max_tiles=8,
+    unannotated = dr.evaluate_detection(_scored(root), None, paths, CLASSES, ("no_mask",), iou=0.5, max_tiles=8,
                                         output=out, split="val")
     assert unannotated["available"] is False and unannotated["annotations"] is None
 

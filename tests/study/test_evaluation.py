@@ -77,10 +77,9 @@ def test_calibration_by_hand():
     assert classification.calibration([], [], n_bins=5)["ece"] is None
 
 
-def test_default_positive_class():
-    assert evaluation.default_positive_class(("mask", "no_mask")) == "no_mask"
-    assert evaluation.default_positive_class(("WithMask", "WithoutMask")) == "WithoutMask"
-    assert evaluation.default_positive_class(("a", "b", "c")) == "c"
+def test_positive_class_flag_says_what_replaced_it():
+    with pytest.raises(ValueError, match="--positive-class was replaced.*--roc-classes no_mask"):
+        evaluation.EvalConfig(model="m", data="d", output="o", positive_class="no_mask")
 
 
 def _tiles(png: bytes, layout: dict) -> list[str]:
@@ -218,7 +217,7 @@ def test_bad_input_is_one_sentence(evaluated, tmp_path):
     with pytest.raises(UserError, match="no labelled images in split 'scene'"):
         evaluate(EvalConfig(**base, split=("scene",)))
     with pytest.raises(UserError, match="not a class of the model"):
-        evaluate(EvalConfig(**base, positive_class="hat"))
+        evaluate(EvalConfig(**base, roc_classes=("hat",)))
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError):
         evaluate(EvalConfig(**{**base, "output": str(tmp_path / "file" / "o")}))
@@ -256,7 +255,7 @@ def test_synthetic_scene_split_gets_a_complete_detection_section(tmp_path, ray_l
         assert not os.path.exists(os.path.join(out, "boxes_scene.png"))
         scored = _with_true_faces(scored, det["annotations"])  # a perfect detector's rows: the joins line up
         det = detection_report.evaluate_detection(scored, det["annotations"], scored.column("path").to_pylist(),
-                                                  CLASSES, "no_mask", iou=0.5, max_tiles=4, output=out,
+                                                  CLASSES, ("no_mask",), iou=0.5, max_tiles=4, output=out,
                                                   split="scene")
         assert det["recall"] == det["precision"] == det["ap50"] == 1.0 and det["face_accuracy"] is not None
     coco = storage.read_json(os.path.join(data, "scene.coco.json"))
@@ -301,7 +300,7 @@ def test_a_photo_with_no_face_found_is_no_alert_not_a_crash():
     table = pa.table({"path": ["a.jpg", "b.jpg", "c.jpg"], "status": ["ok", "ok", "error"],
                       "error": [None, None, "truncated image"], "label": [None, "no_mask", None],
                       prob_column("mask"): [None, 0.2, None], prob_column("no_mask"): [None, 0.8, None]})
-    joined = join_rows(table, {"a.jpg": 1, "b.jpg": 1, "c.jpg": 0}, classes)
+    joined = join_rows(table, {"a.jpg": 1, "b.jpg": 1, "c.jpg": 0}, classes, ("no_mask",))
     assert joined["ok"].tolist() == [True, True, False]
     assert joined["pred"].tolist() == [0, 1, -1]
     assert joined["probs"][0].tolist() == [1.0, 0.0]
