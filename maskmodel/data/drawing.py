@@ -151,10 +151,26 @@ def draw_person(layer: Image.Image, rng: np.random.Generator) -> dict:
     return g
 
 
-def draw_mask(layer: Image.Image, rng: np.random.Generator, style: str, g: dict) -> None:
-    """A mask over nose and mouth, from just below the eyes to under the chin, with loops or straps."""
+#: The styles :func:`draw_mask` draws.
+MASK_STYLES = ("surgical", "n95", "cloth")
+#: How a mask can be worn: properly (over nose and mouth), and the two ways of ``mask_incorrect``.
+WORN = ("properly", "below_nose", "chin")
+
+
+def draw_mask(layer: Image.Image, rng: np.random.Generator, style: str, g: dict, *, worn: str = "properly") -> None:
+    """A mask with loops or straps: ``worn`` properly, from just below the eyes to under the chin over nose and
+    mouth; ``below_nose``, its top edge under the nose tip (nostrils and nose visible, mouth covered); or on the
+    ``chin``, its top edge under the lips (nose and mouth visible). Raises :class:`ValueError` for another
+    ``worn``."""
+    if worn not in WORN:
+        raise ValueError(f"unknown way of wearing a mask {worn!r}; expected one of {WORN}")
     p, w, hx, cy = _Pen(layer), g["w"], g["hx"], g["cy"]
     top, bottom, m = g["eye"] + rng.uniform(3.5, 5.5), g["chin"] + rng.uniform(2, 5), g["mouth"]
+    if worn == "below_nose":
+        top = g["nose"] + rng.uniform(1.5, 3.0)
+    elif worn == "chin":
+        top = m + rng.uniform(3.0, 4.5)
+        m = top + 1.0  # no straight sides to speak of: the mask is a cup around the chin
     side = max(w(m), 14) + rng.uniform(1.5, 3.5)
     outline = ([(50 - w(top) + 1, top), (50, top - 2.5), (50 + w(top) - 1, top)]
                + [(50 + side, y) for y in np.linspace(top + 5, m + 4, 4)]

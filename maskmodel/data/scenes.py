@@ -10,11 +10,13 @@ to chin and cheek to cheek, ears excluded, as face-detection sets such as
 WIDER FACE draw them, through the rotation) comes back in final pixels with
 its class and variant, for the COCO annotations ``write_dataset`` writes.
 
-The scene's own class (its folder) is the image-level verdict of
-:func:`maskmodel.alert.deciding_face`'s rule: ``no_mask`` scenes hold at least
-one unmasked face (hard negatives included) among masked ones; ``mask``
-scenes hold only masked faces, or none at all (a picture with no face raises
-no alert).
+The scene's own class (its folder) follows the photo verdict of
+:mod:`maskmodel.alert` (an alert picture when any face is of an alert class):
+``no_mask`` scenes hold at least one unmasked face (hard negatives included)
+among faces of any class; ``mask_incorrect`` scenes hold at least one mask worn
+below the nose or on the chin, among properly masked ones, and no unmasked
+face; ``mask`` scenes hold only properly masked faces, or none at all (a
+picture with no face raises no alert).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from maskmodel.data.drawing import (
+    MASK_STYLES,
     SUPERSAMPLE,
     background,
     camera,
@@ -66,13 +69,17 @@ class Scene:
         return "+".join(f.variant for f in self.faces) or "empty"
 
 
-def face_classes(label: str, rng: np.random.Generator) -> list[str]:
-    """The classes of a scene's faces, the first one deciding: see the module docstring."""
+def face_classes(label: str, rng: np.random.Generator, incorrect_share: float = 0.0) -> list[str]:
+    """The classes of a scene's faces, the first one deciding: see the module docstring. Besides the first,
+    a face is ``mask_incorrect`` with probability ``incorrect_share`` (in ``no_mask`` and ``mask_incorrect``
+    scenes), else ``mask`` or (in ``no_mask`` scenes) ``no_mask`` alike."""
     if label == "mask":
         k = 0 if rng.random() < EMPTY_SHARE else int(rng.integers(1, MAX_FACES + 1))
         return ["mask"] * k
     k = int(rng.integers(1, MAX_FACES + 1))
-    return ["no_mask"] + [("mask", "no_mask")[int(rng.integers(2))] for _ in range(k - 1)]
+    others = ("mask", "no_mask") if label == "no_mask" else ("mask", "mask")
+    return [label] + ["mask_incorrect" if incorrect_share and rng.random() < incorrect_share
+                      else others[int(rng.integers(2))] for _ in range(k - 1)]
 
 
 def _face_outline(g: dict, layer_px: int) -> np.ndarray:
@@ -103,16 +110,17 @@ def _covered(alpha: np.ndarray, at: tuple[int, int], box: np.ndarray) -> float:
 
 
 def render_scene(label: str, index: int, rng: np.random.Generator, *, size: int, variant_for,
-                 min_face: int = MIN_FACE) -> Scene:
+                 min_face: int = MIN_FACE, incorrect_share: float = 0.0) -> Scene:
     """Scene ``index`` of class ``label``, ``size`` px square, drawn from ``rng`` alone.
 
     ``variant_for(label, i)`` names the variant of the scene's ``i``-th face
-    (the generator's hard-negative sequence). Faces that cannot be placed
+    (the generator's hard-negative sequence; for ``mask_incorrect`` how the mask is worn, ``below_nose`` or
+    ``chin``). ``incorrect_share``: see :func:`face_classes`. Faces that cannot be placed
     without hiding another are left out, except the first, which always fits.
     """
     ss = size * SUPERSAMPLE
     canvas = background(ss, rng, busy=True)
-    classes = face_classes(label, rng)
+    classes = face_classes(label, rng, incorrect_share)
     top = max(min_face, MAX_SHARE.get(len(classes), MAX_SHARE[MAX_FACES]) * size)
     placed: list[tuple[np.ndarray, SceneFace]] = []  # (face box in canvas pixels, the face)
     for i, cls in enumerate(classes):
@@ -123,6 +131,8 @@ def render_scene(label: str, index: int, rng: np.random.Generator, *, size: int,
         g = draw_person(layer, rng)
         if cls == "mask":
             draw_mask(layer, rng, variant, g)
+        elif cls == "mask_incorrect":
+            draw_mask(layer, rng, MASK_STYLES[int(rng.integers(len(MASK_STYLES)))], g, worn=variant)
         elif variant in ("hand", "paper", "scarf"):
             {"hand": draw_hand, "paper": draw_paper, "scarf": draw_scarf}[variant](layer, rng, g)
         angle = rng.uniform(-20, 20)

@@ -11,7 +11,11 @@ face covered by something that is not a mask: a skin-coloured hand with fingers
 and a wrist, a rectangular sheet of paper held by its corners with no straps, or
 a scarf wrapped below the chin that leaves the mouth visible. So "something
 covers the mouth" is not enough: a model has to tell a mask's shape, texture
-and straps from skin, fingers and straight paper edges. Everything else (skin
+and straps from skin, fingers and straight paper edges. ``mask_incorrect``
+(on by default, ``incorrect_share`` of the faces; 0 draws two classes only):
+the same masks worn wrong, the most common violation in practice: below the
+nose (nose visible, mouth covered; variant ``below_nose``) or down on the chin
+(nose and mouth visible; variant ``chin``). Everything else (skin
 tone, hair, eyes, glasses, beard, position, scale, rotation, lighting,
 background, blur, JPEG quality) is drawn from the same distributions for both
 classes, so it carries no label.
@@ -19,12 +23,14 @@ classes, so it carries no label.
 Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset"``, tar shards
 ``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
-(``max(2, round(n/4))`` each) and ``detect`` (``max(2, round(0.4 n))``). ``train``/``val``/``test`` are tight face crops;
+(``max(2, round(n/4))`` each) and ``detect`` (``max(2, round(0.4 n))``); ``mask_incorrect`` gets as
+many as makes it ``incorrect_share`` of the split (:func:`class_sizes`; the default third: as many as the others). ``train``/``val``/``test`` are tight face crops;
 ``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
 hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
-picture (:mod:`maskmodel.data.scenes`); their folder is the picture's verdict
-(``no_mask`` if any face is unmasked, else ``mask``, a picture with no face
-included), so tools that score whole pictures by folder keep working. Every
+picture (:mod:`maskmodel.data.scenes`); their folder follows the picture's verdict
+(``no_mask`` if any face is unmasked, else ``mask_incorrect`` if any mask is worn
+wrong, else ``mask``, a picture with no face included: an alert picture is in an
+alert class's folder), so tools that score whole pictures by folder keep working. Every
 scene face's box, class and variant is in ``scene.coco.json`` (COCO JSON, paths
 relative to ``<out>``; read it with :func:`maskmodel.data.annotations.read_coco`).
 ``detect`` holds more such scenes, drawn from their own seeds, with their boxes in
@@ -32,7 +38,7 @@ relative to ``<out>``; read it with :func:`maskmodel.data.annotations.read_coco`
 split stays unseen by the detector as by the classifier.
 ``dataset.json`` records the generator's parameters and the counts;
 ``variants.csv`` gives each file's variant (``surgical``, ``n95``, ``cloth``,
-``plain``, ``hand``, ``paper``, ``scarf``; for a scene its faces' variants
+``plain``, ``hand``, ``paper``, ``scarf``, ``below_nose``, ``chin``; for a scene its faces' variants
 joined by ``+``, or ``empty``) to break accuracy down by failure mode.
 
 Determinism: image ``i`` of a split and class is drawn from
@@ -56,6 +62,7 @@ from PIL import Image
 
 from maskmodel.config import field, resolve_paths
 from maskmodel.data.drawing import (
+    MASK_STYLES,
     SUPERSAMPLE,
     background,
     camera,
@@ -71,11 +78,14 @@ from maskmodel.io import storage
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # bump whenever a seed would draw different pictures (2: scenes with boxes; 3: the detect split)
+# Bump whenever a seed would draw different pictures (2: scenes with boxes; 3: the detect split; 4: mask_incorrect).
+VERSION = 4
 SPLITS = ("train", "val", "test", "scene", "detect")  # append only: the index is part of every picture's seed
 SCENE_SPLITS = ("scene", "detect")  # pictures of 0-4 faces with their boxes in <split>.coco.json
-CLASSES = ("mask", "no_mask")
-MASK_STYLES = ("surgical", "n95", "cloth")
+CLASSES = ("mask", "no_mask", "mask_incorrect")  # append only: the index is part of every picture's seed
+INCORRECT = "mask_incorrect"
+WORN_WRONG = ("below_nose", "chin")  # the variants of mask_incorrect (maskmodel.data.drawing.WORN)
+DEFAULT_INCORRECT_SHARE = 1 / 3  # as many mask_incorrect pictures as mask or no_mask ones
 HARD_NEGATIVES = ("hand", "paper", "scarf")
 SCENE_ANNOTATIONS = "scene.coco.json"  # COCO boxes of the scene split, next to it
 DETECT_ANNOTATIONS = "detect.coco.json"  # COCO boxes of the detect split (the face detector's training scenes)
@@ -96,6 +106,10 @@ class DatasetConfig:
     seed: int = field(0, help="random seed; the same seed writes byte-identical files")
     hard_negative_fraction: float = field(0.3, help="share of no_mask images whose face is covered by a hand, "
                                                     "paper or scarf")
+    incorrect_share: float = field(DEFAULT_INCORRECT_SHARE,
+                                   help="share of each split's pictures (and of the scenes' other faces) in the "
+                                        "mask_incorrect class, a mask worn below the nose or on the chin (default "
+                                        "a third: as many as mask or no_mask; 0: two classes only)")
     workers: int = field(16, help="threads drawing and writing images (writes to object storage are I/O bound)")
     overwrite: bool = field(False, help="replace a dataset already at --out (only its own folders and files)")
     format: str = field("folders", choices=("folders", "webdataset"),
@@ -115,6 +129,8 @@ class DatasetConfig:
             raise ValueError(f"seed must be zero or positive, got {self.seed}")
         if not 0.0 <= self.hard_negative_fraction <= 1.0:
             raise ValueError(f"hard_negative_fraction must be between 0 and 1, got {self.hard_negative_fraction}")
+        if not 0.0 <= self.incorrect_share <= 0.8:
+            raise ValueError(f"incorrect_share must be between 0 and 0.8, got {self.incorrect_share}")
         if not 1 <= self.workers <= 256:
             raise ValueError(f"workers must be between 1 and 256, got {self.workers}")
         if self.shard_size < 1:
@@ -127,15 +143,17 @@ def scene_side(config: DatasetConfig) -> int:
 
 
 def render_scene_sample(label: str, index: int, *, size: int = 256, seed: int = 0,
-                        hard_negative_fraction: float = 0.3, split: str = "scene") -> Scene:
+                        hard_negative_fraction: float = 0.3, split: str = "scene",
+                        incorrect_share: float = DEFAULT_INCORRECT_SHARE) -> Scene:
     """Scene ``index`` of ``label`` (the picture's verdict) of ``split`` (one of :data:`SCENE_SPLITS`), drawn
-    from its own seed like :func:`render_sample`."""
+    from its own seed like :func:`render_sample`; ``incorrect_share``: the chance that a face besides the
+    deciding one wears its mask wrong (:func:`maskmodel.data.scenes.face_classes`)."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     if split not in SCENE_SPLITS:
         raise ValueError(f"unknown scene split {split!r}; expected one of {SCENE_SPLITS}")
     rng = np.random.default_rng((seed, SPLITS.index(split), CLASSES.index(label), index))
-    return render_scene(label, index, rng, size=size,
+    return render_scene(label, index, rng, size=size, incorrect_share=incorrect_share,
                         variant_for=lambda cls, i: variant_for(cls, i, rng, hard_negative_fraction))
 
 
@@ -148,10 +166,30 @@ def split_sizes(n_per_class: int) -> dict[str, int]:
             "detect": max(2, round(0.4 * n_per_class))}
 
 
+def dataset_classes(incorrect_share: float) -> tuple[str, ...]:
+    """The classes a dataset holds: all of :data:`CLASSES`, or ``mask`` and ``no_mask`` when the share is 0."""
+    return CLASSES if incorrect_share > 0 else CLASSES[:2]
+
+
+def class_sizes(n_per_class: int, incorrect_share: float) -> dict[str, dict[str, int]]:
+    """Pictures per split and class: :func:`split_sizes` for ``mask`` and ``no_mask``; for ``mask_incorrect``
+    (when ``incorrect_share`` > 0) ``round(2 n s / (1 - s))`` of a split of ``n`` per class, at least 1, so that
+    it is the share ``s`` of the split."""
+    out = {}
+    for split, n in split_sizes(n_per_class).items():
+        out[split] = {"mask": n, "no_mask": n}
+        if incorrect_share > 0:
+            out[split][INCORRECT] = max(1, round(2 * n * incorrect_share / (1 - incorrect_share)))
+    return out
+
+
 def variant_for(label: str, index: int, rng: np.random.Generator, hard_negative_fraction: float) -> str:
-    """The variant of image ``index``: a mask style for ``mask``; ``plain`` or a hard negative for ``no_mask``."""
+    """The variant of image ``index``: a mask style for ``mask``; ``plain`` or a hard negative for ``no_mask``;
+    how the mask is worn for ``mask_incorrect`` (:data:`WORN_WRONG`, alternating)."""
     if label == "mask":
         return MASK_STYLES[int(rng.integers(len(MASK_STYLES)))]
+    if label == INCORRECT:
+        return WORN_WRONG[index % len(WORN_WRONG)]
     # A golden-ratio sequence instead of coin flips: every split, however small,
     # gets close to the requested share of hard negatives and all three kinds.
     u = ((index + 1) * 0.6180339887498949) % 1.0
@@ -196,6 +234,8 @@ def render_sample(split: str, label: str, index: int, *, image_size: int = 96, s
     draw = {"hand": draw_hand, "paper": draw_paper, "scarf": draw_scarf}.get(variant)
     if label == "mask":
         draw_mask(layer, rng, variant, g)
+    elif label == INCORRECT:
+        draw_mask(layer, rng, MASK_STYLES[int(rng.integers(len(MASK_STYLES)))], g, worn=variant)
     elif draw:
         draw(layer, rng, g)
     layer = layer.rotate(rng.uniform(-20, 20), resample=Image.BICUBIC, expand=True)
@@ -254,9 +294,11 @@ def write_dataset(config: DatasetConfig) -> dict:
                         f"pass --overwrite to replace it or choose another --out.")
     for name in existing:
         storage.delete(storage.join(config.out, name))
-    sizes, started, done = split_sizes(config.n_per_class), time.monotonic(), itertools.count(1)
-    # Classes interleaved, so that every shard holds both.
-    files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for i in range(sizes[s]) for c in CLASSES]
+    sizes, started, done = class_sizes(config.n_per_class, config.incorrect_share), time.monotonic(), itertools.count(1)
+    classes = dataset_classes(config.incorrect_share)
+    # Classes interleaved, so that every shard holds all.
+    files = [(s, c, f"{s}/{c}/{i:06d}.jpg") for s in SPLITS for i in range(max(sizes[s].values())) for c in classes
+             if i < sizes[s][c]]
     last_log = [started]
     shards = config.format == "webdataset"
 
@@ -265,7 +307,8 @@ def write_dataset(config: DatasetConfig) -> dict:
     def make(split: str, label: str, path: str) -> tuple[str, bytes, tuple]:
         if split in SCENE_SPLITS:
             scene = render_scene_sample(label, int(path[-10:-4]), size=scene_px, seed=config.seed,
-                                        hard_negative_fraction=config.hard_negative_fraction, split=split)
+                                        hard_negative_fraction=config.hard_negative_fraction, split=split,
+                                        incorrect_share=config.incorrect_share)
             sample, faces = Sample(scene.image, scene.variant, scene.jpeg_quality), scene.faces
         else:
             faces = ()
@@ -297,7 +340,7 @@ def write_dataset(config: DatasetConfig) -> dict:
                 if shards:
                     shard = f"{split}/{split}-{k // config.shard_size:06d}.tar"
                     storage.write_bytes(storage.join(config.out, shard),
-                                        _webdataset_tar([(p.split("/", 1)[1], CLASSES.index(c), d)
+                                        _webdataset_tar([(p.split("/", 1)[1], classes.index(c), d)
                                                          for (_, c, p), (_, d, _) in zip(chunk, made)]))
                     names = [f"{shard}#{p.split('/', 1)[1]}" for _, _, p in chunk]
                 else:
@@ -307,14 +350,14 @@ def write_dataset(config: DatasetConfig) -> dict:
                                 if s in SCENE_SPLITS]
     for split, name in (("scene", SCENE_ANNOTATIONS), ("detect", DETECT_ANNOTATIONS)):
         _write_scene_annotations(config.out, [f[1:] for f in scene_faces if f[0] == split], scene_px, name=name,
-                                 split=split)
+                                 split=split, classes=classes)
     storage.write_text(storage.join(config.out, "variants.csv"),
                        "path,label,split,variant\n" + "".join(",".join(r) + "\n" for r in rows))
     # Only what decides the pictures: the same seed gives the same file wherever it is written.
     record = {"generator": "maskmodel.data.synth", "version": VERSION, "seed": config.seed,
               "image_size": config.image_size, "scene_size": scene_px, "n_per_class": config.n_per_class,
-              "hard_negative_fraction": config.hard_negative_fraction, "classes": list(CLASSES),
-              "splits": {s: {c: sizes[s] for c in CLASSES} for s in SPLITS},
+              "hard_negative_fraction": config.hard_negative_fraction, "incorrect_share": config.incorrect_share,
+              "classes": list(classes), "splits": sizes,
               "variants": {s: dict(sorted(Counter(r[3] for r in rows if r[2] == s).items())) for s in SPLITS},
               "total": len(rows), "format": config.format,
               "scene_annotations": _annotation_record(SCENE_ANNOTATIONS, [f for f in scene_faces if f[0] == "scene"]),
@@ -335,7 +378,7 @@ def _annotation_record(name: str, scenes: list[tuple]) -> dict:
 
 
 def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], size: int, *, name: str,
-                             split: str) -> None:
+                             split: str, classes: tuple[str, ...]) -> None:
     """``<out>/<name>``: per picture of ``split`` (path relative to ``out``) its faces' boxes, classes, variants."""
     from maskmodel.data.annotations import ImageBoxes, write_coco
 
@@ -344,7 +387,8 @@ def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], siz
                           classes=tuple(f.label for f in faces), labels=tuple("face" for _ in faces),
                           attributes=tuple({"variant": f.variant} for f in faces), extra={"label": label})
                for name, label, faces in scenes]
-    write_coco(records, storage.join(out, name), categories=CLASSES,
-               info={"description": f"maskmodel.data.synth {split} split: every face's box, class (mask/no_mask) "
-                                    f"and variant; images[].label is the picture's verdict (its folder)",
+    write_coco(records, storage.join(out, name), categories=classes,
+               info={"description": f"maskmodel.data.synth {split} split: every face's box, class "
+                                    f"({'/'.join(classes)}) and variant; images[].label is the picture's folder "
+                                    f"(an alert class's when any face is of one)",
                      "version": VERSION})

@@ -44,7 +44,7 @@ per_label AS (
 labels AS (
     SELECT run_id, string_agg(label || ': ' || n, ', ' ORDER BY label) AS labels FROM per_label GROUP BY run_id)
 SELECT r.run_id, coalesce(a.images, 0) AS images, coalesce(a.ok, 0) AS ok, coalesce(a.errors, 0) AS errors,
-       r.skipped, coalesce(l.labels, '') AS labels, round(a.mean_confidence, 4) AS mean_confidence,
+       r.skipped, coalesce(l.labels, '') AS labels, r.alerts, round(a.mean_confidence, 4) AS mean_confidence,
        r.model_id, r.precision, r.actors, round(r.elapsed_s, 1) AS elapsed_s, r.committed_at, r.version
 FROM runs r LEFT JOIN agg a USING (run_id) LEFT JOIN labels l USING (run_id)
 ORDER BY r.committed_at, r.run_id
@@ -74,7 +74,8 @@ class QueryConfig:
 
     results: str = field(path=True, help="URI of the results folder (the --output of jobs.score)")
     sql: str = field("", positional=True, help="SQL over the views `predictions` and `runs`")
-    summary: bool = field(False, help="print per run: images, ok, errors, skipped, per-label counts, mean "
+    summary: bool = field(False, help="print per run: images, ok, errors, skipped, per-label counts, alerts (photos "
+                                      "whose verdict is an alert class, from the run's profile), mean "
                                       "confidence, model, precision, actors, elapsed seconds, commit time and version")
     run_id: tuple[str, ...] = field((), help="only these committed runs (default: all)")
     as_of_version: int | None = field(None, help="read the table as of this Delta version, for audits "
@@ -189,7 +190,7 @@ def query(results_uri: str, sql: str, *, run_ids: Iterable[str] | None = None,
 
 
 def summary(results_uri: str, *, run_ids: Iterable[str] | None = None, version: int | None = None) -> pa.Table:
-    """Per committed run: images, ok, errors, skipped, per-label counts, mean confidence, model id, precision,
+    """Per committed run: images, ok, errors, skipped, per-label counts, alerts, mean confidence, model id, precision,
     actors, elapsed seconds, commit time and Delta version."""
     return query(results_uri, SUMMARY_SQL, run_ids=run_ids, version=version)
 

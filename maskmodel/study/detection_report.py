@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 NO_BOXES = ("no face boxes in the scored rows: the scoring run wrote no `faces` column (scored without a face "
             "stage), so detection cannot be evaluated; score with --faces auto or a detector")
 SIZE_EDGES = (32, 64, 128, 256)  # face size bins, sqrt(w * h) in original pixels: <32, 32-64, ..., >=256
-VARIANT_ORDER = ("plain", "surgical", "n95", "cloth", "hand", "paper", "scarf")
+VARIANT_ORDER = ("plain", "surgical", "n95", "cloth", "below_nose", "chin", "hand", "paper", "scarf")
 FACE_KINDS = ("right", "wrong", "missed", "false")  # box colours of the sheet: eval_reports.BOX_COLORS
 
 

@@ -154,6 +154,9 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
     records = read_boxes(config.data, images_root=config.images_root, face_classes=config.face_classes)
     val_records = (read_boxes(config.val_data, images_root=config.images_root, face_classes=config.face_classes)
                    if config.val_data else None)
+    folded = list(config.face_classes) or sorted({c for r in [*records, *(val_records or [])] for c in r.classes})
+    log.info("annotation classes %s folded into one class 'face': the detector finds faces, the classifier tells "
+             "their classes apart", ", ".join(folded))
     rows = split_rows(records, val_records=val_records, val_fraction=config.val_fraction)
     meta = run_meta(config.arch, ["face"], config.image_size)
     check_resumable(config.output, meta)

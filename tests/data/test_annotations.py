@@ -114,7 +114,7 @@ def test_synthetic_scenes_hold_boxes_and_the_verdict(tmp_path):
     record = synth.write_dataset(synth.DatasetConfig(out=out, n_per_class=24, image_size=32, workers=4))
     assert record["scene_size"] == 128 and record["scene_annotations"]["file"] == synth.SCENE_ANNOTATIONS
     scenes = read_coco(storage.join(out, synth.SCENE_ANNOTATIONS))
-    assert len(scenes) == 2 * synth.split_sizes(24)["scene"]
+    assert len(scenes) == 3 * synth.split_sizes(24)["scene"]
     variants = set()
     for s in scenes:
         folder = s.path.split("/")[-2]
@@ -127,6 +127,6 @@ def test_synthetic_scenes_hold_boxes_and_the_verdict(tmp_path):
     drawn = [synth.render_scene_sample(label, i, size=128) for label in synth.CLASSES for i in range(30)]
     assert {len(d.faces) for d in drawn} == {0, 1, 2, 3, 4}
     variants = {f.variant for d in drawn for f in d.faces}
-    assert {"hand", "paper", "scarf", "plain"} <= variants and set(synth.MASK_STYLES) <= variants
+    assert {"hand", "paper", "scarf", "plain", *synth.WORN_WRONG} <= variants and set(synth.MASK_STYLES) <= variants
     assert any({f.label for f in d.faces} == {"mask", "no_mask"} for d in drawn)
     assert min(f.box[2] - f.box[0] for d in drawn for f in d.faces) < 32  # small faces too

@@ -44,7 +44,7 @@ def test_counts_per_split_and_class(dataset):
     out, record = dataset
     sizes = synth.split_sizes(N)
     for split in synth.SPLITS:
-        for label in synth.CLASSES:
+        for label in synth.CLASSES:  # the default share: as many mask_incorrect as mask or no_mask
             files = storage.list_files(storage.join(out, split, label), extensions=IMAGE_EXTENSIONS)
             names = [f.uri.rsplit("/", 1)[-1] for f in files]
             assert names == [f"{i:06d}.jpg" for i in range(sizes[split])]
@@ -52,10 +52,41 @@ def test_counts_per_split_and_class(dataset):
     assert sorted(storage.listdir(out)) == sorted(synth.OWN_ENTRIES)
 
 
+def test_mask_incorrect_is_drawn_with_the_configured_share_and_its_coco_class(tmp_path):
+    """``--incorrect-share``: the share of each split's pictures in mask_incorrect (variants below_nose and
+    chin), scenes whose folder is an alert class hold a face of it, and the COCO boxes carry the class."""
+    from maskmodel.alert import alert_classes, truth_alert
+    from maskmodel.data.annotations import read_coco
+
+    assert synth.class_sizes(100, 0.2)["train"] == {"mask": 100, "no_mask": 100, "mask_incorrect": 50}
+    assert "mask_incorrect" not in synth.class_sizes(100, 0.0)["train"]
+    out = str(tmp_path / "faces")
+    record = synth.write_dataset(synth.DatasetConfig(out=out, n_per_class=8, image_size=32, incorrect_share=0.2))
+    assert record["classes"] == list(synth.CLASSES) and record["incorrect_share"] == 0.2
+    for split, counts in record["splits"].items():
+        files = storage.list_files(storage.join(out, split, "mask_incorrect"), extensions=IMAGE_EXTENSIONS)
+        assert len(files) == counts["mask_incorrect"] == max(1, round(counts["mask"] * 2 * 0.2 / 0.8))
+    assert record["variants"]["train"]["below_nose"] + record["variants"]["train"]["chin"] == 4
+    alerts = alert_classes(record["classes"])
+    assert alerts == ("no_mask", "mask_incorrect")
+    for name in (synth.SCENE_ANNOTATIONS, synth.DETECT_ANNOTATIONS):
+        coco = storage.read_json(storage.join(out, name))
+        assert [c["name"] for c in coco["categories"]] == list(synth.CLASSES)
+        scenes = read_coco(storage.join(out, name))
+        for s in scenes:  # the folder is an alert class exactly when a face is of one
+            folder = s.path.split("/")[-2]
+            assert (folder in alerts) == truth_alert(s.classes, alerts), s.path
+            assert folder != "mask_incorrect" or ("mask_incorrect" in s.classes and "no_mask" not in s.classes)
+        assert any("mask_incorrect" in s.classes for s in scenes)
+    two = synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "two"), n_per_class=2, image_size=32,
+                                                  incorrect_share=0.0))
+    assert two["classes"] == ["mask", "no_mask"] and not storage.exists(str(tmp_path / "two" / "train" / "mask_incorrect"))
+
+
 def test_every_image_decodes_at_the_requested_size(dataset):
     out, _ = dataset
     files = storage.list_files(out, extensions=("jpg",))
-    assert len(files) == 2 * sum(synth.split_sizes(N).values())
+    assert len(files) == 3 * sum(synth.split_sizes(N).values())
     for f in files:  # scenes have room for several faces: four times the crop size, at least 128
         side = 128 if "/scene/" in f.uri or "/detect/" in f.uri else SIZE
         assert decode_image(storage.read_bytes(f.uri)).size == (side, side)
@@ -67,7 +98,7 @@ def test_dataset_json_records_parameters_and_counts(dataset):
     assert on_disk == json.loads(json.dumps(record))
     assert on_disk["version"] == synth.VERSION and on_disk["seed"] == 0
     assert (on_disk["image_size"], on_disk["n_per_class"]) == (SIZE, N)
-    assert on_disk["classes"] == ["mask", "no_mask"]
+    assert on_disk["classes"] == ["mask", "no_mask", "mask_incorrect"]
     assert on_disk["total"] == sum(sum(c.values()) for c in on_disk["splits"].values())
     for split, variants in on_disk["variants"].items():
         assert sum(variants.values()) == sum(on_disk["splits"][split].values())
@@ -115,7 +146,8 @@ def test_refuses_to_overwrite_unless_asked(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"n_per_class": 1}, {"image_size": 16}, {"seed": -1},
-                                 {"hard_negative_fraction": 1.5}, {"workers": 0}])
+                                 {"hard_negative_fraction": 1.5}, {"workers": 0}, {"incorrect_share": 0.9},
+                                 {"incorrect_share": -0.1}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         synth.DatasetConfig(out="unused", **bad)
@@ -130,7 +162,8 @@ def test_s3_round_trip(s3_bucket, dataset):
     for key, data in remote.items():
         if key.endswith(".jpg"):
             assert decode_image(data).size == ((128, 128) if key.startswith(("scene/", "detect/")) else (SIZE, SIZE))
-    assert storage.read_json(storage.join(out, "dataset.json"))["splits"]["scene"] == {"mask": 2, "no_mask": 2}
+    assert storage.read_json(storage.join(out, "dataset.json"))["splits"]["scene"] == {"mask": 2, "no_mask": 2,
+                                                                                  "mask_incorrect": 2}
 
 
 def _job(*args: str, log_level: str = "INFO") -> subprocess.CompletedProcess:
@@ -170,7 +203,7 @@ def test_webdataset_shards_hold_the_same_images(tmp_path):
 
     from maskmodel.data import synth
 
-    kw = dict(n_per_class=6, image_size=40, workers=4)
+    kw = dict(n_per_class=6, image_size=40, workers=4, incorrect_share=0.0)  # two classes: 12 images a split
     synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "folders"), **kw))
     record = synth.write_dataset(synth.DatasetConfig(out=str(tmp_path / "wds"), format="webdataset", shard_size=5, **kw))
     assert record["format"] == "webdataset" and record["total"] == 2 * (6 + 3 * 2 + 2)

@@ -92,7 +92,7 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
     torch.manual_seed(0)
     crop = EvalCrop(crop_size=48)
     train = [(synth.render_sample("train", label, i, image_size=64).jpeg(), c)
-             for c, label in enumerate(synth.CLASSES) for i in range(200)]
+             for c, label in enumerate(synth.CLASSES[:2]) for i in range(200)]
     x = torch.stack([crop(torch.from_numpy(to_uint8_chw(decode(d).image))) for d, _ in train])
     y = torch.tensor([c for _, c in train])
     model = build_model("resnet18", 2)
@@ -104,7 +104,7 @@ def test_reduced_decode_changes_no_label_of_a_trained_model(record_property):
             loss.backward()
             opt.step()
     held_out = [(synth.render_sample("test", label, i, image_size=224).jpeg(), c)
-                for c, label in enumerate(synth.CLASSES) for i in range(150)]
+                for c, label in enumerate(synth.CLASSES[:2]) for i in range(150)]
     assert decode(held_out[0][0], reduce_to=crop.resize_size).image.size == (56, 56)
     full = np.stack([crop(torch.from_numpy(to_uint8_chw(decode(d).image))).numpy() for d, _ in held_out])
     reduced = np.stack([preprocess_image(d, crop)[0] for d, _ in held_out])  # what scoring does

@@ -38,7 +38,8 @@ def out(request, tmp_path):
 
 def test_schema_constant_and_class_columns():
     schema = results.results_schema(["mask", "no mask", "Without-Mask"])
-    assert schema.names == ["path", "archive", "member", "version", "size", "status", "error", "label", "confidence",
+    assert schema.names == ["path", "archive", "member", "version", "size", "status", "error", "label", "alert",
+                            "confidence",
                             "p_mask", "p_no_mask", "p_Without_Mask", "width", "height", "faces", "faces_found",
                             "faces_dropped", "detector", "model_id", "run_id", "scored_at"]
     face = schema.field("faces").type.value_type
@@ -142,7 +143,7 @@ def test_runs_with_different_classes_evolve_the_schema_and_select_runs(tmp_path)
     w2.write(rows(["2"], run_id="b", classes=("WithMask", "WithoutMask")))
     results.commit(w2, meta={})
     table = results.read_results(out).sort_by("path")
-    assert table.column_names[8:13] == ["confidence", "p_mask", "p_no_mask", "p_WithMask", "p_WithoutMask"]
+    assert table.column_names[9:14] == ["confidence", "p_mask", "p_no_mask", "p_WithMask", "p_WithoutMask"]
     assert table.column("p_mask").to_pylist() == [0.5, None]
     assert table.column("p_WithMask").to_pylist() == [None, 0.5]
     assert results.read_results(out, ["b"]).column("path").to_pylist() == ["2"]
@@ -155,6 +156,33 @@ def test_runs_with_different_classes_evolve_the_schema_and_select_runs(tmp_path)
     assert results.read_results(out).schema.names == table.schema.names
     with pytest.raises(UserError, match="changes type|is float"):
         results.merge_schemas(table.schema, pa.schema([pa.field("p_mask", pa.string())]))
+
+
+def test_the_alert_column_appends_to_a_table_written_before_it_and_reads_back_in_duckdb(tmp_path):
+    """A table whose runs predate the ``alert`` verdict column takes a run with it: one schema evolution, the
+    old rows' verdict null, the new rows' as written, through Delta's reader and DuckDB alike (issue 27)."""
+    from maskmodel.results import query
+
+    out = str(tmp_path / "r")
+    old_schema = results.results_schema(["mask", "no_mask"])
+    old_schema = old_schema.remove(old_schema.get_field_index("alert"))  # the previous version's files
+    w1 = results.AttemptWriter(out, "old", old_schema)
+    w1.write(rows(["1", "2"], run_id="old"))
+    results.commit(w1, meta={})
+    assert "alert" not in results.read_results(out).column_names
+    classes = ("mask", "mask_incorrect", "no_mask")
+    new = rows(["3", "4", "5"], run_id="new", classes=classes)
+    new = new.set_column(new.column_names.index("label"), "label", pa.array(["mask_incorrect", "mask", None]))
+    new = new.append_column("alert", pa.array([True, False, None]))
+    w2 = results.AttemptWriter(out, "new", results.results_schema(classes))
+    w2.write(new)
+    results.commit(w2, meta={})
+    table = results.read_results(out).sort_by("path")
+    assert table.schema.field("alert").type == pa.bool_()
+    assert table.column("alert").to_pylist() == [None, None, True, False, None]
+    got = query.query(out, "SELECT run_id, count(*) FILTER (WHERE alert) AS alerts, count(alert) AS known "
+                           "FROM predictions GROUP BY run_id ORDER BY run_id").to_pylist()
+    assert got == [{"run_id": "new", "alerts": 1, "known": 2}, {"run_id": "old", "alerts": 0, "known": 0}]
 
 
 def test_empty_committed_run_reads_as_zero_rows(tmp_path):

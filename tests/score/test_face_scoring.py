@@ -128,9 +128,9 @@ def photos(s3_endpoint, ray_local):
     storage.write_bytes(f"{images}/pair.jpg", pair)
     storage.write_bytes(f"{images}/empty.jpg", no_face())
     storage.write_bytes(f"{images}/broken.jpg", b"\xff\xd8\xff not really")
-    # A run written before the face columns existed: the table's schema lacks them.
+    # A run written before the face columns and the alert verdict existed: the table's schema lacks them.
     old = pa.schema([f for f in results.results_schema(CLASSES)
-                     if f.name not in ("faces", "faces_found", "faces_dropped", "detector")])
+                     if f.name not in ("faces", "faces_found", "faces_dropped", "detector", "alert")])
     writer = results.AttemptWriter(out, "old", old)
     writer.write(pa.Table.from_pylist([{"path": f"{images}/hopper.jpg", "status": "ok", "label": "mask",
                                         "confidence": 0.9, "p_mask": 0.9, "p_no_mask": 0.1, "model_id": "m0",
@@ -183,6 +183,12 @@ def test_no_face_is_an_ok_row_whole_image_with_auto_unlabelled_with_a_named_dete
     for run in ("auto", "cf", "whole"):
         broken = rows[(run, "broken.jpg")]
         assert broken["status"] == "error" and broken["faces"] is None and broken["faces_found"] is None
+        assert broken["alert"] is None  # an error row has no verdict
+    # The verdict column: alert when the deciding label is an alert class; no face found and no fallback: no alert.
+    for (run, _), row in rows.items():
+        if run != "old" and row["status"] == "ok":
+            assert row["alert"] is (row["label"] == "no_mask"), row
+    assert cf["alert"] is False and rows[("old", "hopper.jpg")]["alert"] is None
     assert [r.ok for r in photos["results"]] == [3, 3, 3]
 
 
