@@ -192,8 +192,8 @@ def evaluate(checks: DriftChecks, run: Mapping[str, Any], baseline: Mapping[str,
     """Every configured check of profile ``run`` against the pooled ``baseline`` profile (or none)."""
     out: list[CheckResult] = []
     # The watched rate: one label's when the checks name it, else the alert (verdict) rate over all alert classes.
-    label = checks.label or "|".join(prof.profile_alert_classes(run))
     watched = [checks.label] if checks.label else prof.profile_alert_classes(run)
+    label = watched[0] if len(watched) == 1 else f"alert ({', '.join(watched)})"
     x1, n1 = sum(run.get("labels", {}).get(c, 0) for c in watched), sum(run.get("labels", {}).values())
     x0, n0 = (sum(baseline.get("labels", {}).get(c, 0) for c in watched), sum(baseline.get("labels", {}).values())) \
         if baseline else (0, 0)

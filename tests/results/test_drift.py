@@ -27,7 +27,7 @@ def night(*, mask: int, no_mask: int, errors: int = 0, no_face: int = 0, conf_bi
           seconds: float = 10.0) -> dict:
     """A profile of ``mask`` + ``no_mask`` photos with a verdict (all confidences in one bin), plus errors and
     photos without a face."""
-    p = prof.empty_profile("no_mask")
+    p = prof.empty_profile(("no_mask",))
     ok = mask + no_mask + no_face
     hist = [0] * prof.CONFIDENCE_BINS
     hist[conf_bin] = 1

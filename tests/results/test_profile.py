@@ -94,7 +94,7 @@ def test_a_run_without_faces_and_the_empty_run():
 
 
 def test_profiles_of_other_bins_do_not_merge():
-    a = prof.empty_profile("no_mask")
+    a = prof.empty_profile(("no_mask",))
     with pytest.raises(ValueError, match="confidence_bins"):
         prof.merge(a, {**a, "confidence_bins": 10})
 

@@ -237,7 +237,7 @@ def test_synthetic_scene_split_gets_a_complete_detection_section(tmp_path, ray_l
     from maskmodel.study import detection_report
 
     data, model, out = str(tmp_path / "data"), str(tmp_path / "model"), str(tmp_path / "out")
-    write_dataset(DatasetConfig(out=data, n_per_class=4, image_size=32, workers=2))
+    write_dataset(DatasetConfig(out=data, n_per_class=4, image_size=32, workers=2, incorrect_share=0.0))
     torch.manual_seed(5)
     save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
                    ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
