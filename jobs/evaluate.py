@@ -42,7 +42,7 @@ def _detection_lines(split: str, d: dict) -> list[str]:
     lines = [f"{split} faces: detection recall {_num(d['recall'])}, precision {_num(d['precision'])} at IoU "
              f"{d['iou']}, AP50 {_num(d['ap50'])}, AP {_num(d['ap'])} ({d['matched']}/{d['faces']} faces found, "
              f"{d['detections']} detections); per-face accuracy {_num(d['face_accuracy'])}, "
-             f"image-level accuracy {_num(d['image_accuracy'])}",
+             f"photo verdict accuracy {_num(d['image_accuracy'])}",
              f"  {d['breakdown_by']:<12} faces  found  recall  accuracy"]
     lines += [f"  {r[d['breakdown_by']]:<12} {r['faces']:>5}  {r['found']:>5}  {_num(r['recall']):>6}  "
               f"{_num(r['accuracy']):>8}" for r in d["by_group"]]
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(config)
     for split, r in result.report["splits"].items():
         auc, ece = r["binary"]["roc_auc"], r["calibration"]["ece"]
-        print(f"{split}: {r['images']} images, {r['errors']} errors, accuracy {r['accuracy']:.4f}, "
-              f"ROC AUC {_num(auc)}, ECE {_num(ece)}", flush=True)
+        print(f"{split}: {r['images']} images, {r['errors']} errors, accuracy {r['accuracy']:.4f}, photo verdict "
+              f"accuracy {_num(r['verdict']['accuracy'])}, ROC AUC {_num(auc)} (any alert class), ECE {_num(ece)}",
+              flush=True)
         for line in _detection_lines(split, r["detection"]) if r["detection"]["annotations"] else ():
             print(line, flush=True)
     print(f"report: {storage.join(result.output, 'report.md')} (all numbers: {result.report_uri})")

@@ -160,9 +160,10 @@ def face_records(found: Found, probs: np.ndarray, classes: Sequence[str]) -> lis
     return out
 
 
-def verdict(probs: np.ndarray, alert_index: int) -> np.ndarray | None:
-    """The picture's class probabilities ``(C,)``: the deciding face's; ``None`` when it has no face."""
-    k = deciding_face(probs, alert_index)
+def verdict(probs: np.ndarray, alert: Sequence[int]) -> np.ndarray | None:
+    """The picture's class probabilities ``(C,)``: the deciding face's (``alert``: the alert classes' columns);
+    ``None`` when it has no face."""
+    k = deciding_face(probs, alert)
     return None if k is None else probs[k]
 
 
