@@ -24,7 +24,8 @@ Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset
 ``<out>/<split>/<split>-<shard:06d>.tar`` holding ``<class>/<index:06d>.jpg`` and ``.cls``) with ``train``
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
 (``max(2, round(n/4))`` each) and ``detect`` (``max(2, round(0.4 n))``); ``mask_incorrect`` gets as
-many as makes it ``incorrect_share`` of the split (:func:`class_sizes`; the default third: as many as the others). ``train``/``val``/``test`` are tight face crops;
+many as makes it ``incorrect_share`` of the split (:func:`class_sizes`; the default third: as many as the
+others). ``train``/``val``/``test`` are tight face crops;
 ``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
 hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
 picture (:mod:`maskmodel.data.scenes`); their folder follows the picture's verdict

@@ -2,8 +2,8 @@
 
 Owns: classification figures (:mod:`.classification`: confusion matrix, per-class precision / recall /
 F1, ROC and precision-recall curves with AUC and average precision, threshold tables, calibration
-error, the photo verdict accuracy) and detection figures (:mod:`.detection`: IoU matching of found to annotated faces, recall and
-precision at an operating point, COCO AP through pycocotools).
+error, the photo verdict accuracy) and detection figures (:mod:`.detection`: IoU matching of found to
+annotated faces, recall and precision at an operating point, COCO AP through pycocotools).
 
 May import: numpy, pycocotools and the shared pieces at the top of ``maskmodel``; nothing else of it.
 """

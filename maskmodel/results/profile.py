@@ -38,7 +38,8 @@ _ADDITIVE = ("images", "ok", "errors", "error_reasons", "labels", "no_face", "al
 
 def empty_profile(alert_classes: Sequence[str] = ()) -> dict[str, Any]:
     """The profile of no rows (what a run with nothing to score commits)."""
-    return {"profile_version": PROFILE_VERSION, "alert_classes": list(alert_classes), "confidence_bins": CONFIDENCE_BINS,
+    return {"profile_version": PROFILE_VERSION, "alert_classes": list(alert_classes),
+            "confidence_bins": CONFIDENCE_BINS,
             "size_edges": list(SIZE_EDGES), "images": 0, "ok": 0, "errors": 0, "error_reasons": {}, "labels": {},
             "no_face": 0, "alerts": 0, "faces": 0, "photos_with_faces": 0, "faces_per_photo": [0] * (MAX_FACES_BIN + 1),
             "face_labels": {}, "confidence": {}, "confidence_sum": {}, "sizes": [0] * len(SIZE_EDGES),

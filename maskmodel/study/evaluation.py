@@ -26,8 +26,9 @@ the threshold table are of "any alert class", scored ``1 - p(compliant)``, and
 an image is flagged when that score is ``>= threshold``; ``--roc-classes`` adds
 one-vs-rest curves per named class. The confusion matrix is C x C with
 per-class precision / recall / F1, and ``verdict`` is the photo verdict
-accuracy (:func:`maskmodel.metrics.classification.verdict_accuracy`). Undefined ratios (no positives, nothing flagged) are
-``None``, never NaN, so the JSON stays valid and "no data" never reads as 0.
+accuracy (:func:`maskmodel.metrics.classification.verdict_accuracy`).
+Undefined ratios (no positives, nothing flagged) are ``None``, never NaN, so
+the JSON stays valid and "no data" never reads as 0.
 """
 
 from __future__ import annotations
