@@ -108,8 +108,8 @@ class EvalResult:
 
 
 def alert_name(alert_classes: Sequence[str]) -> str:
-    """How reports name the positive side: ``any alert class (no_mask, mask_incorrect)``, or the one class."""
-    return alert_classes[0] if len(alert_classes) == 1 else f"any alert class ({', '.join(alert_classes)})"
+    """How reports name the positive side: ``any alert class: mask_incorrect, no_mask``, or the one class."""
+    return alert_classes[0] if len(alert_classes) == 1 else f"any alert class: {', '.join(alert_classes)}"
 
 
 def _canonical_split(name: str) -> str:
