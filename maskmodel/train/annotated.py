@@ -225,7 +225,8 @@ def face_split(rows: list[dict[str, Any]], *, name: str, cutter: CutFaces, max_u
             raise UserError(f"{len(bad)} of {len(rows)} photos in the {name} split are unreadable (over the "
                             f"{max_unreadable:.0%} limit), e.g. {examples}; fix or remove them.")
         log.warning("%s split: skipping %d unreadable photo(s), e.g. %s", name, len(bad), examples)
-    good = faces.filter(expr=col("label") != UNREADABLE).select_columns(["image", "label"]).materialize()
+    # Filtering the materialised blocks is cheap; the crops are not copied a second time.
+    good = faces.filter(expr=col("label") != UNREADABLE).select_columns(["image", "label"])
     if per_epoch is not None:
         good = good.randomize_block_order().map_batches(per_epoch, batch_size=32)
     return good, bad

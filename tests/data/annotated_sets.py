@@ -34,10 +34,13 @@ def build(root: Path, *, n: int = 8, size: int = 128) -> dict:
         b = np.round(np.asarray([f.box for f in scene.faces], np.float64).reshape(-1, 4))
         boxes[name], classes[name] = b.astype(int), [f.label for f in scene.faces]
         names.append(name)
-    # COCO: one file next to the photos.
+    # COCO: one file next to the photos; each image names its split (photos 2, 3 of every 4 are val), which the
+    # training job honours (the other formats are split by hash of the path).
     coco = root / "photos" / "annotations.json"
     write_coco([ImageBoxes(path=str(photos / nm), width=size, height=size, boxes=boxes[nm].astype(np.float32),
-                           classes=tuple(classes[nm]), labels=tuple(classes[nm])) for nm in names], str(coco))
+                           classes=tuple(classes[nm]), labels=tuple(classes[nm]),
+                           extra={"split": "val" if i % 4 in (2, 3) else "train"}) for i, nm in enumerate(names)],
+               str(coco))
     # VOC, xml next to the photos; and Kaggle's annotations/ + images/ siblings.
     flat, kaggle = root / "voc", root / "voc_sibling"
     for folder, xml_dir, img_dir in ((flat, flat, flat), (kaggle, kaggle / "annotations", kaggle / "images")):
