@@ -77,7 +77,7 @@ def make_sets(root: str, *, photos: int, distinct: int) -> tuple[str, str, int]:
         keep = facecrop.big_enough(boxes, options.min_face)
         decoded = facecrop.to_decoded(boxes[keep], (d.width, d.height), (image.shape[1], image.shape[0]))
         where = facecrop.crop_boxes(torch.from_numpy(decoded), options.margin, image.shape[:2]).numpy()
-        regions = facecrop.cut(image, where, lambda t: t, 0) if len(where) else []
+        regions = [facecrop.cut(image, where[k:k + 1], lambda t: t, 0)[0] for k in range(len(where))]  # native size
         for k, (region, cls) in enumerate(zip(regions, np.asarray(classes)[keep])):
             folder = os.path.join(root, "crops", split, str(cls))
             os.makedirs(folder, exist_ok=True)
