@@ -9,6 +9,11 @@ On a cluster (uses RAY_ADDRESS; set RAY_AUTH_MODE=token when the cluster has tok
     ray job submit --working-dir . -- \\
         python -m jobs.train --data s3://bucket/faces --output s3://bucket/runs/r1 --num-workers 8 --gpu
 
+From annotated photos (a COCO .json, a Pascal VOC folder, a YOLO folder; faces cut as scoring cuts them)::
+
+    python -m jobs.train --data ./data/faces/detect.coco.json --output ./runs/boxes \
+        --class-map with_mask=mask,without_mask=no_mask
+
 Re-running the same command with the same --output resumes from the latest checkpoint.
 """
 
