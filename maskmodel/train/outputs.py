@@ -96,3 +96,15 @@ def check_resumable(output: str, meta: dict[str, Any]) -> None:
         where = posixpath.join(output, *CHECKPOINTS)
         raise UserError(f"{where} holds checkpoints of another run ({'; '.join(diff)}); resume it with the same "
                         f"settings, or write this run to a new --output.")
+
+
+def train_alert_classes(classes: Sequence[str], compliant: str) -> tuple[str, ...]:
+    """The alert classes a model trained on ``classes`` gets: every class but ``compliant`` (``--compliant-class``;
+    empty: :func:`maskmodel.alert.compliant_class`'s rule). Raises :class:`UserError` for a class not in the data."""
+    from maskmodel.alert import alert_classes
+
+    try:
+        return alert_classes(classes, compliant)
+    except ValueError as e:
+        raise UserError(f"--compliant-class {compliant!r} is not a class of the training data (classes: "
+                        f"{', '.join(classes)}); name one of them.") from e

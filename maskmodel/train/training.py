@@ -211,7 +211,7 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     from maskmodel.data.discovery import discover
     from maskmodel.data.transforms import EvalCrop, TrainCrop
     from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
-    from maskmodel.train.outputs import check_resumable, run_meta
+    from maskmodel.train.outputs import check_resumable, run_meta, train_alert_classes
 
     storage.check_writable(config.output)
     if annotation_format(config.data) is not None:
@@ -280,11 +280,12 @@ def _prepare_annotated(config: TrainConfig, *, callbacks: Sequence[Any], worker_
     from maskmodel.models.spec import DetectOptions
     from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
     from maskmodel.train.annotated import face_datasets, load_annotated, summary_line, without_unreadable
-    from maskmodel.train.outputs import check_resumable, run_meta
+    from maskmodel.train.outputs import check_resumable, run_meta, train_alert_classes
 
     opts = DetectOptions()  # scoring's defaults: the margin and minimum face size the face stage cuts with
     data = load_annotated(config.data, class_map=config.class_map, images_root=config.images_root,
                           val_fraction=config.val_fraction, min_face=opts.min_face)
+    train_alert_classes(data.classes, config.compliant_class)  # a wrong --compliant-class fails here
     meta = run_meta(config.arch, data.classes, config.image_size)
     check_resumable(config.output, meta)
     initial = _initial_state(config, len(data.classes))
@@ -303,18 +304,6 @@ def _prepare_annotated(config: TrainConfig, *, callbacks: Sequence[Any], worker_
     return trainer, data.classes
 
 
-def train_alert_classes(classes: Sequence[str], compliant: str) -> tuple[str, ...]:
-    """The alert classes a model trained on ``classes`` gets: every class but ``compliant`` (``--compliant-class``;
-    empty: :func:`maskmodel.alert.compliant_class`'s rule). Raises :class:`UserError` for a class not in the data."""
-    from maskmodel.alert import alert_classes
-
-    try:
-        return alert_classes(classes, compliant)
-    except ValueError as e:
-        raise UserError(f"--compliant-class {compliant!r} is not a class of the training data (classes: "
-                        f"{', '.join(classes)}); name one of them.") from e
-
-
 def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutputs:
     """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
     import torch
@@ -322,7 +311,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
     from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
-    from maskmodel.train.outputs import write_epoch_outputs
+    from maskmodel.train.outputs import train_alert_classes, write_epoch_outputs
 
     best, latest = best_and_latest(result, "val_acc")
     history = latest["history"]

@@ -31,7 +31,7 @@ def test_a_card_without_alert_classes_derives_them_and_a_new_card_keeps_its_own(
 
 
 def test_train_rejects_a_compliant_class_the_data_lacks():
-    from maskmodel.train.training import train_alert_classes
+    from maskmodel.train.outputs import train_alert_classes
 
     assert train_alert_classes(CLASSES, "") == ("mask_incorrect", "no_mask")
     assert train_alert_classes(("WithMask", "WithoutMask"), "") == ("WithoutMask",)
