@@ -28,21 +28,15 @@ from __future__ import annotations
 from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.io import storage
+from maskmodel.study.detection_report import num as _num, summary
 from maskmodel.study.evaluation import EvalConfig, evaluate
 
 
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def _detection_lines(split: str, d: dict) -> list[str]:
-    """The detection section of one split: headline numbers, then the table by variant (or class)."""
+    """The detection section of one split: headline numbers (as logged), then the table by variant (or class)."""
     if not d.get("available"):
         return [f"{split} faces: {d['reason']}"]
-    lines = [f"{split} faces: detection recall {_num(d['recall'])}, precision {_num(d['precision'])} at IoU "
-             f"{d['iou']}, AP50 {_num(d['ap50'])}, AP {_num(d['ap'])} ({d['matched']}/{d['faces']} faces found, "
-             f"{d['detections']} detections); per-face accuracy {_num(d['face_accuracy'])}, "
-             f"image-level accuracy {_num(d['image_accuracy'])}",
+    lines = [f"{split} faces: {summary(d)}",
              f"  {d['breakdown_by']:<12} faces  found  recall  accuracy"]
     lines += [f"  {r[d['breakdown_by']]:<12} {r['faces']:>5}  {r['found']:>5}  {_num(r['recall']):>6}  "
               f"{_num(r['accuracy']):>8}" for r in d["by_group"]]
