@@ -14,8 +14,9 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
         --data s3://bucket/faces --split test --output s3://bucket/runs/r1/evaluation
 
 --data takes the layouts jobs.train reads (an ImageFolder tree such as Kaggle's Train|Validation|Test/
-WithMask|WithoutMask, or a path,label[,split] manifest). Unreadable images are error rows: counted and
-listed in the report, never dropped.
+WithMask|WithoutMask, or a path,label[,split] manifest) but needs no training split: a manifest of only the
+photos to evaluate works (rows without a split are the one --split asked, unless that is train or val).
+Unreadable images are error rows: counted and listed in the report, never dropped.
 
 With face boxes for a split (--annotations COCO JSON or Pascal VOC XML; by default <data>/<split>.coco.json,
 which the synthetic scene split has), each split also gets a detection section: detection recall and precision

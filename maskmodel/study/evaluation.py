@@ -59,7 +59,8 @@ class EvalConfig:
 
     model: str = field(path=True, help="URI of a model directory written by jobs.train")
     data: str = field(path=True, help="URI of labelled data: an ImageFolder tree <root>/<split>/<class>/<image> or a "
-                           "CSV/Parquet manifest path,label[,split] (the layouts jobs.train reads)")
+                           "CSV/Parquet manifest path,label[,split] (the layouts jobs.train reads; no training "
+                           "split needed: entries without a split are the one --split asked, unless train/val)")
     output: str = field(path=True, help="URI of the report folder (report.json, report.md, PNGs, scores/)")
     split: tuple[str, ...] = field(("test",), help="split(s) to evaluate, e.g. val test scene (any case; "
                                                    "Validation = val)")
