@@ -217,9 +217,9 @@ def export_detector(config: DetectTrainConfig, result, val_rows: list[dict]) -> 
     trained = [h for h in history if h["epoch"] >= 1]  # epoch 0: the initial weights, before training
     before = next(({k: h[k] for k in ("val_ap50", "val_ap", "val_recall", "val_precision")}
                    for h in history if h["epoch"] == 0), None)
-    if before is not None and row["val_ap50"] <= before["val_ap50"]:
-        log.warning("fine-tuning did not beat the initial weights on the validation photos (AP50 %.4f at epoch %d, "
-                    "%.4f before training)", row["val_ap50"], row["epoch"], before["val_ap50"])
+    if before is not None and row["val_ap50"] < before["val_ap50"]:
+        log.warning("fine-tuning lowered AP50 on the validation photos: %.4f at the best epoch (%d), %.4f with the "
+                    "initial weights (epoch 0)", row["val_ap50"], row["epoch"], before["val_ap50"])
     buf = io.BytesIO()
     torch.save(export_state(config.arch, best["model"]), buf)
     metrics = {k: row[k] for k in ("epoch", "train_loss", "val_ap50", "val_ap", "val_recall", "val_precision",
