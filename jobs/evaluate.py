@@ -14,12 +14,13 @@ On a cluster (set RAY_AUTH_MODE=token when the cluster has token auth)::
         --data s3://bucket/faces --split test --output s3://bucket/runs/r1/evaluation
 
 --data takes the layouts jobs.train reads (an ImageFolder tree such as Kaggle's Train|Validation|Test/
-WithMask|WithoutMask, or a path,label[,split] manifest). Unreadable images are error rows: counted and
-listed in the report, never dropped.
+WithMask|WithoutMask, or a path,label[,split] manifest) but needs no training split: a manifest of only the
+photos to evaluate works (rows without a split are the one --split asked, unless that is train or val).
+Unreadable images are error rows: counted and listed in the report, never dropped.
 
 With face boxes for a split (--annotations COCO JSON or Pascal VOC XML; by default <data>/<split>.coco.json,
 which the synthetic scene split has), each split also gets a detection section: detection recall and precision
-at --iou, COCO AP, per-face and image-level accuracy, tables by variant and face size, and boxes_<split>.png
+at --iou, COCO AP, per-face and photo verdict accuracy, tables by variant and face size, and boxes_<split>.png
 (faces found right / wrong, missed, false detections). Scored rows without face boxes say so instead.
 """
 
@@ -28,21 +29,15 @@ from __future__ import annotations
 from maskmodel.runtime import cli
 from maskmodel.config import parse_config
 from maskmodel.io import storage
+from maskmodel.study.detection_report import num as _num, summary
 from maskmodel.study.evaluation import EvalConfig, evaluate
 
 
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def _detection_lines(split: str, d: dict) -> list[str]:
-    """The detection section of one split: headline numbers, then the table by variant (or class)."""
+    """The detection section of one split: headline numbers (as logged), then the table by variant (or class)."""
     if not d.get("available"):
         return [f"{split} faces: {d['reason']}"]
-    lines = [f"{split} faces: detection recall {_num(d['recall'])}, precision {_num(d['precision'])} at IoU "
-             f"{d['iou']}, AP50 {_num(d['ap50'])}, AP {_num(d['ap'])} ({d['matched']}/{d['faces']} faces found, "
-             f"{d['detections']} detections); per-face accuracy {_num(d['face_accuracy'])}, "
-             f"photo verdict accuracy {_num(d['image_accuracy'])}",
+    lines = [f"{split} faces: {summary(d)}",
              f"  {d['breakdown_by']:<12} faces  found  recall  accuracy"]
     lines += [f"  {r[d['breakdown_by']]:<12} {r['faces']:>5}  {r['found']:>5}  {_num(r['recall']):>6}  "
               f"{_num(r['accuracy']):>8}" for r in d["by_group"]]

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("best val AP50 %.3f at epoch %d of %d (COCO AP %.3f, recall %.3f, precision %.3f at %.2f); detector %s",
              m["val_ap50"], m["epoch"], out.epochs_run, m["val_ap"], m["val_recall"], m["val_precision"],
              config.score_threshold, out.model_id)
+    if out.before_training:  # did fine-tuning help? the initial weights' figures on the same photos
+        b = out.before_training
+        log.info("before training (epoch 0): val AP50 %.3f (COCO AP %.3f, recall %.3f, precision %.3f at %.2f)",
+                 b["val_ap50"], b["val_ap"], b["val_recall"], b["val_precision"], config.score_threshold)
     print(f"detector directory: {out.model_dir}")
     print(f"metrics.csv, curves.png, augmented_samples.png, detections.png, report.json: {out.output}")
     return 0

@@ -32,16 +32,16 @@ CLASSIFIER_PANELS = (("train_loss", "Train loss"), ("train_acc", "Train accuracy
 def curves_png(history: Sequence[dict], panels: Sequence[tuple[str, str]] = CLASSIFIER_PANELS) -> bytes:
     """One panel per ``(history key, title)`` of ``panels`` against the epoch; keys ending in ``acc``, ``ap``,
     ``ap50``, ``recall`` or ``precision`` are shares (y axis up to 1)."""
-    epochs = [h["epoch"] for h in history]  # counted from 1
+    epochs = [h["epoch"] for h in history]  # counted from 1 (a detector's epoch 0: before training)
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     axes = axes[0]
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(epochs, [h[key] for h in history], marker="o", ms=3)
+        ax.plot(epochs, [np.nan if h[key] is None else h[key] for h in history], marker="o", ms=3)  # None: a gap
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if key.endswith("acc"):
-            ax.set_ylim(min(0.4, min(h[key] for h in history) - 0.02), 1.005)
+            ax.set_ylim(min(0.4, min(h[key] for h in history if h[key] is not None) - 0.02), 1.005)
         elif key.endswith(("ap", "ap50", "recall", "precision")):
             ax.set_ylim(-0.02, 1.02)
     return figure_png(fig)

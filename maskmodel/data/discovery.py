@@ -18,7 +18,7 @@ import logging
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -161,7 +161,9 @@ def discover(uri: str, *, val_fraction: float = 0.2,
         assigned.append((path, label, split))
     train_labels = sorted({lab for _, lab, sp in assigned if sp == "train"})
     if not train_labels:
-        raise UserError(f"{uri!r} has no training images; put them under {uri.rstrip('/')}/train/<class>/.")
+        where = ("give rows split 'train' (or no split)" if uri.lower().endswith(MANIFEST_SUFFIXES)
+                 else f"put them under {uri.rstrip('/')}/train/<class>/")
+        raise UserError(f"{uri!r} has no training images; {where}.")
     if len(train_labels) < 2:
         raise UserError(f"{uri!r} has a single class ({train_labels[0]!r}) in its training split; "
                         f"a classifier needs at least two class folders, e.g. mask/ and no_mask/.")
@@ -182,6 +184,52 @@ def discover(uri: str, *, val_fraction: float = 0.2,
     if empty:
         raise UserError(f"Class folder(s) {empty} of {uri!r} hold no images; every class needs training images.")
     return data
+
+
+def discover_splits(uri: str, splits: Sequence[str], *, val_fraction: float = 0.2,
+                    extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> TrainingData:
+    """The labelled images of ``splits`` (canonical names) under ``uri``, a tree or a manifest, for evaluation.
+
+    Unlike :func:`discover`, no training split is needed: a manifest that holds only the photos to evaluate
+    is enough. An image without a split (a manifest without a ``split`` column, a tree of class folders) is
+    in the one asked split when a single split other than ``train``/``val`` is asked; otherwise it takes the
+    hash split :func:`discover` gives it, so ``--split val`` is the validation set training held out. The
+    classes are the labels of the asked splits, sorted. Raises :class:`UserError` when the URI does not exist,
+    holds no images, or has none in an asked split.
+    """
+    skipped: dict[str, int] = {}
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        rows, total = _read_manifest(uri), 0
+    else:
+        rows, total, skipped = _read_tree(uri, extensions)
+    if not rows:
+        raise UserError(f"No images found under {uri!r}; expected <root>/<split>/<class>/<image> folders "
+                        f"(extensions {', '.join(extensions)}) or a CSV/Parquet manifest path,label[,split].")
+    asked = list(dict.fromkeys(splits))
+    unsplit_is_asked = len(asked) == 1 and asked[0] not in ("train", "val")
+    val_from_hash = not any(sp and _canonical_split(sp) == "val" for _, _, sp in rows)
+    chosen: dict[str, list[tuple[str, str]]] = {}
+    present: set[str] = set()
+    for path, label, split in rows:
+        split = _canonical_split(split) if split else None
+        if split is None and unsplit_is_asked:
+            split = asked[0]
+        elif split is None or (val_from_hash and split == "train"):
+            split = "val" if hash_fraction(path) < val_fraction else "train"
+        present.add(split)
+        if split in asked:
+            chosen.setdefault(split, []).append((path, label))
+    missing = [s for s in asked if not chosen.get(s)]
+    if missing:
+        hint = ("; an image without a split is read as the asked split when you ask for one split other than "
+                "train or val" if any(sp is None for _, _, sp in rows) else "")
+        raise UserError(f"{uri!r} has no labelled images in split {missing[0]!r} (it has: "
+                        f"{', '.join(sorted(present))}); pass --split with one of those{hint}.")
+    classes = tuple(sorted({label for items in chosen.values() for _, label in items}))
+    index = {c: i for i, c in enumerate(classes)}
+    return TrainingData(source=uri, classes=classes, total_bytes=total, val_from_hash=val_from_hash,
+                        splits={s: [LabelledImage(p, index[lab], s) for p, lab in chosen[s]] for s in asked},
+                        skipped_by_extension=skipped)
 
 
 # --- per-batch functions run by Ray Data (plain callables, testable without Ray) ---

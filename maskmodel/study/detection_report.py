@@ -42,11 +42,15 @@ import numpy as np
 from maskmodel.alert import row_alert, truth_alert
 from maskmodel.data.annotations import ImageBoxes, read_annotations
 from maskmodel.metrics.classification import verdict_accuracy
+from maskmodel.errors import UserError
 from maskmodel.metrics.detection import detection_metrics, match
 from maskmodel.io import storage
+from maskmodel.io.paths import resolve_entry
 
 log = logging.getLogger(__name__)
 
+NO_FACE_STAGE = ("no face boxes to compare: the split was scored with --faces none (each photo classified whole, "
+                 "no faces found); score with --faces auto, centerface or a detector directory for detection figures")
 NO_BOXES = ("no face boxes in the scored rows: the scoring run wrote no `faces` column (scored without a face "
             "stage), so detection cannot be evaluated; score with --faces auto or a detector")
 SIZE_EDGES = (32, 64, 128, 256)  # face size bins, sqrt(w * h) in original pixels: <32, 32-64, ..., >=256
@@ -61,15 +65,56 @@ def default_annotations(data: str, split: str) -> str | None:
     return uri if storage.exists(uri) else None
 
 
+def num(value: float | None) -> str:
+    """A figure as the job prints and logs it: 4 decimals, ``n/a`` for an undefined one (``None``)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary(d: Mapping[str, Any]) -> str:
+    """The headline of an available section (:func:`detection_section`), as printed and logged."""
+    return (f"detection recall {num(d['recall'])}, precision {num(d['precision'])} at IoU {d['iou']}, AP50 "
+            f"{num(d['ap50'])}, AP {num(d['ap'])} ({d['matched']}/{d['faces']} faces found, {d['detections']} "
+            f"detections); per-face accuracy {num(d['face_accuracy'])}, photo verdict accuracy "
+            f"{num(d['image_accuracy'])}")
+
+
+def annotated_paths(records: Sequence[ImageBoxes]) -> list[str]:
+    """Each record's photo in the form scoring writes in ``path`` (:func:`maskmodel.io.paths.resolve_entry`)."""
+    return [resolve_entry("", rec.path) for rec in records]
+
+
+def check_matched(uri: str, records: Sequence[ImageBoxes], scored: set[str], splits: Sequence[str]) -> int:
+    """How many of the photos annotated in ``uri`` (its ``records``) are among ``scored`` (the URIs the
+    ``splits`` will score); a partial match logs a warning with the count.
+
+    Raises :class:`maskmodel.errors.UserError`, naming the folder looked in and the first annotated photo,
+    when annotated photos exist and none of them is among ``scored``: the paths do not meet.
+    """
+    keys = annotated_paths(records)
+    missing = [k for k in keys if k not in scored]
+    matched = len(keys) - len(missing)
+    if keys and not matched:
+        first = missing[0]
+        folder = first.rsplit("/", 1)[0] if "/" in first else "."
+        found = "it exists but is not one of them" if storage.exists(first) else "no such file"
+        raise UserError(f"None of the {len(keys)} photo(s) annotated in {uri!r} is among the {len(scored)} photo(s) "
+                        f"of split(s) {', '.join(splits)} in --data: the first, {first!r}, was looked for in the "
+                        f"folder {folder!r} ({found}); annotation paths are read relative to the annotation "
+                        f"file's folder, so give --data the annotated photos or annotations that name them.")
+    if missing:
+        log.warning("%d of the %d photo(s) annotated in %s are not among the photos of split(s) %s and are left "
+                    "out of the faces section (first: %s)", len(missing), len(keys), uri, ", ".join(splits),
+                    missing[0])
+    return matched
+
+
 def load_truth(uri: str, paths: Sequence[str]) -> tuple[dict[str, ImageBoxes], int]:
     """The annotated images of ``uri`` among ``paths`` (scored URIs), keyed by those URIs; and how many of the
     file's images are not among them. Raises :class:`maskmodel.errors.UserError` for an unusable file."""
-    from maskmodel.score.pipeline import resolve_manifest_path
-
     wanted = set(paths)
     out, outside = {}, 0
-    for rec in read_annotations(uri):
-        key = resolve_manifest_path("", rec.path)  # the form scoring writes in `path`
+    records = read_annotations(uri)
+    for rec, key in zip(records, annotated_paths(records)):  # key: the form scoring writes in `path`
         if key in wanted:
             out[key] = rec
         else:
@@ -172,7 +217,8 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
         "available": True, "iou": iou, "images": len(truth), "error_rows": errors, "whole_image_rows": whole,
         "faces": dm["faces"], "detections": dm["detections"], "matched": dm["matched"],
         "recall": dm["recall"] if dm["faces"] else None, "precision": dm["precision"] if dm["detections"] else None,
-        "ap50": dm["ap50"], "ap": dm["ap"],
+        # pycocotools says -1 for "no annotated face": undefined, like the other ratios
+        "ap50": dm["ap50"] if dm["faces"] else None, "ap": dm["ap"] if dm["faces"] else None,
         "classified": len(judged), "face_accuracy": right / len(judged) if judged else None,
         "found_and_right": right / len(faces) if faces else None,
         "unclassifiable": sum(f["found"] and f["right"] is None for f in faces),
@@ -207,17 +253,27 @@ def boxed_sheet(images: Sequence[dict[str, Any]], max_tiles: int) -> tuple[bytes
 
 
 def evaluate_detection(table, annotations: str | None, paths: Sequence[str], classes: Sequence[str],
-                       alerts: Sequence[str], *, iou: float, max_tiles: int, output: str, split: str) -> dict[str, Any]:
+                       alerts: Sequence[str], *, iou: float, max_tiles: int, output: str, split: str,
+                       faces: str = "auto") -> dict[str, Any]:
     """The detection section of one split, its boxed sheet written to ``<output>/boxes_<split>.png``.
 
     ``annotations``: the split's COCO/VOC URI (``None``: the section says there are none); ``paths``: the
-    split's scored URIs. Raises :class:`maskmodel.errors.UserError` for an unusable annotation file.
+    split's scored URIs; ``faces``: how the split was scored (``jobs.score --faces``; ``"none"``: no face
+    boxes to compare, :data:`NO_FACE_STAGE`). Raises :class:`maskmodel.errors.UserError` for an unusable
+    annotation file.
     """
     if annotations is None:  # crops, say: the report leaves the section out
         return {"available": False, "annotations": None,
                 "reason": f"no face annotations for {split!r}: pass --annotations (COCO JSON or Pascal VOC XML)"}
     truth, outside = load_truth(annotations, paths)
-    section, images = detection_section(truth, face_rows(table), classes, alerts, iou=iou)
+    if faces == "none":
+        section: dict[str, Any] = {"available": False, "reason": NO_FACE_STAGE, "images": len(truth)}
+        images: list[dict[str, Any]] = []
+    elif not truth:  # the annotations are another split's (evaluate checked that some split has them)
+        section, images = {"available": False, "images": 0,
+                           "reason": f"none of the photos annotated in {annotations} is in {split!r}"}, []
+    else:
+        section, images = detection_section(truth, face_rows(table), classes, alerts, iou=iou)
     section.update(annotations=annotations, annotated_images_not_scored=outside,
                    scored_images_not_annotated=len(set(paths) - set(truth)))
     if section["available"]:
@@ -225,9 +281,7 @@ def evaluate_detection(table, annotations: str | None, paths: Sequence[str], cla
         name = f"boxes_{split}.png"
         storage.write_bytes(storage.join(output, name), png)
         section["files"] = [name]
-        precision = "n/a" if section["precision"] is None else f"{section['precision']:.4f}"  # none: nothing found
-        log.info("%s: detection recall %.4f, precision %s, AP50 %.4f on %d face(s)", split,
-                 section["recall"] or 0.0, precision, section["ap50"], section["faces"])
+        log.info("%s faces: %s", split, summary(section))  # the printed line's numbers, rounded alike
     else:
         log.warning("%s: %s", split, section["reason"])
     return section

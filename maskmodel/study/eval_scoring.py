@@ -21,13 +21,26 @@ if TYPE_CHECKING:
     from maskmodel.score.plan import ScoreConfig
 
 
+def manifest_paths(items) -> list[str]:
+    """The ``path`` column of ``items``' manifest: absolute URIs, so that a manifest on object storage does not
+    resolve local paths against its own folder."""
+    return [it.uri if "://" in it.uri else "file://" + os.path.abspath(it.uri) for it in items]
+
+
+def scored_paths(items) -> list[str]:
+    """The ``path`` each of ``items`` will have in the committed rows (what the manifest's reader makes of
+    :func:`manifest_paths`; absolute, so no folder is needed)."""
+    from maskmodel.io.paths import resolve_entry
+
+    return [resolve_entry("", p) for p in manifest_paths(items)]
+
+
 def write_manifest(uri: str, items, classes: Sequence[str]) -> list[str]:
     """Write the Parquet manifest of ``items``; returns its ``path`` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Absolute URIs: a manifest on object storage must not resolve local paths against its own folder.
-    paths = [it.uri if "://" in it.uri else "file://" + os.path.abspath(it.uri) for it in items]
+    paths = manifest_paths(items)
     buf = io.BytesIO()
     pq.write_table(pa.table({"path": paths, "label": [classes[it.label] for it in items],
                              "split": [it.split for it in items]}), buf)

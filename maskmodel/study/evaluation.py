@@ -17,7 +17,7 @@ cover, and ``accuracy_all_images`` counts an error as a wrong answer.
 With face boxes annotated for a split (``--annotations``, or
 ``<data>/<split>.coco.json``), each split also gets a detection section
 (:mod:`maskmodel.study.detection_report`: detection recall, precision and AP,
-per-face and image-level accuracy, tables by variant and face size, a boxed
+per-face and photo verdict accuracy, tables by variant and face size, a boxed
 contact sheet) from the same committed rows.
 
 Conventions: the model card's alert classes (every class but the compliant
@@ -59,7 +59,8 @@ class EvalConfig:
 
     model: str = field(path=True, help="URI of a model directory written by jobs.train")
     data: str = field(path=True, help="URI of labelled data: an ImageFolder tree <root>/<split>/<class>/<image> or a "
-                           "CSV/Parquet manifest path,label[,split] (the layouts jobs.train reads)")
+                           "CSV/Parquet manifest path,label[,split] (the layouts jobs.train reads; no training "
+                           "split needed: entries without a split are the one --split asked, unless train/val)")
     output: str = field(path=True, help="URI of the report folder (report.json, report.md, PNGs, scores/)")
     split: tuple[str, ...] = field(("test",), help="split(s) to evaluate, e.g. val test scene (any case; "
                                                    "Validation = val)")
@@ -168,7 +169,7 @@ def _evaluate_split(cfg: EvalConfig, card, items, split: str, annotations: str |
         storage.write_bytes(storage.join(cfg.output, name), data)
     out["detection"] = detection_report.evaluate_detection(
         table, annotations, list(truth), classes, card.alert_classes, iou=cfg.iou, max_tiles=cfg.max_tiles,
-        output=cfg.output, split=split)
+        output=cfg.output, split=split, faces=cfg.faces)
     out["files"] = sorted([*pngs, *out["detection"].get("files", [])])
     log.info("%s: accuracy %.4f on %d scored image(s), %d error row(s); photo verdict accuracy %.4f", split,
              out["accuracy"], out["scored"], out["errors"], out["verdict"]["accuracy"] or 0.0)
@@ -181,11 +182,12 @@ def evaluate(config: EvalConfig) -> EvalResult:
     Raises :class:`UserError` (one sentence) for an unwritable output, a
     missing or invalid model directory, unreadable data, a requested split
     without labelled images, data classes the model does not know, an
-    unknown ``roc_classes`` class, a missing or unusable annotation file, or a
-    face option scoring cannot take, all before anything is scored.
+    unknown ``roc_classes`` class, a missing or unusable annotation file, one
+    whose annotated photos are none of the photos to score, or a face option
+    scoring cannot take, all before anything is scored.
     """
     from maskmodel.data.annotations import read_annotations
-    from maskmodel.data.discovery import discover
+    from maskmodel.data.discovery import discover_splits
     from maskmodel.models.classifier import load_card
     from maskmodel.study import detection_report, eval_scoring
     from maskmodel.study.eval_reports import report_markdown
@@ -196,33 +198,32 @@ def evaluate(config: EvalConfig) -> EvalResult:
     if unknown_roc:
         raise UserError(f"--roc-classes {', '.join(unknown_roc)} is not a class of the model {config.model!r} "
                         f"(classes: {', '.join(card.classes)}).")
-    data = discover(config.data)
+    splits = list(dict.fromkeys(_canonical_split(s) for s in config.split))
+    data = discover_splits(config.data, splits)  # no training split needed: only the photos to evaluate
     unknown = sorted(set(data.classes) - set(card.classes))
     if unknown:
         raise UserError(f"Classes {unknown} of {config.data!r} are not classes of the model {config.model!r} "
                         f"({', '.join(card.classes)}); evaluate on data with the model's classes.")
     # Re-index labels by the model's class order (the data's order is its own sorted folder names).
     remap = {i: card.classes.index(c) for i, c in enumerate(data.classes)}
-    splits = list(dict.fromkeys(_canonical_split(s) for s in config.split))
-    for s in splits:
-        if not data.splits.get(s):
-            raise UserError(f"{config.data!r} has no labelled images in split {s!r} (it has: "
-                            f"{', '.join(sorted(data.splits))}); pass --split with one of those.")
     report: dict[str, Any] = {"model": config.model, "model_id": card.model_id, "data": config.data,
                               "classes": list(card.classes), "alert_classes": list(card.alert_classes),
                               "alert": alert_name(card.alert_classes),
                               "scores": storage.join(config.output, "scores"), "config": config_to_dict(config),
                               "splits": {}}
     if config.annotations and not storage.exists(config.annotations):
-        raise UserError(f"--annotations {config.annotations!r} does not exist; give a COCO .json file or Pascal VOC "
-                        f".xml file or folder.")
+        raise UserError(f"--annotations {config.annotations!r} does not exist; give a COCO .json file, a Pascal VOC "
+                        f".xml file or folder, or a YOLO folder.")
     boxes = {s: config.annotations or detection_report.default_annotations(config.data, s) for s in splits}
+    items = {s: [type(it)(it.uri, remap[it.label], it.split) for it in data.splits[s]] for s in splits}
     for uri in dict.fromkeys(u for u in boxes.values() if u):
-        read_annotations(uri)  # an unusable file fails here, not after scoring
+        # An unusable file, or one whose photos are none of the ones to score, fails here, not after scoring.
+        users = [s for s in splits if boxes[s] == uri]
+        detection_report.check_matched(uri, read_annotations(uri),
+                                       {p for s in users for p in eval_scoring.scored_paths(items[s])}, users)
     eval_scoring.score_config(config, config.model, config.output, "check")  # so do face options scoring lacks
     for s in splits:
-        items = [type(it)(it.uri, remap[it.label], it.split) for it in data.splits[s]]
-        report["splits"][s] = _evaluate_split(config, card, items, s, boxes[s])
+        report["splits"][s] = _evaluate_split(config, card, items[s], s, boxes[s])
     uri = storage.join(config.output, "report.json")
     storage.write_json(uri, report)
     storage.write_text(storage.join(config.output, "report.md"), report_markdown(report))

@@ -132,8 +132,10 @@ class DetectTrainConfig(TrainRunConfig):
                                             "from scratch: 0.001)")
     lr_schedule: str = field("cosine", help="learning-rate schedule over epochs", choices=("constant", "cosine"))
     weight_decay: float = field(0.0001, minimum=0, help="weight decay")
-    image_size: int = field(320, minimum=64, maximum=2048, multiple_of=32,
-                            help="detector input side in pixels (photos letterboxed into it)")
+    image_size: int = field(640, minimum=64, maximum=2048, multiple_of=32,
+                            help="detector input side in pixels: photos are letterboxed into this square, so "
+                                 "their long side becomes this many pixels; the exported detector scores at it "
+                                 "(640: the long side the face stage's default 640x384 input gives a wide photo)")
     augment: bool = field(True, help="photometric jitter, random zoom-out, IoU crop and flip, boxes following")
     zoom_out: float = field(2.0, minimum=1, help="largest zoom-out factor (faces get up to this many times smaller)")
     score_threshold: float = field(0.35, minimum=0, below=1,
@@ -141,6 +143,8 @@ class DetectTrainConfig(TrainRunConfig):
                                         "carries it (0.35: recall 0.97 at precision 1.0 on the synthetic scenes, "
                                         "where 0.5 gave 0.86-0.92)")
     nms_iou: float = field(0.4, above=0, maximum=1, help="NMS IoU of the card (and of the per-epoch evaluation)")
+    progress_s: float = field(30.0, minimum=0, help="seconds between progress lines inside an epoch (step/total, "
+                                                    "images/s, loss, ETA); 0: a line every step")
 
     def validate(self) -> None:
         if self.batch_size < 2 * self.num_workers:  # BatchNorm trains on two images per step at least

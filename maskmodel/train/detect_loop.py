@@ -176,6 +176,8 @@ class DetectorTask:
     """The detector for :func:`maskmodel.train.engine.run`: AdamW or SGD, CenterNet's or torchvision's losses."""
 
     train_extras: tuple[str, ...] = ()
+    #: Epoch 0: the pretrained (initial) weights' validation figures, so the curves say what fine-tuning added.
+    evaluate_before_training = True
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         from maskmodel.models.detect.centerface import ARCHITECTURE
@@ -223,7 +225,8 @@ class DetectorTask:
                 "val_precision": val["precision"], "val_faces": val["faces"]}
 
     def describe(self, row: dict[str, Any]) -> str:
-        return (f"train loss {row['train_loss']:.4f} | val AP50 {row['val_ap50']:.3f} AP {row['val_ap']:.3f} "
+        loss = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"  # epoch 0: no training yet
+        return (f"train loss {loss} | val AP50 {row['val_ap50']:.3f} AP {row['val_ap']:.3f} "
                 f"recall {row['val_recall']:.3f} precision {row['val_precision']:.3f} at "
                 f"{self.cfg['score_threshold']:.2f}")
 

@@ -12,8 +12,10 @@ decodes them at the reduced size the input needs with box-aware augmentation
 loss by default, or torchvision's zoo) on ``num_workers`` Ray Train workers
 with the classifier's trainer, checkpoints and resume
 (:func:`maskmodel.train.training.make_trainer`), evaluates AP50, COCO AP and
-recall/precision at the operating threshold each epoch, and exports the best
-epoch (by AP50) as a detector directory with its ``detector.json`` card.
+recall/precision at the operating threshold each epoch (and once before the
+first, as epoch 0: what the initial weights already reach), logs progress
+inside each epoch, and exports the best epoch (by AP50) as a detector
+directory with its ``detector.json`` card.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class DetectTrainOutputs:
     model_id: str
     metrics: dict[str, float]
     epochs_run: int
+    #: The initial weights' validation figures (epoch 0): val_ap50, val_ap, val_recall, val_precision.
+    before_training: dict[str, float] | None = None
 
 
 # --- annotations -> split rows (no Ray) ---
@@ -193,7 +197,8 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
             "optimizer": config.optimizer, "momentum": config.momentum, "weight_decay": config.weight_decay,
             "lr_schedule": config.lr_schedule, "warmup_epochs": config.warmup_epochs, "seed": config.seed,
             "image_size": config.image_size, "score_threshold": config.score_threshold, "nms_iou": config.nms_iou,
-            "precision": config.precision,
+            "precision": config.precision, "progress_s": config.progress_s,
+            "train_images": counts["train"]["images"] - bad_train,
             "output": config.output, "meta": meta, "columns": METRIC_COLUMNS, "panels": PANELS, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
@@ -212,6 +217,12 @@ def export_detector(config: DetectTrainConfig, result, val_rows: list[dict]) -> 
 
     best, latest = best_and_latest(result, SCORE_METRIC)
     history, row = latest["history"], best["history"][-1]
+    trained = [h for h in history if h["epoch"] >= 1]  # epoch 0: the initial weights, before training
+    before = next(({k: h[k] for k in ("val_ap50", "val_ap", "val_recall", "val_precision")}
+                   for h in history if h["epoch"] == 0), None)
+    if before is not None and row["val_ap50"] < before["val_ap50"]:
+        log.warning("fine-tuning lowered AP50 on the validation photos: %.4f at the best epoch (%d), %.4f with the "
+                    "initial weights (epoch 0)", row["val_ap50"], row["epoch"], before["val_ap50"])
     buf = io.BytesIO()
     torch.save(export_state(config.arch, best["model"]), buf)
     metrics = {k: row[k] for k in ("epoch", "train_loss", "val_ap50", "val_ap", "val_recall", "val_precision",
@@ -220,12 +231,12 @@ def export_detector(config: DetectTrainConfig, result, val_rows: list[dict]) -> 
     card = save_detector(model_dir, buf.getvalue(), _card(config, buf.getvalue(), metrics))
     write_epoch_outputs(config.output, history, columns=METRIC_COLUMNS, panels=PANELS)
     storage.write_json(storage.join(config.output, "report.json"),
-                       {**metrics, "model_id": card.model_id, "best_epoch": row["epoch"], "epochs_run": len(history),
-                        "data": config.data, "split": "val", "score_threshold": config.score_threshold,
-                        "task": "face-detection"})
+                       {**metrics, "model_id": card.model_id, "best_epoch": row["epoch"], "epochs_run": len(trained),
+                        "before_training": before, "data": config.data, "split": "val",
+                        "score_threshold": config.score_threshold, "task": "face-detection"})
     write_detections_grid(config.output, model_dir, val_rows)
     return DetectTrainOutputs(output=config.output, model_dir=model_dir, model_id=card.model_id, metrics=metrics,
-                              epochs_run=len(history))
+                              epochs_run=len(trained), before_training=before)
 
 
 def write_detections_grid(output: str, model_dir: str, val_rows: list[dict], *, limit: int = 16) -> None:

@@ -2,14 +2,17 @@
 
 :func:`run` owns the epoch loop (detectron2's ``TrainerBase.train``): the
 worker's set-up, restoring Ray Train's latest checkpoint, test fault injection,
-the watchdog, the training pass (sums kept on the device, reduced across
-workers once per epoch), the learning-rate schedule, the metrics row, the
-progress line with its ETA, metrics.csv and curves, the checkpoint and the
+the watchdog, the initial weights' evaluation as epoch 0 where the task asks
+for it, the training pass (sums kept on the device, reduced across workers
+once per epoch; a progress line every ~30 s inside it,
+:mod:`maskmodel.train.progress`), the learning-rate schedule, the metrics row,
+the epoch's line with its ETA, metrics.csv and curves, the checkpoint and the
 report to Ray Train. A :class:`Task` supplies only what differs between models
 (detectron2's ``run_step``): building the network and its optimizer, the
 batches, one training step and one evaluation. Epochs count from 1 wherever a
-person reads them (log lines, metrics rows, ``best_epoch``); the loop's own
-index, checkpoint names and the test hooks count from 0.
+person reads them (log lines, metrics rows, ``best_epoch``; epoch 0 is the
+initial weights, before training); the loop's own index, checkpoint names and
+the test hooks count from 0.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.distributed as dist
 from maskmodel.runtime import testhooks
 from maskmodel.console import fmt_seconds
 from maskmodel.train.outputs import META_FILE, STATE_FILE, write_epoch_outputs
+from maskmodel.train.progress import StepProgress, steps_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,9 @@ class Task(Protocol):
     """What a model supplies to :func:`run`; everything else is the engine's.
 
     ``train_step`` returns float64 sums on the device, ``[loss * images, images, skipped, *extras * images]``
-    (``extras`` named by :attr:`train_extras`, e.g. ``("acc",)``): no host sync per step.
+    (``extras`` named by :attr:`train_extras`, e.g. ``("acc",)``): no host sync per step. A task with a true
+    ``evaluate_before_training`` attribute gets an epoch-0 row: its initial weights evaluated before epoch 1
+    (``row`` then gets an empty ``train``; ``describe`` a ``train_loss`` of ``None``).
     """
 
     train_extras: tuple[str, ...]
@@ -175,11 +181,12 @@ class Watchdog:
 
 
 def run_pass(batches: Iterable[Any], step: Callable[[int, Any], torch.Tensor], *, size: int, device: torch.device,
-             watchdog: Watchdog | None = None) -> tuple[torch.Tensor, float]:
+             watchdog: Watchdog | None = None, progress: StepProgress | None = None) -> tuple[torch.Tensor, float]:
     """Call ``step(i, batch)`` on every batch and sum what it returns (float64 ``(size,)`` on ``device``).
 
-    The sums stay on the device, so the pass makes no host sync of its own; they are reduced across
-    workers once, at the end. Returns ``(sums on the CPU, seconds)``.
+    The sums stay on the device, so the pass makes no host sync of its own (``progress`` reads them back
+    only when its line is due, every ~30 s); they are reduced across workers once, at the end. Returns
+    ``(sums on the CPU, seconds)``.
     """
     sums = torch.zeros(size, dtype=torch.float64, device=device)
     start = time.perf_counter()
@@ -187,6 +194,8 @@ def run_pass(batches: Iterable[Any], step: Callable[[int, Any], torch.Tensor], *
         if watchdog is not None:
             watchdog.beat()
         sums += step(i, batch)
+        if progress is not None:
+            progress.update(i + 1, sums)
     elapsed = time.perf_counter() - start
     return all_reduce(sums), elapsed
 
@@ -281,12 +290,22 @@ def report_epoch(cfg: dict[str, Any], *, rank: int, model: torch.nn.Module, opti
 
 def train_pass(task: Task, w: Worker, model: torch.nn.Module, shard: Any, optimizer, *, epoch: int,
                watchdog: Watchdog | None, grab: bool) -> dict[str, Any]:
-    """One training pass of ``task`` over ``shard``: ``loss``, ``images``, ``skipped``, ``seconds`` and the extras."""
+    """One training pass of ``task`` over ``shard``: ``loss``, ``images``, ``skipped``, ``seconds`` and the extras.
+
+    Rank 0 logs progress inside the pass (:class:`StepProgress`) every ``cfg["progress_s"]`` seconds (30) or
+    ``cfg["progress_steps"]`` steps; ``cfg["train_images"]``, when given, makes it say ``step/total`` and an ETA.
+    """
     model.train()
+    cfg = w.cfg
+    progress = StepProgress(
+        f"epoch {epoch + 1}/{cfg['epochs']}", world=w.world, every_s=float(cfg.get("progress_s", 30.0)),
+        every_steps=int(cfg.get("progress_steps", 0)),
+        total_steps=steps_per_worker(int(cfg.get("train_images", 0)), world=w.world, batch_size=w.batch_size),
+    ) if w.rank == 0 else None
     totals, seconds = run_pass(
         task.train_batches(w, shard, epoch),
         lambda i, batch: task.train_step(w, model, batch, optimizer, grab=grab and i == 0),
-        size=3 + len(task.train_extras), device=w.device, watchdog=watchdog)
+        size=3 + len(task.train_extras), device=w.device, watchdog=watchdog, progress=progress)
     images = max(float(totals[1]), 1.0)
     return {"loss": float(totals[0]) / images, "images": int(totals[1]), "skipped": int(totals[2]),
             "seconds": seconds, **{k: float(v) / images for k, v in zip(task.train_extras, totals[3:])}}
@@ -295,6 +314,22 @@ def train_pass(task: Task, w: Worker, model: torch.nn.Module, shard: Any, optimi
 def _rounded(row: dict[str, Any]) -> dict[str, Any]:
     """Floats to 6 significant digits: what metrics.csv, the report and the logs show."""
     return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _before_training(task: Task, w: Worker, net: torch.nn.Module, val_shard: Any, attempt: int) -> dict[str, Any]:
+    """Epoch 0: the initial (e.g. pretrained) weights evaluated on the validation split, before any step, so the
+    curves and metrics.csv say what training added. Every worker evaluates; rank 0 logs and writes outputs."""
+    cfg, start = w.cfg, time.perf_counter()
+    with Watchdog(cfg["stall_s"], rank=w.rank) as watchdog:
+        va = task.evaluate(w, net, val_shard, watchdog)
+    row = _rounded({"epoch": 0, "train_loss": None, **task.row({}, va), "lr": None, "images_per_s": None,
+                    "epoch_seconds": time.perf_counter() - start, "train_images": 0, "val_images": va["images"],
+                    "attempt": attempt, "skipped_train": cfg["skipped"].get("train", 0),
+                    "skipped_val": cfg["skipped"].get("val", 0) + va["skipped"]})
+    if w.rank == 0:
+        log.info("epoch 0/%d (the initial weights, before training)  %s", cfg["epochs"], task.describe(row))
+        write_epoch_outputs(cfg["output"], [row], **task.columns)
+    return row
 
 
 def run(task: Task, cfg: dict[str, Any]) -> None:
@@ -317,13 +352,16 @@ def run(task: Task, cfg: dict[str, Any]) -> None:
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     metrics_out = TrainingMetrics(cfg["output"]) if w.rank == 0 else None
+    fresh = start_epoch == 0 and not history  # no checkpoint yet: the first batch's grid is written
+    if fresh and getattr(task, "evaluate_before_training", False):
+        history.append(_before_training(task, w, net, val_shard, attempt))
     run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg["epochs"]):
         maybe_inject_failure(epoch)
         epoch_start = time.perf_counter()
         with Watchdog(cfg["stall_s"], rank=w.rank) as watchdog:
             tr = train_pass(task, w, model, train_shard, optimizer, epoch=epoch, watchdog=watchdog,
-                            grab=w.rank == 0 and epoch == 0 and not history)
+                            grab=w.rank == 0 and epoch == 0 and fresh)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             # Evaluate the plain module: DDP's forward syncs buffers collectively, which would

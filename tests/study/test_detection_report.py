@@ -189,3 +189,65 @@ def test_face_options_reach_scoring_only_when_it_has_them(tmp_path):
         assert score_config(EvalConfig(**base), "m.parquet", "s", "scene").run_id == "scene"
         with pytest.raises(UserError, match="--faces needs scoring with a face stage"):
             score_config(cfg, "m.parquet", "s", "scene")
+
+
+def test_faces_none_says_there_are_no_face_boxes_to_compare(tmp_path, caplog):
+    """Scored whole (--faces none), the annotated faces have nothing to be compared with: the section, the printed
+    line and report.md say so instead of 'detection recall 0.0000 (0/N faces found)' (issue 27)."""
+    from jobs.evaluate import _detection_lines
+
+    root, out = str(tmp_path / "data"), str(tmp_path / "out")
+    _write_images(root)
+    truth = _truth(root)
+    write_coco(truth.values(), os.path.join(root, "scene.coco.json"), categories=CLASSES)
+    whole = _rows([{"path": p, "status": "ok", "label": "mask", "detector": "none", "faces": []} for p in truth])
+    section = dr.evaluate_detection(whole, os.path.join(root, "scene.coco.json"), list(truth), CLASSES, "no_mask",
+                                    iou=0.5, max_tiles=8, output=out, split="scene", faces="none")
+    assert section["available"] is False and section["reason"] == dr.NO_FACE_STAGE and section["images"] == 4
+    assert "recall" not in section and not os.path.exists(os.path.join(out, "boxes_scene.png"))
+    printed = _detection_lines("scene", section)
+    assert printed == [f"scene faces: {dr.NO_FACE_STAGE}"] and "no face boxes to compare" in printed[0]
+    md = "\n".join(eval_reports.detection_markdown(section, "scene", "no_mask"))
+    assert "no face boxes to compare" in md and "detection recall" not in md
+
+
+def test_the_logged_headline_is_the_printed_one(tmp_path, caplog):
+    """The log line carries the printed figures, rounded alike: 4 decimals, n/a for an undefined one (no detection:
+    no precision), never a made-up 0 or pycocotools' -1."""
+    from jobs.evaluate import _detection_lines
+
+    root = str(tmp_path / "data")
+    _write_images(root)
+    truth = _truth(root)
+    write_coco(truth.values(), os.path.join(root, "scene.coco.json"), categories=CLASSES)
+    nothing_found = _rows([{"path": p, "status": "ok", "label": "mask", "faces": []} for p in truth])
+    with caplog.at_level("INFO", logger="maskmodel.study.detection_report"):
+        section = dr.evaluate_detection(nothing_found, os.path.join(root, "scene.coco.json"), list(truth), CLASSES,
+                                        "no_mask", iou=0.5, max_tiles=8, output=str(tmp_path / "o"), split="scene")
+    headline = _detection_lines("scene", section)[0]
+    assert "precision n/a" in headline and "recall 0.0000" in headline and "-1" not in headline
+    assert f"INFO {headline}" in [f"{r.levelname} {r.getMessage()}" for r in caplog.records]
+    empty = dr.detection_section({p: r for p, r in truth.items() if not len(r)}, dr.face_rows(nothing_found),
+                                 CLASSES, "no_mask")[0]
+    assert empty["ap50"] is None and empty["ap"] is None and empty["recall"] is None  # no annotated face at all
+
+
+def test_annotations_that_match_no_scored_photo_are_an_error_naming_the_folder(tmp_path, caplog):
+    """A VOC folder whose xml name photos next to themselves while the photos are elsewhere matches nothing: one
+    sentence naming the folder looked in and the first photo, not a silent '0/0 faces found'; a partial match
+    is a warning with the count."""
+    root = str(tmp_path / "data")
+    _write_images(root)
+    truth = _truth(root)
+    records = list(truth.values())
+    elsewhere = [ImageBoxes(path=os.path.join(root, "annotations", os.path.basename(r.path)), width=r.width,
+                            height=r.height, boxes=r.boxes, classes=r.classes, labels=r.labels) for r in records]
+    with pytest.raises(UserError, match=r"None of the 4 photo\(s\) annotated in 'x.xml' is among the 4 photo\(s\) "
+                                        r"of split\(s\) scene .*the first, '.*/annotations/a.jpg', was looked for in "
+                                        r"the folder '.*/data/annotations' \(no such file\)"):
+        dr.check_matched("x.xml", elsewhere, set(truth), ["scene"])
+    with caplog.at_level("WARNING", logger="maskmodel.study.detection_report"):
+        assert dr.check_matched("x.xml", records + elsewhere[:1], set(truth), ["scene"]) == 4
+    assert any("1 of the 5 photo(s) annotated in x.xml are not among the photos of split(s) scene" in r.getMessage()
+               for r in caplog.records)
+    assert dr.check_matched("x.xml", [], set(truth), ["scene"]) == 0  # nothing annotated: nothing to match

@@ -113,10 +113,44 @@ def test_bad_annotations_fail_before_anything_is_scored(tmp_path):
     (tmp_path / "test.coco.json").write_text('{"images": []}')
     with pytest.raises(UserError, match="not a COCO annotation file"):
         evaluate(EvalConfig(**base, annotations=str(tmp_path / "test.coco.json")))
+    voc = tmp_path / "voc"  # a VOC folder naming the test photos, which are not next to its xml files
+    voc.mkdir()
+    for name in ("000.jpg", "001.jpg"):
+        (voc / f"{name}.xml").write_text(f"<annotation><filename>{name}</filename><size><width>40</width><height>40"
+                                         f"</height></size><object><name>mask</name><bndbox><xmin>5</xmin><ymin>5"
+                                         f"</ymin><xmax>30</xmax><ymax>30</ymax></bndbox></object></annotation>")
+    with pytest.raises(UserError, match=r"None of the 2 photo\(s\) annotated in '.*voc' is among the 4 photo\(s\) of "
+                                        r"split\(s\) test in --data: the first, '.*/voc/000.jpg', was looked for in "
+                                        r"the folder '.*/voc' \(no such file\)"):
+        evaluate(EvalConfig(**base, annotations=str(voc)))
     storage.write_text(os.path.join(data, "test.coco.json"), "not json")
     with pytest.raises(UserError, match="is not valid JSON"):  # the default, <data>/<split>.coco.json, is read too
         evaluate(EvalConfig(**base))
     assert not os.path.exists(tmp_path / "o" / "scores")
+
+
+def test_a_manifest_of_only_the_photos_to_evaluate_is_their_split(tmp_path):
+    """jobs.evaluate needs no training split (issue 27): rows without a split are the one split asked (other than
+    train/val, which keep the hash split training made); rows of the asked split are enough."""
+    from maskmodel.data.discovery import discover, discover_splits
+
+    write_tiny_tree(str(tmp_path), splits=(("scene", 2),), size=40)
+    names = [f"scene/{c}/{i:03d}.jpg" for c in CLASSES for i in range(2)]
+    (tmp_path / "photos.csv").write_text("path,label\n" + "".join(f"{n},{n.split('/')[1]}\n" for n in names))
+    (tmp_path / "split.csv").write_text("path,label,split\n" + "".join(f"{n},{n.split('/')[1]},Scene\n"
+                                                                       for n in names))
+    with pytest.raises(UserError, match="has no training images; give rows split 'train'"):  # was: a folder
+        discover(str(tmp_path / "split.csv"))
+    for manifest in ("photos.csv", "split.csv"):
+        data = discover_splits(str(tmp_path / manifest), ["scene"])
+        assert data.classes == CLASSES and list(data.splits) == ["scene"]
+        assert sorted(it.uri for it in data.splits["scene"]) == sorted(str(tmp_path / n) for n in names)
+        assert [data.classes[it.label] for it in data.splits["scene"]] == [n.split("/")[1] for n in names]
+    tree = str(tmp_path / "tree")
+    write_tiny_tree(tree, splits=(("train", 6),), size=40)  # no val folder: val is the hash split training made
+    assert {it.uri for it in discover_splits(tree, ["val"]).splits["val"]} == {it.uri for it in discover(tree).splits["val"]}
+    with pytest.raises(UserError, match=r"no labelled images in split 'test' \(it has: train, val\)"):
+        discover_splits(str(tmp_path / "photos.csv"), ["test", "scene"])
 
 
 # ----------------------------------------------------------------------------- the job on a real local Ray
@@ -241,7 +275,13 @@ def test_synthetic_scene_split_gets_a_complete_detection_section(tmp_path, ray_l
     torch.manual_seed(5)
     save_model_dir(model, state_dict_bytes(build_model("resnet18", 2)),
                    ModelCard(arch="resnet18", classes=CLASSES, input_size=32, resize_size=37))
-    assert main(["--model", model, "--data", data, "--output", out, "--split", "scene", "--max-tiles", "4"]) == 0
+    # A manifest holding only the photos to evaluate, no split column (issue 27: it needed a training split).
+    scene = sorted(os.path.relpath(os.path.join(d, f), data) for d, _, fs in os.walk(os.path.join(data, "scene"))
+                   for f in fs)
+    storage.write_text(os.path.join(data, "photos.csv"),
+                       "path,label\n" + "".join(f"{p},{p.split(os.sep)[1]}\n" for p in scene))
+    assert main(["--model", model, "--data", os.path.join(data, "photos.csv"), "--output", out, "--split", "scene",
+                 "--max-tiles", "4"]) == 0
     printed = capsys.readouterr().out
     report = storage.read_json(os.path.join(out, "report.json"))
     det, md = report["splits"]["scene"]["detection"], storage.read_text(os.path.join(out, "report.md"))

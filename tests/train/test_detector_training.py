@@ -236,6 +236,61 @@ def test_every_trainable_detector_takes_boxes_per_image_and_returns_losses():
         assert b.shape[1] == 4 and len(b) == len(s) == len(i), arch
 
 
+def test_an_epoch_logs_progress_with_step_total_rate_loss_and_eta(caplog):
+    """Inside an epoch rank 0 logs step/total, images/s, the running loss and the ETA every ~30 s (issue 27: five
+    minutes of silence); the sums are read back only for a line. A fake clock: 10 s per step."""
+    from maskmodel.train.engine import run_pass
+    from maskmodel.train.progress import StepProgress, steps_per_worker
+
+    assert steps_per_worker(101, world=2, batch_size=8) == 7 and steps_per_worker(0, world=1, batch_size=8) is None
+    now = [0.0]
+    progress = StepProgress("epoch 1/3", total_steps=6, world=2, every_s=30.0, clock=lambda: now[0])
+
+    def step(i, batch):
+        now[0] += 10.0
+        return torch.tensor([2.0 * (i + 1) * 4, 4.0, 0.0], dtype=torch.float64)  # loss i+1 on 4 images
+
+    with caplog.at_level("INFO", logger="maskmodel.train.progress"):
+        totals, _ = run_pass(range(6), step, size=3, device=torch.device("cpu"), progress=progress)
+    lines = [r.getMessage() for r in caplog.records]
+    # 3 steps (30 s) in: 12 images of this worker, 2 workers -> 0.8 img/s; mean loss (2+4+6)/3; 3 steps left
+    assert lines == ["epoch 1/3 step 3/6 | 0.8 img/s | loss 4.0000 | ETA 30s",
+                     "epoch 1/3 step 6/6 | 0.8 img/s | loss 7.0000 | ETA 0s"], lines
+    assert totals.tolist() == [2.0 * 21 * 4, 24.0, 0.0]
+    every = StepProgress("epoch 1/1", total_steps=None, every_s=0, clock=lambda: 0.0)  # --progress-s 0
+    assert every.update(1, torch.zeros(3)) == "epoch 1/1 step 1 | 0.0 img/s | loss n/a"
+
+
+def test_the_initial_weights_are_epoch_0_and_the_default_size_matches_the_face_stage(tmp_path, caplog):
+    """Epoch 0: the detector's initial (pretrained) weights evaluated before any step, logged, in metrics.csv and
+    the curves, so 'did fine-tuning help?' has an answer; --image-size defaults to the long side of the face
+    stage's default input (640 x 384)."""
+    from maskmodel.models.spec import DetectOptions
+    from maskmodel.train.config import DetectTrainConfig
+    from maskmodel.train.detect_loop import DetectorTask
+    from maskmodel.train.detection import METRIC_COLUMNS, PANELS
+    from maskmodel.train.engine import Worker, _before_training
+
+    assert DetectTrainConfig(data="a.json", output=str(tmp_path / "o")).image_size == max(DetectOptions().input_size)
+    assert DetectorTask.evaluate_before_training is True
+    cfg = {"arch": "centerface", "epochs": 3, "stall_s": 0, "score_threshold": 0.35, "output": str(tmp_path),
+           "columns": METRIC_COLUMNS, "panels": PANELS, "skipped": {"train": 1, "val": 0}}
+    task = DetectorTask(cfg)
+    val = {"ap50": 0.61, "ap": 0.3, "recall": 0.7, "precision": 0.9, "faces": 45, "images": 12, "skipped": 2}
+    task.evaluate = lambda w, net, shard, watchdog: val  # what _evaluate returns; the pass itself is the Ray test's
+    w = Worker(cfg=cfg, rank=0, world=1, device=torch.device("cpu"), precision="fp32")
+    with caplog.at_level("INFO", logger="maskmodel.train.engine"):
+        row = _before_training(task, w, torch.nn.Identity(), None, 0)
+    assert (row["epoch"], row["train_loss"], row["val_ap50"], row["val_recall"], row["val_images"]) == \
+        (0, None, 0.61, 0.7, 12)
+    assert (row["skipped_train"], row["skipped_val"]) == (1, 2)
+    assert ("epoch 0/3 (the initial weights, before training)  train loss n/a | val AP50 0.610 AP 0.300 recall 0.700 "
+            "precision 0.900 at 0.35") in [r.getMessage() for r in caplog.records]
+    first = _metrics(str(tmp_path))[0]
+    assert (first["epoch"], first["train_loss"], first["val_ap50"]) == ("0", "", "0.61")
+    Image.open(io.BytesIO(storage.read_bytes(storage.join(str(tmp_path), "curves.png")))).verify()
+
+
 # --- Ray Train -----------------------------------------------------------------------------------------------
 
 def _metrics(output: str) -> list[dict]:
@@ -257,13 +312,15 @@ def test_trains_resumes_and_exports_a_detector_that_loads(ray_local, tmp_path):
     assert first.epochs_run == 3
     res = train_detector(DetectTrainConfig(epochs=6, **common))  # same --output: resumes at epoch 4
     rows = _metrics(out)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
-    assert {int(r["attempt"]) for r in rows[3:]} == {1}  # the second submission continued the first
-    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
+    assert [int(r["epoch"]) for r in rows] == list(range(0, 7))  # epoch 0: the pretrained weights, evaluated once
+    assert rows[0]["train_loss"] == "" and float(rows[0]["val_ap50"]) == res.before_training["val_ap50"]
+    assert storage.read_json(storage.join(out, "report.json"))["before_training"] == res.before_training
+    assert {int(r["attempt"]) for r in rows[4:]} == {1}  # the second submission continued the first
+    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[1]["train_loss"])
     # The epoch's evaluation ran over every picture and face, and fine-tuning learnt the drawn faces.
     assert all(0.0 <= float(r["val_ap50"]) <= 1.0 and int(r["val_faces"]) == 45 for r in rows)
-    assert max(float(r["val_ap50"]) for r in rows) > 0.5, [r["val_ap50"] for r in rows]
-    assert float(rows[3]["lr"]) > 0  # the resubmission's longer cosine schedule, not the old one's final 0
+    assert max(float(r["val_ap50"]) for r in rows[1:]) > 0.5, [r["val_ap50"] for r in rows]
+    assert float(rows[4]["lr"]) > 0  # the resubmission's longer cosine schedule, not the old one's final 0
     card = read_card(res.model_dir)
     assert card.architecture == "centerface" and card.input_size == (128, 128) and card.score_threshold == 0.35
     assert card.model_id == res.model_id and card.metrics["val_ap50"] == pytest.approx(res.metrics["val_ap50"])
