@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if old != synth.VERSION:  # none yet, or drawn by an older generator: (re)draw it
         synth.write_dataset(synth.DatasetConfig(out=data, n_per_class=cfg.n_per_class, image_size=cfg.image_size,
                                                 overwrite=old is not None))
+    # The classifier learns from the faces of the detect scenes' boxes, cut as the face stage cuts them at scoring
+    # time (docs/training.md, "Training from annotated photos"), as a team's own annotated photos would be used.
     trained = training.train(training.TrainConfig(
-        data=data, output=run, arch=cfg.arch, weights="none", epochs=cfg.epochs, image_size=cfg.image_size,
+        data=storage.join(data, synth.DETECT_ANNOTATIONS), output=run, arch=cfg.arch, weights="none", epochs=cfg.epochs, image_size=cfg.image_size,
         batch_size=32, torch_threads=2))
     faces = "auto"
     if cfg.detector_epochs:
