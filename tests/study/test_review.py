@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -120,3 +121,218 @@ def test_export_orders_by_margin_and_writes_label_studio_coco_and_manifest(tmp_p
     assert (tmp_path / "r2" / TASKS).read_text() == (tmp_path / "r3" / TASKS).read_text() and again.faces == 3
     with pytest.raises(UserError, match="query failed"):
         export_review(ReviewExportConfig(results=out, output=str(tmp_path / "r4"), where="no_such_column > 1"))
+
+
+def _rect(rid, box, cls, origin="manual"):
+    """One rectangle as Label Studio exports it: percent of the original image (written out here, not through
+    maskmodel.data.labelstudio, so that the test checks the conversion instead of repeating it)."""
+    x0, y0, x1, y1 = box
+    return {"id": rid, "type": "rectanglelabels", "from_name": "label", "to_name": "image", "origin": origin,
+            "original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"x": x0 / W * 100, "y": y0 / H * 100, "width": (x1 - x0) / W * 100,
+                      "height": (y1 - y0) / H * 100, "rotation": 0, "rectanglelabels": [cls]}}
+
+
+def _annotation(aid, result, updated_at, cancelled=False):
+    return {"id": aid, "completed_by": 1, "result": result, "was_cancelled": cancelled, "ground_truth": False,
+            "created_at": "2025-03-02T08:00:00.000000Z", "updated_at": updated_at, "lead_time": 12.5,
+            "prediction": {}, "result_count": 0, "task": None, "project": 1, "parent_prediction": 1,
+            "parent_annotation": None, "last_action": None}
+
+
+def label_studio_export(manifest: dict) -> list[dict]:
+    """What Label Studio's JSON export holds after reviewers worked on the exported tasks (its documented format:
+    https://labelstud.io/guide/export#Label-Studio-JSON-format-of-annotated-tasks), with these corrections:
+    a.jpg face 0 relabelled no_mask, face 1 kept, one face added (an older annotation and a cancelled one do not
+    count); the member's face deleted; b.jpg not annotated; c.jpg annotated but replaced since."""
+    photos = {p["path"].rsplit("/", 1)[-1]: p for p in manifest["photos"]}
+    out = []
+    for n, (name, p) in enumerate(photos.items(), start=1):
+        task = {"id": n, "data": {"image": p["image"], "path": p["path"], "version": p["version"],
+                                  "run_id": "r1", "model_id": "model-a"},
+                "annotations": [], "predictions": [n], "meta": {}, "created_at": "2025-03-02T07:00:00Z",
+                "updated_at": "2025-03-02T09:00:00Z", "inner_id": n, "total_annotations": 0,
+                "cancelled_annotations": 0, "total_predictions": 1, "project": 1, "file_upload": None}
+        if name == "a.jpg":
+            task["annotations"] = [
+                _annotation(11, [_rect("face0", (10, 10, 50, 60), "mask", "prediction")], "2025-03-02T08:05:00Z"),
+                _annotation(12, [_rect("face0", (10, 10, 50, 60), "no_mask", "prediction-changed"),
+                                 _rect("face1", (80, 20, 120, 70), "mask", "prediction"),
+                                 _rect("Xk3a9", (130, 60, 158, 100), "no_mask")], "2025-03-02T08:30:00.123456Z"),
+                _annotation(13, [], "2025-03-02T09:00:00Z", cancelled=True)]
+        elif name == "d.jpg":
+            task["annotations"] = [_annotation(14, [], "2025-03-02T08:40:00Z")]
+        elif name == "c.jpg":
+            task["annotations"] = [_annotation(15, [_rect("face0", (0, 0, 40, 40), "no_mask")],
+                                               "2025-03-02T08:50:00Z")]
+        out.append(task)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_round_trip_on_s3_presigned_url_label_studio_export_import_and_train(s3_bucket, tmp_path, ray_local):
+    out, _ = scored_table(s3_bucket)
+    exported = s3_bucket + "/review/r1"
+    s = export_review(ReviewExportConfig(results=out, output=exported, least_confident=10, presign=600,
+                                         review_folder=s3_bucket + "/review/r1/images"))
+    assert s.photos == 4 and s.expiry
+    tasks = storage.read_json(storage.join(exported, TASKS))
+    url = tasks[0]["data"]["image"]
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert url.startswith("http://127.0.0.1:") and ("Signature" in query or "X-Amz-Signature" in query)
+    expires = int(query["X-Amz-Expires"][0]) if "X-Amz-Expires" in query else \
+        int(query["Expires"][0]) - int(dt.datetime.now(dt.timezone.utc).timestamp())
+    assert 590 <= expires <= 600
+    with urllib.request.urlopen(url, timeout=10) as r:  # the moto server, over HTTP, without credentials
+        assert r.read() == storage.read_bytes(tasks[0]["data"]["path"])
+    manifest = storage.read_json(storage.join(exported, MANIFEST))
+    assert "X-Amz" not in json.dumps(manifest)  # the presigned URL is in tasks.json only
+    reviewed = label_studio_export(manifest)
+    storage.write_bytes(storage.join(s3_bucket, "photos", "c.jpg"), _jpeg(42))  # replaced after the export
+    storage.write_json(str(tmp_path / "ls-export.json"), reviewed)
+    labels = s3_bucket + "/labels/set1.json"
+    got = import_review(ReviewImportConfig(reviewed=str(tmp_path / "ls-export.json"), exported=exported,
+                                           output=labels))
+    assert (got.faces["relabelled"], got.faces["added"], got.faces["kept"], got.faces["deleted"]) == (1, 1, 1, 1)
+    assert got.reviewed == 2 and got.unreviewed == 1 and [p.rsplit("/", 1)[-1] for p in got.skipped] == ["c.jpg"]
+    assert "c.jpg" in got.summary_line() and got.photos == 2
+    records = {r.extra["maskmodel_path"].rsplit("/", 1)[-1]: r for r in read_coco(labels)}
+    assert set(records) == {"a.jpg", "d.jpg"}
+    a, d = records["a.jpg"], records["d.jpg"]
+    assert a.classes == ("no_mask", "mask", "no_mask") and len(d) == 0  # the deleted face: a negative photo
+    np.testing.assert_allclose(a.boxes, [[10, 10, 50, 60], [80, 20, 120, 70], [130, 60, 158, 100]], atol=0.01)
+    assert a.extra["updated_at"].startswith("2025-03-02T08:30:00.123456") and a.extra["task_id"] == 1
+    assert d.path.startswith(s3_bucket + "/review/r1/images/")  # the member's copy: a file training can read
+    assert storage.read_bytes(d.path)[:2] == b"\xff\xd8"
+    _train_one_epoch(labels, tmp_path)
+
+
+def _train_one_epoch(labels: str, tmp_path) -> None:
+    from maskmodel.train.config import DetectTrainConfig
+    from maskmodel.train.detection import train_detector
+
+    res = train_detector(DetectTrainConfig(data=labels, val_data=labels, output=str(tmp_path / "det"), epochs=1,
+                                           batch_size=2, image_size=64, weights="none", augment=False))
+    assert res.epochs_run == 1
+
+
+def _exported(tmp_path):
+    out, _ = scored_table(str(tmp_path))
+    exported = str(tmp_path / "rev")
+    export_review(ReviewExportConfig(results=out, output=exported, least_confident=10,
+                                     review_folder=str(tmp_path / "copies")))
+    return exported, json.loads((tmp_path / "rev" / MANIFEST).read_text())
+
+
+def _import(tmp_path, exported, doc, output="set.json", merge=""):
+    path = tmp_path / f"reviewed-{len(list(tmp_path.glob('reviewed-*')))}.json"
+    path.write_text(json.dumps(doc))
+    return import_review(ReviewImportConfig(reviewed=str(path), exported=exported, output=str(tmp_path / output),
+                                            merge=merge and str(tmp_path / merge)))
+
+
+def test_malformed_exports_are_refused_in_one_sentence_naming_the_task_or_annotation(tmp_path):
+    exported, manifest = _exported(tmp_path)
+    good = label_studio_export(manifest)
+    cases = []
+    bad = copy.deepcopy(good)
+    del bad[0]["annotations"][1]["result"][2]["value"]["width"]
+    cases.append((bad, "task 1, annotation 12, result 'Xk3a9' is not a usable rectangle (lacks 'width')"))
+    bad = copy.deepcopy(good)
+    bad[0]["annotations"][1]["result"][0]["value"]["rectanglelabels"] = []
+    cases.append((bad, "task 1, annotation 12, result 'face0' is not a usable rectangle (it must carry exactly one"))
+    bad = copy.deepcopy(good)
+    bad[0]["annotations"][1]["updated_at"] = "yesterday"
+    cases.append((bad, "task 1, annotation 12 has updated_at 'yesterday', which is not an ISO 8601 time"))
+    bad = copy.deepcopy(good)
+    del bad[1]["data"]
+    cases.append((bad, "task 2 has no \"data\" object"))
+    bad = copy.deepcopy(good)
+    bad[0]["annotations"][1]["result"][2]["value"]["rectanglelabels"] = ["hat"]
+    cases.append((bad, "task 1, annotation 12, box 'Xk3a9' has class 'hat', which is not one of the exported"))
+    bad = copy.deepcopy(good)
+    bad[0]["data"]["path"] = "s3://elsewhere/x.jpg"
+    cases.append((bad, "task 1 is of 's3://elsewhere/x.jpg', which is not in this export"))
+    bad = copy.deepcopy(good)
+    bad[0]["annotations"][1]["result"][1]["value"].update(x=120, width=10)
+    cases.append((bad, "result 'face1' is not a usable rectangle (it has no area inside the image)"))
+    cases.append(({"tasks": []}, "is not a Label Studio JSON export: it must be a list of tasks, got dict"))
+    for doc, message in cases:
+        with pytest.raises(UserError) as e:
+            _import(tmp_path, exported, doc)
+        assert message in str(e.value) and str(e.value).count(". ") == 0, str(e.value)
+        assert not (tmp_path / "set.json").exists()  # nothing written: no correction half-imported
+
+
+def test_merge_keeps_every_photo_and_the_later_correction_of_each(tmp_path):
+    exported, manifest = _exported(tmp_path)
+    first = label_studio_export(manifest)
+    s1 = _import(tmp_path, exported, first, output="set1.json")
+    assert s1.photos == 3  # a, d, c (nothing replaced here)
+    # A second round: a.jpg corrected again later (all mask), c.jpg corrected EARLIER than in round one.
+    second = copy.deepcopy(first)
+    for t in second:
+        t["annotations"] = []
+    second[0]["annotations"] = [_annotation(21, [_rect("face0", (10, 10, 50, 60), "mask")], "2025-03-03T10:00:00Z")]
+    second[3]["annotations"] = [_annotation(22, [], "2025-03-01T10:00:00Z")]
+    s2 = _import(tmp_path, exported, second, output="set2.json", merge="set1.json")
+    assert (s2.merged["earlier"], s2.merged["replaced"], s2.merged["superseded"]) == (3, 1, 1)
+    got = {r.extra["maskmodel_path"].rsplit("/", 1)[-1]: r for r in read_coco(str(tmp_path / "set2.json"))}
+    assert set(got) == {"a.jpg", "c.jpg", "d.jpg"}  # d.jpg only in the earlier set: kept
+    assert got["a.jpg"].classes == ("mask",) and got["a.jpg"].extra["updated_at"].startswith("2025-03-03")
+    assert got["c.jpg"].classes == ("no_mask",)  # the earlier set's c.jpg correction is the later one
+    assert got["d.jpg"].path == read_coco(str(tmp_path / "set1.json"))[1].path and os.path.exists(got["d.jpg"].path)
+
+
+def test_cvat_coco_matches_photos_by_file_name_and_counts_changes(tmp_path):
+    exported, manifest = _exported(tmp_path)
+    doc = json.loads((tmp_path / "rev" / COCO).read_text())
+    for im in doc["images"]:  # CVAT keeps its own file names and drops our extras
+        im["file_name"] = im["file_name"].rsplit("/", 1)[-1]
+        for k in [k for k in im if k.startswith("maskmodel_")]:
+            del im[k]
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != 1 or a["bbox"][0] != 80]  # delete one
+    doc["annotations"][0]["category_id"] = 2  # relabel one (a.jpg face 0 -> no_mask)
+    doc["info"]["date_created"] = "2025-03-04T00:00:00+00:00"
+    s = _import(tmp_path, exported, doc)
+    assert (s.faces["relabelled"], s.faces["deleted"], s.faces["added"], s.faces["kept"]) == (1, 1, 0, 3)
+    assert {r.extra["updated_at"] for r in read_coco(str(tmp_path / "set.json"))} == {"2025-03-04T00:00:00+00:00"}
+
+
+def test_compare_matches_by_region_id_then_by_overlap():
+    model = [{"index": 0, "box": [0, 0, 10, 10], "label": "mask"}, {"index": 1, "box": [20, 20, 40, 40],
+                                                                    "label": "mask"}]
+    got = compare(model, [("face0", (0, 0, 10, 10), "no_mask"), ("zz", (21, 21, 40, 40), "mask"),
+                          ("yy", (50, 50, 60, 60), "mask")])
+    assert (got["relabelled"], got["kept"], got["added"], got["deleted"], got["moved"]) == (1, 1, 1, 0, 0)
+    assert compare(model, [])["deleted"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_no_secret_in_any_output_and_no_presigned_url_in_logs(s3_bucket, s3_endpoint, tmp_path):
+    out, _ = scored_table(s3_bucket)
+    secret, token = "PLANTEDsecret0123456789abcdefXYZ", "PLANTEDsessiontoken987"
+    ends = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+    env = {**os.environ, "PYTHONPATH": REPO, "AWS_ACCESS_KEY_ID": "PLANTEDKEYID", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_SESSION_TOKEN": token, "AWS_CREDENTIAL_EXPIRATION": ends.isoformat()}
+    local = tmp_path / "out"
+
+    def run(*args):
+        p = subprocess.run([sys.executable, "-m", "jobs.review", "export", "--results", out, *args], env=env,
+                           cwd=REPO, capture_output=True, text=True, timeout=100)
+        assert p.returncode == 0, p.stderr
+        return p.stdout + p.stderr
+
+    logs = run("--output", str(local / "plain"), "--review-folder", str(local / "copies"))
+    logs += run("--output", str(local / "signed"), "--review-folder", s3_bucket + "/copies", "--presign", "3600")
+    assert "stop working at" in logs and "when the temporary credentials that signed them end" in logs
+    assert "Signature" not in logs and "PLANTEDKEYID" not in logs and token not in logs and secret not in logs
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert {f.name for f in files} >= {TASKS, CONFIG, COCO, MANIFEST}
+    for f in files:
+        text = f.read_bytes().decode("latin-1")
+        assert secret not in text, f
+        assert (token in text) == (f.parent.name == "signed" and f.name == TASKS), f  # only inside the URLs
+    signed = json.loads((local / "signed" / TASKS).read_text())
+    assert all("Signature=" in t["data"]["image"] and "PLANTEDKEYID" in t["data"]["image"] for t in signed)
+    assert all("Signature" not in t["data"]["image"] for t in json.loads((local / "plain" / TASKS).read_text()))
