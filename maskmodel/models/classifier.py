@@ -55,11 +55,14 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = CARD_VERSION
+    # The label files it learnt from: [{"uri", "sha256"}] (maskmodel.data.lineage); empty for an ImageFolder tree.
+    annotation_sets: tuple[dict[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["classes"] = list(self.classes)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["annotation_sets"] = [dict(a) for a in self.annotation_sets]
         return d
 
     @classmethod
@@ -73,6 +76,8 @@ class ModelCard:
                 model_id=str(d.get("model_id", "")), config=dict(d.get("config") or {}),
                 metrics=dict(d.get("metrics") or {}), created_at=str(d.get("created_at", "")),
                 format_version=int(d.get("format_version", CARD_VERSION)),
+                annotation_sets=tuple({"uri": str(a["uri"]), "sha256": str(a["sha256"])}
+                                      for a in d.get("annotation_sets") or ()),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{source} is not a valid model card ({type(e).__name__}: {e}); "

@@ -263,6 +263,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
     import torch
 
+    from maskmodel.data.lineage import label_files
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
     from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
@@ -278,6 +279,7 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
         resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         config=config_to_dict(config),
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+        annotation_sets=tuple(label_files([config.data])),
     )
     agreement = bf16_agreement(config, card, best["model"])
     if agreement is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import datetime as dt
 import io
 import json
@@ -19,7 +20,8 @@ import pytest
 from PIL import Image
 
 from maskmodel import results
-from maskmodel.data import labelstudio
+from maskmodel.data import labelstudio, lineage
+from maskmodel.models.detect.card import read_card
 from maskmodel.data.annotations import read_coco
 from maskmodel.errors import UserError
 from maskmodel.io import storage
@@ -214,6 +216,28 @@ def _train_one_epoch(labels: str, tmp_path) -> None:
     res = train_detector(DetectTrainConfig(data=labels, val_data=labels, output=str(tmp_path / "det"), epochs=1,
                                            batch_size=2, image_size=64, weights="none", augment=False))
     assert res.epochs_run == 1
+    # Lineage: the detector's card names the annotation set it learnt from, with a hash of its content.
+    digest = "sha256:" + hashlib.sha256(storage.read_bytes(labels)).hexdigest()
+    assert read_card(res.model_dir).annotation_sets == ({"uri": labels, "sha256": digest},)
+
+
+def test_model_cards_carry_their_annotation_sets(tmp_path):
+    from maskmodel.models.classifier import ModelCard, load_card, save_model_dir
+
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "a.xml").write_text("<annotation/>")
+    (tmp_path / "voc" / "a.jpg").write_bytes(b"not hashed")
+    sets = lineage.annotation_sets([str(tmp_path / "voc"), str(tmp_path / "voc")])
+    assert len(sets) == 1 and sets[0]["sha256"].startswith("sha256:")
+    (tmp_path / "voc" / "a.jpg").write_bytes(b"images do not count")
+    assert lineage.annotation_sets([str(tmp_path / "voc")]) == sets
+    (tmp_path / "voc" / "a.xml").write_text("<annotation><object/></annotation>")
+    assert lineage.annotation_sets([str(tmp_path / "voc")]) != sets  # a relabelled set is another set
+    assert lineage.label_files([str(tmp_path / "voc")]) == []  # a folder tree is not hashed for the classifier
+    card = save_model_dir(str(tmp_path / "m"), b"w", ModelCard(arch="resnet18", classes=("a", "b"), input_size=64,
+                                                                resize_size=73, annotation_sets=tuple(sets)))
+    assert load_card(str(tmp_path / "m")).annotation_sets == tuple(sets) == card.annotation_sets
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["annotation_sets"] == sets
 
 
 def _exported(tmp_path):
