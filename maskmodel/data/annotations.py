@@ -1,4 +1,4 @@
-"""Face boxes from annotation files: COCO JSON and Pascal VOC XML in, one record per image out; COCO JSON out.
+"""Face boxes from annotation files: COCO JSON, Pascal VOC XML, YOLO txt in, one record per image out; COCO JSON out.
 
 COCO (``{"images": [...], "annotations": [...], "categories": [...]}``,
 ``bbox = [x, y, width, height]`` in pixels) is what the synthetic scenes are
@@ -17,14 +17,20 @@ detector finds faces, the classifier decides mask or not. A ``class_map``
 (file class -> label, or ``None`` to drop) changes that; classes it does not
 name are dropped and counted in ``skipped``.
 
+YOLO (``class cx cy w h`` normalised, one ``.txt`` per photo) is read by
+:mod:`maskmodel.data.yolo` into the same records. :func:`read_annotations`
+tells the three apart; :func:`check_found` says when the photos are missing.
+
 Image paths in the files are resolved against ``images_root``, by default the
-folder of the annotation file, by the rule every manifest follows (:mod:`maskmodel.io.paths`).
+folder of the annotation file (VOC: or a sibling ``images/`` / ``JPEGImages/``),
+by the rule every manifest follows (:mod:`maskmodel.io.paths`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,6 +158,11 @@ def read_coco(uri: str, *, class_map: Mapping[str, str | None] | None = None,
     return out
 
 
+#: Folders next to a VOC xml folder where its photos may sit: Kaggle's ``annotations/`` + ``images/``, Pascal VOC's
+#: own ``Annotations/`` + ``JPEGImages/``. Looked in, in this order, after the xml's own folder.
+SIBLING_IMAGE_FOLDERS = ("images", "JPEGImages")
+
+
 def _voc_one(uri: str, class_map: Mapping[str, str | None] | None, images_root: str | None) -> ImageBoxes:
     try:
         root = ET.fromstring(storage.read_bytes(uri))
@@ -174,13 +185,47 @@ def _voc_one(uri: str, class_map: Mapping[str, str | None] | None, images_root: 
     return _record(_resolve(images_root or _folder(uri), name), width, height, raw, class_map, uri)
 
 
+class _Listings:
+    """Names of the files directly in a folder, listed once per folder (thread-safe enough: a race lists twice)."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+
+    def has(self, uri: str) -> bool:
+        folder = _folder(uri)
+        if folder not in self._names:
+            self._names[folder] = frozenset(storage.listdir(folder))
+        return uri.rstrip("/").rsplit("/", 1)[-1] in self._names[folder]
+
+
+def _sibling_images(records: list[ImageBoxes], xml_folder: str, listings: _Listings) -> list[ImageBoxes]:
+    """Records whose photo is not in ``xml_folder`` moved to the first sibling image folder that holds it."""
+    parent = _folder(xml_folder.rstrip("/"))
+    out = []
+    for r in records:
+        if not r.path.startswith(xml_folder.rstrip("/") + "/") or listings.has(r.path):
+            out.append(r)
+            continue
+        rel = r.path[len(xml_folder.rstrip("/")) + 1:]
+        for sibling in SIBLING_IMAGE_FOLDERS:
+            candidate = _resolve(storage.join(parent, sibling), rel)
+            if listings.has(candidate):
+                r = ImageBoxes(**{**r.__dict__, "path": candidate})
+                break
+        out.append(r)
+    return out
+
+
 def read_voc(uri: str, *, class_map: Mapping[str, str | None] | None = None, images_root: str | None = None,
              workers: int = 16) -> list[ImageBoxes]:
     """Pascal VOC XML: one file, or every ``.xml`` under a folder (read concurrently, sorted by file name).
 
-    Each file's ``<filename>`` is resolved against ``images_root`` (default:
-    the XML file's folder; VOC trees keep images in a sibling ``JPEGImages/``,
-    pass that). Raises :class:`UserError` naming the first unusable file.
+    Each file's ``<filename>`` is resolved against ``images_root`` when given;
+    otherwise against the XML file's folder, and where the photo is not there,
+    against a sibling folder (:data:`SIBLING_IMAGE_FOLDERS`: ``images/`` as
+    public Kaggle sets ship, ``JPEGImages/`` as Pascal VOC does). Raises
+    :class:`UserError` naming the first unusable file; whether the photos exist
+    is :func:`check_found`'s business.
     """
     if uri.lower().endswith(".xml"):
         files = [uri]
@@ -189,15 +234,84 @@ def read_voc(uri: str, *, class_map: Mapping[str, str | None] | None = None, ima
         if not files:
             raise UserError(f"No Pascal VOC .xml files under {uri!r}.")
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-        return list(pool.map(lambda f: _voc_one(f, class_map, images_root), files))
+        records = list(pool.map(lambda f: _voc_one(f, class_map, images_root), files))
+    if images_root:
+        return records
+    listings, out = _Listings(), []
+    for f, r in zip(files, records):
+        out.extend(_sibling_images([r], _folder(f), listings))
+    return out
+
+
+def check_found(records: Iterable[ImageBoxes], *, source: str) -> list[str]:
+    """The annotated photos of ``records`` that do not exist (their URIs, in order); each folder is listed once.
+
+    Raises :class:`UserError` when none of them exists (the set matches
+    nothing), naming the folder looked in, the first missing file and
+    ``--images-root``. ``source``: the annotations' URI, for the message.
+    """
+    records = list(records)
+    listings = _Listings()
+    missing = [r.path for r in records if not listings.has(r.path)]
+    if records and len(missing) == len(records):
+        raise UserError(f"None of the {len(records)} photo(s) annotated in {source!r} was found: looked in "
+                        f"{_folder(missing[0])!r} for {missing[0].rsplit('/', 1)[-1]!r} (the first); pass "
+                        f"--images-root with the folder that holds the photos.")
+    if missing:
+        log.warning("%d of %d photo(s) annotated in %s not found, e.g. %s", len(missing), len(records), source,
+                    missing[0])
+    return missing
+
+
+def read_yolo(uri: str, *, class_map: Mapping[str, str | None] | None = None,
+              images_root: str | None = None) -> list[ImageBoxes]:
+    """A YOLO folder's photos with their boxes (:func:`maskmodel.data.yolo.read_labels`: layouts, classes file,
+    photo sizes from their headers), sorted by label file. Raises :class:`UserError` as that function does."""
+    from maskmodel.data.yolo import read_labels
+
+    return [_record(photo, width, height, raw, class_map, label)
+            for label, photo, width, height, raw in read_labels(uri, images_root=images_root)]
+
+
+def annotation_format(uri: str) -> str | None:
+    """``"coco"``, ``"voc"`` or ``"yolo"``: what the annotations at ``uri`` are, by its form (``None``: none).
+
+    A ``.json`` file is COCO, an ``.xml`` file or a folder holding ``.xml``
+    files VOC, a folder holding ``.txt`` label files and a classes file
+    (:data:`maskmodel.data.yolo.CLASS_FILES`) YOLO.
+    """
+    from maskmodel.data.yolo import find_class_file
+
+    low = uri.lower().rstrip("/")
+    if low.endswith(".json"):
+        return "coco"
+    if low.endswith(".xml"):
+        return "voc"
+    if low.endswith((".txt", ".csv", ".parquet", ".pq", ".yaml")) or not storage.exists(uri):
+        return None
+    names = [posixpath.basename(f.uri) for f in storage.list_files(uri, extensions=("xml", "txt"))]
+    if any(n.lower().endswith(".xml") for n in names):
+        return "voc"
+    if any(n.lower().endswith(".txt") for n in names) and find_class_file(uri) is not None:
+        return "yolo"
+    return None
 
 
 def read_annotations(uri: str, *, class_map: Mapping[str, str | None] | None = None,
                      images_root: str | None = None) -> list[ImageBoxes]:
-    """A COCO ``.json`` file, a VOC ``.xml`` file or a folder of VOC files, by the URI's form."""
-    if uri.lower().endswith(".json"):
+    """A COCO ``.json`` file, a VOC ``.xml`` file or folder, or a YOLO folder (:func:`annotation_format`).
+
+    Raises :class:`UserError` when ``uri`` is none of these.
+    """
+    kind = annotation_format(uri)
+    if kind == "coco":
         return read_coco(uri, class_map=class_map, images_root=images_root)
-    return read_voc(uri, class_map=class_map, images_root=images_root)
+    if kind == "voc":
+        return read_voc(uri, class_map=class_map, images_root=images_root)
+    if kind == "yolo":
+        return read_yolo(uri, class_map=class_map, images_root=images_root)
+    raise UserError(f"{uri!r} holds no annotations: expected a COCO .json file, a Pascal VOC .xml file or folder of "
+                    f"them, or a YOLO folder (.txt labels and classes.txt, obj.names or data.yaml).")
 
 
 def write_coco(records: Iterable[ImageBoxes], uri: str, *, categories: Iterable[str] | None = None,

@@ -26,6 +26,10 @@ MIN_SIDE = 8  # pixels; smaller images carry no face to classify
 # Longest side accepted (WebP's own limit). Checked from the header, before
 # decoding, so a 60000x10 strip cannot make a worker allocate a huge resize.
 MAX_SIDE = 16383
+#: Default bound on the pixels of one decoded photo with faces (scoring's --max-pixels, and training from annotated
+#: photos, which cuts faces from the same decode): a 1080p frame (2.1 MP) decodes whole; a 12 MP phone photo decodes
+#: at half its sides (3 MP, inside libjpeg).
+DEFAULT_MAX_PIXELS = 4_000_000
 
 # Truncated files must fail, not decode into grey half-pictures (and a zero-padded one, which Pillow
 # decodes without complaint, fails in check_stream). Never flipped: it is process-wide.

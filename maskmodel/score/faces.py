@@ -20,7 +20,6 @@ label: :func:`maskmodel.alert.deciding_face`.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from maskmodel.alert import deciding_face
+from maskmodel.data import facecrop
 from maskmodel.data.transforms import EvalCrop
 from maskmodel.models.detect import DetectOptions, FaceDetector, load_detector
 from maskmodel.results import NO_DETECTOR
@@ -117,7 +117,7 @@ class FaceStage:
             for im, (width, height), f in zip(chunk, sizes[start:start + self.batch], faces):
                 sx, sy = width / im.shape[1], height / im.shape[0]
                 boxes = f.boxes * np.array([sx, sy, sx, sy], np.float32)
-                big = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) >= self.options.min_face
+                big = facecrop.big_enough(boxes, self.options.min_face)
                 keep = np.flatnonzero(big)[:self.options.max_faces]  # highest scores first, as detected
                 out.append(Found(boxes=boxes[keep], scores=f.scores[keep], crops=f.crops[keep],
                                  dropped=int(big.sum()) - len(keep), small=int((~big).sum()),
@@ -128,21 +128,9 @@ class FaceStage:
         return out
 
     def cut(self, image: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-        """Classifier crops ``uint8 (K, 3, S, S)`` of ``boxes`` (decoded pixels) in ``image`` (uint8 ``(h, w, 3)``).
-
-        Each box is cut at the decode's resolution (pixel-aligned outwards) and
-        resized as a whole image would be, so a face is only upsampled when the
-        file itself holds fewer pixels of it than the classifier's input.
-        """
-        chw = as_tensor(image).permute(2, 0, 1)
-        h, w = image.shape[:2]
-        out = []
-        for x0, y0, x1, y1 in boxes.tolist():
-            c0, r0 = max(0, math.floor(x0)), max(0, math.floor(y0))
-            c1, r1 = min(w, max(c0 + 1, math.ceil(x1))), min(h, max(r0 + 1, math.ceil(y1)))
-            out.append(self.crop(chw[:, r0:r1, c0:c1]))
-        s = self.crop.crop_size
-        return torch.stack(out) if out else torch.zeros((0, 3, s, s), dtype=torch.uint8)
+        """Classifier crops ``uint8 (K, 3, S, S)`` of ``boxes`` (decoded pixels) in ``image`` (uint8 ``(h, w, 3)``):
+        :func:`maskmodel.data.facecrop.cut`, the cut that training from annotated photos makes too."""
+        return facecrop.cut(image, boxes, self.crop, self.crop.crop_size)
 
     def whole(self, image: np.ndarray) -> torch.Tensor:
         """The whole picture as the classifier's input, ``uint8 (1, 3, S, S)`` (``auto`` with no face found)."""

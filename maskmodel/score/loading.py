@@ -17,10 +17,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from maskmodel.data.facecrop import decode_photo
 from maskmodel.data.transforms import EvalCrop, preprocess_image
 from maskmodel.errors import UserError
 from maskmodel.io import archives, fetch, objectkeys
-from maskmodel.io.decode import DecodeError, decode, probe, too_large_bytes
+from maskmodel.io.decode import DecodeError, probe, too_large_bytes
 from maskmodel.io.fetch import read_error_reason
 from maskmodel.models.classifier import ModelCard
 from maskmodel.score.gpu_decode import device_scan_problem
@@ -101,7 +102,7 @@ class _Rows:
         pixels, width, height, encoded = None, -1, -1, False
         if error is None and data is not None and self.max_pixels:
             try:  # the whole picture, once, for the detector and the face crops alike
-                d = decode(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+                d = decode_photo(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
                 pixels, width, height = np.asarray(d.image, dtype=np.uint8), d.width, d.height
             except Exception as e:  # noqa: BLE001 - one odd file must never stop the job
                 error = decode_reason(e)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from maskmodel.config import JobConfig, field
 from maskmodel.io.archives import DEFAULT_MAX_RATIO, archive_kind
-from maskmodel.io.decode import IMAGE_EXTENSIONS
+from maskmodel.io.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS  # noqa: F401 - the face crop's decode bound
 from maskmodel.io.storage import LeftOut
 from maskmodel.models.spec import BF16_AGREEMENT_KEY, STRIDE, DetectOptions
 
@@ -29,9 +29,6 @@ if TYPE_CHECKING:  # torch-free at run time: `jobs.score --help` builds its pars
 MANIFEST_COLUMNS = {"path": pa.string(), "version": pa.string(), "size": pa.int64()}
 #: --faces values that are not a detector model directory's URI.
 FACE_MODES = ("none", "auto", "centerface")
-#: Default bound on the pixels of one decoded photo with faces: a 1080p frame (2.1 MP) decodes whole; a 12 MP
-#: phone photo decodes at half its sides (3 MP, inside libjpeg).
-DEFAULT_MAX_PIXELS = 4_000_000
 #: Decoded bytes one predictor batch may hold with a face stage (whole pictures, uint8 RGB, each at most
 #: --max-pixels): the batch size follows from it (:meth:`ScoreConfig.predict_batch`), 89 photos at the default
 #: --max-pixels. Ray Data queues up to two more batches per actor (its default in-flight factor of 2 in Ray

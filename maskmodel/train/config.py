@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from maskmodel.config import JobConfig, field
+from maskmodel.io.decode import DEFAULT_MAX_PIXELS
 from maskmodel.models.spec import (
     CLASSIFIER_ARCHITECTURES,
     CLASSIFIER_WEIGHT_KEYWORDS,
@@ -56,10 +57,20 @@ class TrainRunConfig(JobConfig):
 class TrainConfig(TrainRunConfig):
     """Everything one classifier training run needs; the CLI of ``jobs.train`` is derived from it."""
 
-    data: str = field(path=True, help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image> or a "
-                                      "CSV/Parquet manifest path,label[,split]")
+    data: str = field(path=True, help="training data URI: an ImageFolder tree <root>/<split>/<class>/<image>, a "
+                                      "CSV/Parquet manifest path,label[,split], or annotated photos (a COCO .json, a "
+                                      "Pascal VOC folder, a YOLO folder): faces cut as scoring cuts them")
     output: str = field(path=True, help="output URI for checkpoints, the model directory and reports (local, s3://, "
                                         "gs://)")
+    images_root: str = field("", path=True, help="annotated photos: the folder their image paths are relative to "
+                                                 "(default: the annotation file's folder; VOC: or a sibling images/ "
+                                                 "or JPEGImages/ folder)")
+    class_map: str = field("", help="annotated photos: rename or drop classes, file_class=name,... (name '-' or "
+                                    "empty drops it), e.g. with_mask=mask,without_mask=no_mask; unnamed classes keep "
+                                    "their name")
+    max_pixels: int = field(DEFAULT_MAX_PIXELS, minimum=64 * 64,
+                            help="annotated photos: decode each to at most this many pixels before cutting faces "
+                                 "(as jobs.score --max-pixels; keep the two equal)")
     arch: str = field("resnet50", help="torchvision architecture", choices=CLASSIFIER_ARCHITECTURES)
     weights: str = field("imagenet", path=CLASSIFIER_WEIGHT_KEYWORDS,
                          help="initial weights: imagenet (torchvision download), none, or a URI of a saved state dict")

@@ -207,15 +207,15 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
     environment variables for the workers. Raises :class:`UserError` on bad
     input, before any worker starts.
     """
-    import ray
-
+    from maskmodel.data.annotations import annotation_format
     from maskmodel.data.discovery import discover
-    from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalCrop, TrainCrop
+    from maskmodel.data.transforms import EvalCrop, TrainCrop
     from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
-    from maskmodel.train.loop import train_loop_per_worker
     from maskmodel.train.outputs import check_resumable, run_meta
 
     storage.check_writable(config.output)
+    if annotation_format(config.data) is not None:
+        return _prepare_annotated(config, callbacks=callbacks, worker_env=worker_env)
     data = discover(config.data, val_fraction=config.val_fraction)
     counts = data.counts()
     meta = run_meta(config.arch, data.classes, config.image_size)
@@ -241,12 +241,26 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
                        {"config": config_to_dict(config), "classes": list(data.classes), "counts": counts,
                         "skipped_by_extension": data.skipped_by_extension})
 
-    trainer = make_trainer(
+    trainer = _classifier_trainer(config, data.classes, meta, initial, worker_cpus, train_ds, val_ds,
+                                  {"train": bad_train, "val": bad_val}, callbacks=callbacks, worker_env=worker_env)
+    return trainer, data.classes
+
+
+def _classifier_trainer(config: TrainConfig, classes: Sequence[str], meta: dict, initial: dict, worker_cpus: float,
+                        train_ds, val_ds, skipped: dict[str, int], *, callbacks: Sequence[Any],
+                        worker_env: dict[str, str] | None):
+    """The classifier's ``TorchTrainer`` over prepared ``train``/``val`` datasets (columns ``image``, ``label``)."""
+    import ray
+
+    from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from maskmodel.train.loop import train_loop_per_worker
+
+    return make_trainer(
         train_loop_per_worker, output=config.output, datasets={"train": train_ds, "val": val_ds},
         num_workers=config.num_workers, gpu=config.gpu, worker_cpus=worker_cpus, max_failures=config.max_failures,
         score_attribute="val_acc", callbacks=callbacks, worker_env=worker_env,
         loop_config={
-            "classes": list(data.classes), "arch": config.arch, "epochs": config.epochs,
+            "classes": list(classes), "arch": config.arch, "epochs": config.epochs,
             "batch_size": config.batch_size, "lr": config.effective_lr, "momentum": config.momentum,
             "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
             "precision": config.precision, "output": config.output, "compile": config.compile,
@@ -254,8 +268,37 @@ def prepare_training(config: TrainConfig, *, callbacks: Sequence[Any] = (),
             "rotation_degrees": config.rotation_degrees, "jitter": config.jitter, "occlusion": config.occlusion,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "meta": meta, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
-            "initial_state_ref": ray.put(initial), "skipped": {"train": bad_train, "val": bad_val},
+            "initial_state_ref": ray.put(initial), "skipped": skipped,
         })
+
+
+def _prepare_annotated(config: TrainConfig, *, callbacks: Sequence[Any], worker_env: dict[str, str] | None
+                       ) -> tuple[Any, tuple[str, ...]]:
+    """:func:`prepare_training` for annotated photos (:mod:`maskmodel.train.annotated`): faces cut once per job
+    by the face stage's own crop, per split, in Ray Data; the dataset summary logged and kept with the run."""
+    from maskmodel.models.spec import DetectOptions
+    from maskmodel.runtime.resources import cluster_cpus, cpus_per_worker
+    from maskmodel.train.annotated import face_datasets, load_annotated, summary_line, without_unreadable
+    from maskmodel.train.outputs import check_resumable, run_meta
+
+    opts = DetectOptions()  # scoring's defaults: the margin and minimum face size the face stage cuts with
+    data = load_annotated(config.data, class_map=config.class_map, images_root=config.images_root,
+                          val_fraction=config.val_fraction, min_face=opts.min_face)
+    meta = run_meta(config.arch, data.classes, config.image_size)
+    check_resumable(config.output, meta)
+    initial = _initial_state(config, len(data.classes))
+    _init_ray()
+    worker_cpus = cpus_per_worker(config.cpus_per_worker, config.num_workers, cluster_cpus())
+    datasets, bad = face_datasets(data, image_size=config.image_size, augment=config.augment, options=opts,
+                                  max_pixels=config.max_pixels, max_unreadable=config.max_unreadable, seed=config.seed)
+    summary = without_unreadable(data, bad)
+    log.info("data %s: classes %s; %s", config.data, list(data.classes), summary_line(summary))
+    storage.write_json(storage.join(config.output, "train_config.json"),
+                       {"config": config_to_dict(config), "classes": list(data.classes), "counts": summary["faces"],
+                        "dataset": summary})
+    trainer = _classifier_trainer(config, data.classes, meta, initial, worker_cpus, datasets["train"],
+                                  datasets["val"], {s: len(b) for s, b in bad.items()}, callbacks=callbacks,
+                                  worker_env=worker_env)
     return trainer, data.classes
 
 
@@ -281,6 +324,9 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
         annotation_sets=tuple(label_files([config.data])),
     )
+    dataset = _dataset_summary(config)
+    if dataset:  # annotated photos: faces per class and split, too small, unreadable (jobs.train's summary)
+        card = dataclasses.replace(card, metrics={**card.metrics, "dataset": dataset})
     agreement = bf16_agreement(config, card, best["model"])
     if agreement is not None:
         from maskmodel.models.precision import BF16_AGREEMENT_KEY
@@ -301,6 +347,12 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
                         val_acc=float(best_row["val_acc"]), epochs_run=len(history), best_epoch=int(best_row["epoch"]))
 
 
+def _dataset_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The annotated data's summary :func:`prepare_training` kept in ``train_config.json`` (``None``: other data)."""
+    uri = storage.join(config.output, "train_config.json")
+    return storage.read_json(uri).get("dataset") if storage.exists(uri) else None
+
+
 def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) -> float | None:
     """Share of held-out images (test split, else val; at most ``limit``) whose bf16 label equals fp32's.
 
@@ -315,15 +367,20 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
 
     if not cpu_has_native_bf16():
         return None
-    data = discover(config.data, val_fraction=config.val_fraction)
-    items = (data.splits.get("test") or data.splits["val"])[:limit]
     crop = EvalCrop(crop_size=card.input_size, resize_size=card.resize_size)
-    pixels = []
-    for it in items:
-        try:
-            pixels.append(preprocess_image(storage.read_bytes(it.uri), crop)[0])
-        except (DecodeError, UserError):
-            continue  # unreadable images were already counted and skipped during training
+    if _dataset_summary(config):
+        from maskmodel.train.annotated import held_out_faces
+
+        pixels = held_out_faces(config, crop, limit)
+    else:
+        data = discover(config.data, val_fraction=config.val_fraction)
+        items = (data.splits.get("test") or data.splits["val"])[:limit]
+        pixels = []
+        for it in items:
+            try:
+                pixels.append(preprocess_image(storage.read_bytes(it.uri), crop)[0])
+            except (DecodeError, UserError):
+                continue  # unreadable images were already counted and skipped during training
     if not pixels:
         return None
     model = build_model(card.arch, len(card.classes))
@@ -332,3 +389,4 @@ def bf16_agreement(config: TrainConfig, card, state: dict, *, limit: int = 256) 
     agreement = label_agreement(model, batches, mean=card.mean, std=card.std)
     log.info("bf16 gives the fp32 label on %.1f%% of %d held-out images", 100 * agreement, len(pixels))
     return agreement
+

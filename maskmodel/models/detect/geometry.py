@@ -19,6 +19,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
+from maskmodel.data.facecrop import crop_boxes, grow  # noqa: F401 - grow re-exported: one crop definition
 from maskmodel.models.spec import STRIDE, DetectOptions  # noqa: F401 - re-exported: defined torch-free for configs
 
 # Candidates per image kept before NMS: NMS is quadratic in its input, and a
@@ -127,12 +128,6 @@ class Faces:
         return len(self.scores)
 
 
-def grow(boxes: torch.Tensor, margin: float) -> torch.Tensor:
-    """``(K, 4)`` boxes grown by ``margin`` times their own width / height on each side (not clipped)."""
-    wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) * margin
-    return boxes + wh * boxes.new_tensor([-1.0, -1.0, 1.0, 1.0])
-
-
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, image_index: torch.Tensor,
                 placements: Sequence[Placement], options: DetectOptions) -> list[Faces]:
     """Candidate boxes of a batch -> the :class:`Faces` of each photo.
@@ -159,7 +154,7 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, image_index: torch.Te
         b, s = b[ok], s[ok]
         n_max = max(0, len(s) - options.max_faces)
         b, s = b[:options.max_faces], s[:options.max_faces]
-        crops = clip_boxes_to_image(grow(b, options.margin), (p.height, p.width))
+        crops = crop_boxes(b, options.margin, (p.height, p.width))  # the one crop definition
         out.append(Faces(boxes=b.numpy().astype(np.float32), scores=s.numpy().astype(np.float32),
                          crops=crops.numpy().astype(np.float32), dropped_max=n_max,
                          dropped_small=int((sound & ~big).sum()), dropped_degenerate=int((~sound).sum())))
