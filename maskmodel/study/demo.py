@@ -58,14 +58,15 @@ def _jpeg(image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def scene_faces_line(data: str, scores: str, classes, output: str) -> str:
-    """The scene run's faces against ``scene.coco.json``: detection recall/precision and per-face accuracy."""
+def scene_faces_line(data: str, scores: str, classes, output: str, *, run_id: str = "scene") -> str:
+    """The scene run's faces (run ``run_id``) against ``scene.coco.json``: detection recall/precision and per-face
+    accuracy."""
     from maskmodel.alert import alert_class
     from maskmodel.data.synth import SCENE_ANNOTATIONS
     from maskmodel.results import read_results
     from maskmodel.study.detection_report import evaluate_detection
 
-    table = read_results(scores, ["scene"])
+    table = read_results(scores, [run_id])
     s = evaluate_detection(table, storage.join(data, SCENE_ANNOTATIONS), table.column("path").to_pylist(),
                            list(classes), alert_class(classes), iou=0.5, max_tiles=48, output=output, split="scene")
     if not s["available"]:

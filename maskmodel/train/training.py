@@ -306,7 +306,8 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
     import torch
 
-    from maskmodel.data.lineage import label_files
+    from maskmodel.data.annotations import annotation_format
+    from maskmodel.data.lineage import annotation_sets, label_files
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
     from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
@@ -322,7 +323,10 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
         resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         config=config_to_dict(config),
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
-        annotation_sets=tuple(label_files([config.data])),
+        # Annotated photos (COCO, VOC, YOLO: file or folder) are hashed whole; other data only when it is a
+        # manifest file (an ImageFolder tree's labels are its folder names).
+        annotation_sets=tuple(annotation_sets([config.data]) if annotation_format(config.data) is not None
+                              else label_files([config.data])),
     )
     dataset = _dataset_summary(config)
     if dataset:  # annotated photos: faces per class and split, too small, unreadable (jobs.train's summary)
