@@ -133,18 +133,19 @@ def select_faces(config: ReviewExportConfig) -> tuple[pa.Table, pa.Table, dict[s
         run_sql(con, FACES_SQL.format(where=config.where or "TRUE"))
         parts = []
         if config.least_confident:
-            parts.append(f"(SELECT *, 'least_confident' AS reason, 0 AS part, margin AS o FROM review_faces "
-                         f"ORDER BY margin, path, face_index LIMIT {config.least_confident})")
+            parts.append(f"(SELECT *, 'least_confident' AS reason, 0 AS part, CAST(margin AS DOUBLE) AS o "
+                         f"FROM review_faces ORDER BY margin, path, face_index LIMIT {config.least_confident})")
         if config.alerts:
-            parts.append("(SELECT f.*, 'alert' AS reason, 1 AS part, f.margin AS o FROM review_faces f "
-                         "JOIN alert_labels a USING (run_id, label))")
+            parts.append("(SELECT f.*, 'alert' AS reason, 1 AS part, CAST(f.margin AS DOUBLE) AS o "
+                         "FROM review_faces f JOIN alert_labels a USING (run_id, label))")
+        parts = parts or ["SELECT *, '' AS reason, 0 AS part, CAST(0 AS DOUBLE) AS o FROM review_faces WHERE FALSE"]
+        # A face picked for two reasons counts once, for the first (least confident before alert).
         run_sql(con, "CREATE TEMP TABLE picked AS SELECT DISTINCT ON (path, face_index) * FROM ("
-                     + (" UNION ALL ".join(parts) or "SELECT *, '' AS reason, 0 AS part, 0.0 AS o FROM review_faces "
-                                                        "WHERE FALSE") + ") ORDER BY path, face_index, part")
+                     + " UNION ALL ".join(parts) + ") ORDER BY path, face_index, part")
         if config.random:
-            run_sql(con, f"INSERT INTO picked SELECT f.*, 'random' AS reason, 2 AS part, "
-                         f"hash({config.seed}, f.path, f.face_index) AS o FROM review_faces f ANTI JOIN picked p "
-                         f"USING (path, face_index) ORDER BY hash({config.seed}, f.path, f.face_index) "
+            draw = f"CAST(hash({config.seed}, f.path, f.face_index) AS DOUBLE)"
+            run_sql(con, f"INSERT INTO picked SELECT f.*, 'random' AS reason, 2 AS part, {draw} AS o "
+                         f"FROM review_faces f ANTI JOIN picked p USING (path, face_index) ORDER BY {draw} "
                          f"LIMIT {config.random}")
         picked = run_sql(con, "SELECT * EXCLUDE (part, o) FROM picked ORDER BY part, o, path, face_index")
         context = run_sql(con, "SELECT * FROM review_faces WHERE path IN (SELECT path FROM picked) "

@@ -34,8 +34,8 @@ import json
 import logging
 import posixpath
 from collections import Counter
-from dataclasses import dataclass, field as dc_field
-from typing import Any
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import numpy as np
 
