@@ -24,13 +24,15 @@ mkdir -p "$WORK"
 
 if [ ! -x "$VENV/bin/label-studio" ]; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q label-studio
+    # sentry-sdk 3 refuses an option label-studio 1.23 passes it at start-up ("Unknown option 'send_default_pii'").
+    "$VENV/bin/pip" install -q label-studio 'sentry-sdk<3'
 fi
 echo "label-studio $("$VENV/bin/pip" show label-studio | sed -n 's/^Version: //p') in $VENV"
 
 EMAIL=reviewer@example.com
 PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(16))')
 export LABEL_STUDIO_BASE_DATA_DIR=$WORK/data
+unset HOST  # Label Studio reads HOST as its public URL; a bare host name in the environment is ignored noisily
 "$VENV/bin/label-studio" start --no-browser --host 127.0.0.1 --port "$PORT" --internal-host 127.0.0.1 \
     --data-dir "$WORK/data" --username "$EMAIL" --password "$PASSWORD" >"$WORK/label-studio.log" 2>&1 &
 LS_PID=$!

@@ -382,3 +382,17 @@ def test_no_secret_in_any_output_and_no_presigned_url_in_logs(s3_bucket, s3_endp
     signed = json.loads((local / "signed" / TASKS).read_text())
     assert all("Signature=" in t["data"]["image"] and "PLANTEDKEYID" in t["data"]["image"] for t in signed)
     assert all("Signature" not in t["data"]["image"] for t in json.loads((local / "plain" / TASKS).read_text()))
+
+
+def test_cli_refuses_a_malformed_export_with_one_line_and_exit_2(tmp_path):
+    exported, manifest = _exported(tmp_path)
+    bad = label_studio_export(manifest)
+    bad[0]["annotations"][1]["result"][0]["original_width"] = "wide"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    p = subprocess.run([sys.executable, "-m", "jobs.review", "import", "--reviewed", str(tmp_path / "bad.json"),
+                        "--exported", exported, "--output", str(tmp_path / "set.json")], env={
+                            **os.environ, "PYTHONPATH": REPO}, cwd=REPO, capture_output=True, text=True, timeout=100,
+                       check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "task 1, annotation 12, result 'face0' is not a usable rectangle" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "set.json").exists()
