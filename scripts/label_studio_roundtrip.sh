@@ -8,7 +8,7 @@
 # /tmp/maskmodel-label-studio; reused when present), starts Label Studio on 127.0.0.1:$LS_PORT (default 8089)
 # with its own data folder under WORK_DIR, signs in, creates a project with the exported labelling config,
 # imports the exported tasks (with their pre-annotations) through its API, changes a few annotations through
-# the API (a relabel, a deleted box, an added box, one accepted as is, one annotation edited again later),
+# the API (a task accepted, then relabelled in a later annotation; a deleted box; an added box; one accepted),
 # exports the project as Label Studio JSON, and runs `jobs.review import` on that export with this repository's
 # Python ($PYTHON, default: python). Label Studio is stopped at the end. Loopback only; the first run needs the
 # package registry for the install. Recorded in docs/review.md.
@@ -97,11 +97,13 @@ def prediction(task):
 changes = []
 for n, task in enumerate(listed[:4]):
     result = prediction(task)
-    if n == 0 and result:  # relabel the first box
+    if n == 0 and result:  # accepted first, then a second annotation relabels a box: the later one must count
+        api("POST", f"/tasks/{task['id']}/annotations", json={"result": result, "was_cancelled": False})
+        time.sleep(1.1)
         old = result[0]["value"]["rectanglelabels"][0]
         result[0]["value"]["rectanglelabels"] = ["no_mask" if old == "mask" else "mask"]
-        changes.append(f"task {task['id']}: box {result[0]['id']} relabelled {old} -> "
-                       f"{result[0]['value']['rectanglelabels'][0]}")
+        changes.append(f"task {task['id']}: accepted, then a later annotation relabels box {result[0]['id']} "
+                       f"{old} -> {result[0]['value']['rectanglelabels'][0]}")
     elif n == 1 and result:  # delete a box
         gone = result.pop()
         changes.append(f"task {task['id']}: box {gone['id']} deleted")
@@ -114,12 +116,7 @@ for n, task in enumerate(listed[:4]):
         changes.append(f"task {task['id']}: box added1 added")
     else:
         changes.append(f"task {task['id']}: accepted as pre-annotated")
-    ann = api("POST", f"/tasks/{task['id']}/annotations", json={"result": result, "was_cancelled": False})
-    if n == 0:  # the reviewer changes their mind: the later edit must win
-        time.sleep(1.1)
-        result[0]["value"]["rectanglelabels"] = [result[0]["value"]["rectanglelabels"][0]]
-        api("PATCH", f"/annotations/{ann['id']}", json={"result": result})
-        changes.append(f"task {task['id']}: annotation {ann['id']} edited again (updated_at later)")
+    api("POST", f"/tasks/{task['id']}/annotations", json={"result": result, "was_cancelled": False})
 print("\n".join(changes))
 exported = api("GET", f"/projects/{project['id']}/export?exportType=JSON&download_all_tasks=true")
 out = os.path.join(work, "label-studio-export.json")
