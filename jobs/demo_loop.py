@@ -8,9 +8,10 @@ It trains a classifier on tight synthetic face crops, scores two sets of scenes 
 CenterFace (``detect``: the night whose faces go to review; ``scene``: the measure, never reviewed),
 exports the ``--review`` least confident faces of the night as Label Studio tasks, lets the synthetic
 ground truth answer as a reviewer would (a Label Studio JSON export), imports it as a COCO annotation
-set, fine-tunes the classifier from its weights on that set (``jobs.train --data <set> --weights``),
-scores the ``scene`` scenes again and prints the picture and face accuracy before and after, and how
-many labels that took. Each step is one of the real jobs' library functions (docs/review.md).
+set, fine-tunes the face detector (``jobs.train_detector --data <set>``: the faces it missed, added by the
+reviewer) and the classifier from its weights (``jobs.train --data <set> --weights``) on that set, scores
+the ``scene`` scenes again and prints the picture and face accuracy before and after, and how many labels
+that took. A re-run reuses the first classifier (``<out>/train-1/model``). Each step is one of the real jobs' library functions (docs/review.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from maskmodel.study.loop_demo import ground_truth_review
     from maskmodel.study.review import ReviewExportConfig, export_review
     from maskmodel.study.review_import import ReviewImportConfig, import_review
-    from maskmodel.train import training
+    from maskmodel.train import detection, training
 
     data, scores, review = (storage.join(cfg.out, p) for p in ("data", "scores", "review"))
     storage.check_writable(cfg.out)
@@ -45,13 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     if old != synth.VERSION:
         synth.write_dataset(synth.DatasetConfig(out=data, n_per_class=cfg.n_per_class, image_size=cfg.image_size,
                                                 overwrite=old is not None))
-    first = training.train(training.TrainConfig(
-        data=data, output=storage.join(cfg.out, "train-1"), arch=cfg.arch, weights="none", epochs=cfg.epochs,
-        image_size=cfg.image_size, batch_size=32, torch_threads=2))
+    first_dir = storage.join(cfg.out, "train-1", "model")
+    if storage.exists(storage.join(first_dir, "model.json")):  # a re-run reuses the first model (delete to redo)
+        first_id = load_card(first_dir).model_id
+        print(f"reusing the first classifier {first_id} at {first_dir}", flush=True)
+    else:
+        first = training.train(training.TrainConfig(
+            data=data, output=storage.join(cfg.out, "train-1"), arch=cfg.arch, weights="none", epochs=cfg.epochs,
+            image_size=cfg.image_size, batch_size=32, torch_threads=2))
+        first_id = first.model_id
 
-    def score(split: str, run_id: str, model: str) -> None:
+    def score(split: str, run_id: str, model: str, faces: str = "centerface") -> None:
         res = scoring.score(scoring.ScoreConfig(input=storage.join(data, split), model=model, output=scores,
-                                                run_id=run_id, faces="centerface"))
+                                                run_id=run_id, faces=faces))
         print(f"{run_id}: {res.summary_line()}", flush=True)
 
     def accuracy(run_id: str, model: str) -> str:
@@ -60,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                       run_id=run_id)
         return f"picture accuracy {row['accuracy']:.3f} on {row['pictures']} scenes; {faces}"
 
-    score("detect", "night-1", first.model_dir)
-    score("scene", "before", first.model_dir)
+    score("detect", "night-1", first_dir)
+    score("scene", "before", first_dir)
     exported = export_review(ReviewExportConfig(results=scores, output=review, run_id=("night-1",),
                                                 least_confident=cfg.review))
     print(exported.summary_line(), flush=True)
@@ -70,21 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     labels = storage.join(cfg.out, "labels", "round-1.json")
     imported = import_review(ReviewImportConfig(reviewed=reviewed, exported=review, output=labels))
     print(imported.summary_line(), flush=True)
+    # The reviewed set trains both models: the faces the detector missed (added by reviewers) teach it to find
+    # them, the corrected classes teach the classifier (fine-tuned from its own weights, gently: few faces).
+    detector = detection.train_detector(detection.DetectTrainConfig(
+        data=labels, output=storage.join(cfg.out, "detector-2"), epochs=cfg.detector_epochs, batch_size=8,
+        torch_threads=2, image_size=storage.read_json(dataset)["scene_size"]))
     second = training.train(training.TrainConfig(
         data=labels, output=storage.join(cfg.out, "train-2"), arch=cfg.arch,
-        weights=storage.join(first.model_dir, "model.pt"), epochs=cfg.retrain_epochs, image_size=cfg.image_size,
-        batch_size=16, lr=0.002, torch_threads=2))
-    score("scene", "after", second.model_dir)
-    card = load_card(second.model_dir)
-    before, after = accuracy("before", first.model_dir), accuracy("after", second.model_dir)
-    print(f"\nbefore review ({first.model_id}): {before}")
-    print(f"after one round of {exported.faces} reviewed faces in {exported.photos} photos ({second.model_id}): "
-          f"{after}")
-    print(f"labels that took: {exported.faces} faces picked, {exported.photos} photos reviewed; "
-          f"{imported.faces['relabelled']} relabelled, {imported.faces['added']} added, "
-          f"{imported.faces['deleted']} deleted, {imported.faces['kept']} confirmed")
-    print(f"model {second.model_dir} learnt from {[a['uri'] for a in card.annotation_sets]} "
-          f"({', '.join(a['sha256'][:19] for a in card.annotation_sets)})")
+        weights=storage.join(first_dir, "model.pt"), epochs=cfg.retrain_epochs, image_size=cfg.image_size,
+        batch_size=16, lr=0.001, torch_threads=2))
+    score("scene", "after", second.model_dir, detector.model_dir)
+    before, after = accuracy("before", first_dir), accuracy("after", second.model_dir)
+    print(f"\nbefore review (classifier {first_id}, pretrained CenterFace): {before}")
+    print(f"after one round of {exported.faces} reviewed faces in {exported.photos} photos (classifier "
+          f"{second.model_id}, detector {detector.model_id}): {after}")
+    print(f"labels that took: {exported.faces} faces sent to review in {exported.photos} photos; the reviewer "
+          f"relabelled {imported.faces['relabelled']}, added {imported.faces['added']} missed faces, deleted "
+          f"{imported.faces['deleted']} and confirmed {imported.faces['kept']}")
+    for name, path in (("classifier", storage.join(second.model_dir, "model.json")),
+                       ("detector", storage.join(detector.model_dir, "detector.json"))):
+        sets = storage.read_json(path)["annotation_sets"]
+        print(f"{name} {path} learnt from {[a['uri'] for a in sets]} ({', '.join(a['sha256'][:19] for a in sets)})")
     return 0
 
 

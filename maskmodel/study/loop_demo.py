@@ -5,9 +5,10 @@ tight face crops, score the ``detect`` scenes (the "night" whose faces go to rev
 scenes (the measure) with the pretrained CenterFace, export the N least confident faces of the night
 (:mod:`maskmodel.study.review`), let the ground truth answer as a reviewer would in Label Studio
 (:func:`ground_truth_review`: every face of each task's photo, the model's region ids kept where a
-box matches), import that (:mod:`maskmodel.study.review_import`), fine-tune the classifier from its
-weights on the imported set (``jobs.train --data <set.json> --weights <model.pt>``), and score the
-``scene`` scenes again. The scenes measured are never the ones reviewed.
+box matches), import that (:mod:`maskmodel.study.review_import`), fine-tune the face detector and the
+classifier on the imported set (``jobs.train_detector --data <set.json>``; ``jobs.train --data
+<set.json> --weights <model.pt>``), and score the ``scene`` scenes again. The scenes measured are never
+the ones reviewed.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ FROM predictions WHERE status = 'ok' AND run_id = '{run}'
 @dataclass(frozen=True)
 class LoopDemoConfig:
     out: str = field("demo-loop-output", path=True, help="where the data, models, results and review files go")
-    n_per_class: int = field(200, help="synthetic training crops per class")
+    n_per_class: int = field(150, help="synthetic training crops per class")
     image_size: int = field(64, help="crop edge in pixels for generation and training")
-    epochs: int = field(12, help="epochs of the first classifier (tight crops only)")
+    epochs: int = field(10, help="epochs of the first classifier (tight crops only)")
     review: int = field(60, help="faces sent to review: the least confident of the night's run")
-    retrain_epochs: int = field(6, help="fine-tuning epochs on the reviewed faces")
+    retrain_epochs: int = field(4, help="classifier fine-tuning epochs on the reviewed faces")
+    detector_epochs: int = field(4, help="face detector fine-tuning epochs on the reviewed photos")
     arch: str = field("resnet18", help="classifier architecture")
 
     def __post_init__(self) -> None:
