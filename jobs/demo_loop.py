@@ -9,7 +9,8 @@ CenterFace (``detect``: the night whose faces go to review; ``scene``: the measu
 exports the ``--review`` least confident faces of the night as Label Studio tasks, lets the synthetic
 ground truth answer as a reviewer would (a Label Studio JSON export), imports it as a COCO annotation
 set, fine-tunes the face detector (``jobs.train_detector --data <set>``: the faces it missed, added by the
-reviewer) and the classifier from its weights (``jobs.train --data <set> --weights``) on that set, scores
+reviewer) on that set and the classifier from its weights on it merged with the crops it started from
+(``jobs.review import --merge``; ``jobs.train --data <merged set> --weights``), scores
 the ``scene`` scenes again and prints the picture and face accuracy before and after, and how many labels
 that took. A re-run reuses the first classifier (``<out>/train-1/model``). Each step is one of the real jobs' library functions (docs/review.md).
 """
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from maskmodel.results import query
     from maskmodel.score import scoring
     from maskmodel.study import demo
-    from maskmodel.study.loop_demo import ground_truth_review
+    from maskmodel.study.loop_demo import crops_as_annotations, ground_truth_review
     from maskmodel.study.review import ReviewExportConfig, export_review
     from maskmodel.study.review_import import ReviewImportConfig, import_review
     from maskmodel.train import detection, training
@@ -77,18 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     labels = storage.join(cfg.out, "labels", "round-1.json")
     imported = import_review(ReviewImportConfig(reviewed=reviewed, exported=review, output=labels))
     print(imported.summary_line(), flush=True)
+    # The classifier learns from the crops it started from and the reviewed faces together: the first set's
+    # labels as a COCO set, merged with the review (jobs.review import --merge).
+    crops = storage.join(cfg.out, "labels", "train-crops.json")
+    crops_as_annotations(data, crops, size=storage.read_json(dataset)["image_size"])
+    merged = storage.join(cfg.out, "labels", "round-1-with-crops.json")
+    print(import_review(ReviewImportConfig(reviewed=reviewed, exported=review, output=merged,
+                                           merge=crops)).summary_line(), flush=True)
     # The reviewed set trains both models: the faces the detector missed (added by reviewers) teach it to find
     # them, the corrected classes teach the classifier (fine-tuned from its own weights, gently: few faces).
     detector = detection.train_detector(detection.DetectTrainConfig(
         data=labels, output=storage.join(cfg.out, "detector-2"), epochs=cfg.detector_epochs, batch_size=8,
         torch_threads=2, image_size=storage.read_json(dataset)["scene_size"]))
     second = training.train(training.TrainConfig(
-        data=labels, output=storage.join(cfg.out, "train-2"), arch=cfg.arch,
+        data=merged, output=storage.join(cfg.out, "train-2"), arch=cfg.arch,
         weights=storage.join(first_dir, "model.pt"), epochs=cfg.retrain_epochs, image_size=cfg.image_size,
-        batch_size=16, lr=0.001, torch_threads=2))
+        batch_size=32, torch_threads=2))
+    score("scene", "after-detector", first_dir, detector.model_dir)
     score("scene", "after", second.model_dir, detector.model_dir)
     before, after = accuracy("before", first_dir), accuracy("after", second.model_dir)
     print(f"\nbefore review (classifier {first_id}, pretrained CenterFace): {before}")
+    print(f"the retrained detector alone (classifier {first_id}, detector {detector.model_id}): "
+          f"{accuracy('after-detector', first_dir)}")
     print(f"after one round of {exported.faces} reviewed faces in {exported.photos} photos (classifier "
           f"{second.model_id}, detector {detector.model_id}): {after}")
     print(f"labels that took: {exported.faces} faces sent to review in {exported.photos} photos; the reviewer "

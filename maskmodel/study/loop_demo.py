@@ -5,9 +5,10 @@ tight face crops, score the ``detect`` scenes (the "night" whose faces go to rev
 scenes (the measure) with the pretrained CenterFace, export the N least confident faces of the night
 (:mod:`maskmodel.study.review`), let the ground truth answer as a reviewer would in Label Studio
 (:func:`ground_truth_review`: every face of each task's photo, the model's region ids kept where a
-box matches), import that (:mod:`maskmodel.study.review_import`), fine-tune the face detector and the
-classifier on the imported set (``jobs.train_detector --data <set.json>``; ``jobs.train --data
-<set.json> --weights <model.pt>``), and score the ``scene`` scenes again. The scenes measured are never
+box matches), import that (:mod:`maskmodel.study.review_import`), fine-tune the face detector on the
+imported set (``jobs.train_detector --data <set.json>``) and the classifier on it merged with the crops
+it started from (:func:`crops_as_annotations`, ``--merge``; ``jobs.train --data <merged.json> --weights
+<model.pt>``), and score the ``scene`` scenes again. The scenes measured are never
 the ones reviewed.
 """
 
@@ -84,3 +85,20 @@ def ground_truth_review(exported: str, truth: str, *, when: dt.datetime | None =
                     "annotations": [{"id": n, "result": result, "was_cancelled": False, "ground_truth": False,
                                      "created_at": stamp, "updated_at": stamp, "completed_by": 1}]})
     return out
+
+
+def crops_as_annotations(data: str, uri: str, *, size: int) -> int:
+    """The synthetic ``train`` and ``val`` face crops of ``data`` as a COCO annotation set at ``uri``: each crop a
+    photo with one face filling it, its folder's class, its split kept (``images[].split``), so that the labels a
+    model started from and the reviewed ones can be merged into one set. Returns the number of crops."""
+    from maskmodel.data.annotations import ImageBoxes, write_coco
+
+    records = []
+    for split in ("train", "val"):
+        for f in storage.list_files(storage.join(data, split), extensions=("jpg",)):
+            cls = f.uri.rsplit("/", 2)[-2]
+            records.append(ImageBoxes(path=f.uri, width=size, height=size,
+                                      boxes=np.asarray([[0, 0, size, size]], np.float32), classes=(cls,),
+                                      labels=(cls,), extra={"split": split}))
+    write_coco(records, uri, info={"description": "the synthetic training crops, one face each"})
+    return len(records)
