@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-output
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo demo-loop test test-fast venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,7 @@ test-fast: venv
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
+
+# The review loop on synthetic data (docs/review.md): score, review the least confident faces, retrain, score.
+demo-loop: venv
+	$(BIN)/python -m jobs.demo_loop --out demo-loop-output

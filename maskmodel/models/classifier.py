@@ -56,6 +56,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = CARD_VERSION
+    # The label files it learnt from: [{"uri", "sha256"}] (maskmodel.data.lineage); empty for an ImageFolder tree.
+    annotation_sets: tuple[dict[str, str], ...] = ()
     # Classes that raise an alert (every class but the compliant one); a card without them (written before
     # the field existed) gets them by maskmodel.alert's rule when read.
     alert_classes: tuple[str, ...] = ()
@@ -69,6 +71,7 @@ class ModelCard:
         d["classes"] = list(self.classes)
         d["alert_classes"] = list(self.alert_classes)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["annotation_sets"] = [dict(a) for a in self.annotation_sets]
         return d
 
     @classmethod
@@ -82,6 +85,8 @@ class ModelCard:
                 model_id=str(d.get("model_id", "")), config=dict(d.get("config") or {}),
                 metrics=dict(d.get("metrics") or {}), created_at=str(d.get("created_at", "")),
                 format_version=int(d.get("format_version", CARD_VERSION)),
+                annotation_sets=tuple({"uri": str(a["uri"]), "sha256": str(a["sha256"])}
+                                      for a in d.get("annotation_sets") or ()),
             )
             if len(card.classes) >= 2:
                 card = dataclasses.replace(card, alert_classes=card_alert_classes(

@@ -84,14 +84,14 @@ def split_table(scores: str, classes, alert_classes):
         con.close()
 
 
-def scene_faces_line(data: str, scores: str, card, output: str) -> str:
-    """The scene run's faces against ``scene.coco.json``: detection recall/precision and per-face accuracy (the
-    photo verdict accuracy is the split table's, the same definition, so it is not printed twice)."""
+def scene_faces_line(data: str, scores: str, card, output: str, *, run_id: str = "scene") -> str:
+    """The scene run's faces (run ``run_id``) against ``scene.coco.json``: detection recall/precision and per-face
+    accuracy (the photo verdict accuracy is the split table's, the same definition, so it is not printed twice)."""
     from maskmodel.data.synth import SCENE_ANNOTATIONS
     from maskmodel.results import read_results
     from maskmodel.study.detection_report import evaluate_detection
 
-    table = read_results(scores, ["scene"])
+    table = read_results(scores, [run_id])
     s = evaluate_detection(table, storage.join(data, SCENE_ANNOTATIONS), table.column("path").to_pylist(),
                            list(card.classes), card.alert_classes, iou=0.5, max_tiles=48, output=output,
                            split="scene")

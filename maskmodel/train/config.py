@@ -89,6 +89,9 @@ class TrainConfig(TrainRunConfig):
     rotation_degrees: float = field(15.0, minimum=0, maximum=180, help="random rotation range, +/- degrees")
     jitter: float = field(0.2, minimum=0, maximum=1,
                           help="colour jitter strength (brightness, contrast, saturation factors in 1 +/- it)")
+    occlusion: float = field(0.0, minimum=0, maximum=1,
+                             help="share of training face crops that get a hand- or paper-like shape over the lower "
+                                  "face, keeping their class (with --augment; docs/training.md)")
     compile: bool = field(False, help="torch.compile the model (slower start, often faster steps on GPUs)")
     compliant_class: str = field("", help="the class of faces that raise no alert; every other class does (default: "
                                           "a mask / with_mask / WithMask spelling, else the first class that is not "

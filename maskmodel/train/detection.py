@@ -119,6 +119,7 @@ def _size(uri: str) -> int:
 
 
 def _card(config: DetectTrainConfig, weights: bytes, metrics: dict[str, Any]):
+    from maskmodel.data.lineage import annotation_sets
     from maskmodel.models.detect.card import DetectorCard, sha256
 
     digest = sha256(weights)
@@ -126,7 +127,8 @@ def _card(config: DetectTrainConfig, weights: bytes, metrics: dict[str, Any]):
                         model_id=f"facedet-{digest[:12]}", input_size=(config.image_size, config.image_size),
                         score_threshold=config.score_threshold, nms_iou=config.nms_iou,
                         source=f"maskmodel jobs.train_detector, {config.arch}, --weights {config.weights}, "
-                               f"data {config.data}", metrics=metrics)
+                               f"data {config.data}", metrics=metrics,
+                        annotation_sets=tuple(annotation_sets([config.data, config.val_data])))
 
 
 # --- the job ---

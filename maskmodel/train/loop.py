@@ -100,7 +100,8 @@ class ClassifierTask:
         self.cfg = cfg
         self.classes = list(cfg["classes"])
         self.mean, self.std = cfg["mean"], cfg["std"]
-        self.augment = DeviceAugment(rotation_degrees=cfg["rotation_degrees"], jitter=cfg["jitter"], mean=self.mean,
+        self.augment = DeviceAugment(rotation_degrees=cfg["rotation_degrees"], jitter=cfg["jitter"],
+                                     occlusion=cfg.get("occlusion", 0.0), mean=self.mean,
                                      std=self.std) if cfg["augment"] else None
         self.gen: torch.Generator | None = None
 

@@ -266,7 +266,7 @@ def _classifier_trainer(config: TrainConfig, classes: Sequence[str], meta: dict,
             "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "seed": config.seed,
             "precision": config.precision, "output": config.output, "compile": config.compile,
             "warmup_epochs": config.warmup_epochs, "augment": config.augment,
-            "rotation_degrees": config.rotation_degrees, "jitter": config.jitter,
+            "rotation_degrees": config.rotation_degrees, "jitter": config.jitter, "occlusion": config.occlusion,
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "meta": meta, "stall_s": 60 * config.stall_minutes,
             "torch_threads": config.torch_threads or max(1, int(worker_cpus)),
             "initial_state_ref": ray.put(initial), "skipped": skipped,
@@ -308,6 +308,8 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
     """Write the best checkpoint as the model directory, plus metrics, curves and the final report."""
     import torch
 
+    from maskmodel.data.annotations import annotation_format
+    from maskmodel.data.lineage import annotation_sets, label_files
     from maskmodel.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for
     from maskmodel.metrics import classification_report
     from maskmodel.models.classifier import ModelCard, save_model_dir
@@ -323,6 +325,10 @@ def export(config: TrainConfig, result, classes: tuple[str, ...]) -> TrainOutput
         resize_size=resize_for(config.image_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         config=config_to_dict(config), alert_classes=train_alert_classes(classes, config.compliant_class),
         metrics={k: best_row[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")},
+        # Annotated photos (COCO, VOC, YOLO: file or folder) are hashed whole; other data only when it is a
+        # manifest file (an ImageFolder tree's labels are its folder names).
+        annotation_sets=tuple(annotation_sets([config.data]) if annotation_format(config.data) is not None
+                              else label_files([config.data])),
     )
     dataset = _dataset_summary(config)
     if dataset:  # annotated photos: faces per class and split, too small, unreadable (jobs.train's summary)

@@ -195,3 +195,23 @@ def test_bad_model_dirs(tmp_path, setup, needle):
     setup(d)
     with pytest.raises(UserError, match=needle):
         load_card(d)
+
+
+def test_occlusion_covers_the_lower_face_only_with_probability_p():
+    from maskmodel.data.augment import DeviceAugment, occlude, occluder_masks
+
+    g = torch.Generator().manual_seed(1)
+    masks = occluder_masks(64, 96, 96, generator=g)
+    cover = masks.mean(dim=(1, 2, 3))
+    assert masks.shape == (64, 1, 96, 96) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert 0.03 < float(cover.min()) and float(cover.max()) < 0.45
+    assert float(masks[:, :, :34].sum()) == 0  # the forehead and eyes stay visible
+    x = torch.rand(200, 3, 32, 32, generator=g)
+    assert torch.equal(occlude(x, 0.0, g), x)
+    changed = (occlude(x, 0.5, torch.Generator().manual_seed(2)) != x).flatten(1).any(1).float().mean()
+    assert 0.35 < float(changed) < 0.65
+    same = DeviceAugment(rotation_degrees=0, jitter=0, occlusion=1.0)
+    batch = (x[:4] * 255).to(torch.uint8)
+    assert torch.equal(same(batch, torch.Generator().manual_seed(3)), same(batch, torch.Generator().manual_seed(3)))
+    assert not torch.equal(same(batch, torch.Generator().manual_seed(3)),
+                           DeviceAugment(rotation_degrees=0, jitter=0)(batch))

@@ -53,6 +53,7 @@ class DetectorCard:
     classes: tuple[str, ...] = CLASSES
     source: str = ""  # where the weights came from (a package, a training run)
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. AP and recall at the operating point
+    annotation_sets: tuple[dict[str, str], ...] = ()  # the label files it was trained on: [{"uri", "sha256"}]
 
     def options(self, **overrides: Any) -> DetectOptions:
         """Detection options at this card's input size and thresholds, with ``overrides`` (``None`` ignored)."""
@@ -62,6 +63,7 @@ class DetectorCard:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"], d["classes"] = list(self.input_size), list(self.classes)
+        d["annotation_sets"] = [dict(a) for a in self.annotation_sets]
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **d}
 
     @classmethod
@@ -91,10 +93,12 @@ class DetectorCard:
                        model_id=d["model_id"], input_size=(size[0], size[1]),
                        score_threshold=float(d.get("score_threshold", DetectOptions.score_threshold)),
                        nms_iou=float(d.get("nms_iou", DetectOptions.nms_iou)), source=str(d.get("source", "")),
-                       metrics=dict(d.get("metrics") or {}))
+                       metrics=dict(d.get("metrics") or {}),
+                       annotation_sets=tuple({"uri": str(a["uri"]), "sha256": str(a["sha256"])}
+                                             for a in d.get("annotation_sets") or ()))
             card.options()  # validates sizes and thresholds
-        except (TypeError, ValueError) as e:
-            raise bad(str(e)) from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)) from e
         return card
 
 
