@@ -4,12 +4,15 @@ What ``make demo`` runs on a fresh machine (local Ray, local disk, no downloads)
 
     python -m jobs.demo --out demo-output
 
-It draws the synthetic face-mask dataset, trains the classifier from scratch at a small image size
-for a few epochs, fine-tunes the CenterFace face detector on the ``detect`` scenes (sized for a
+It draws the synthetic face-mask dataset (three classes: ``mask``, ``no_mask``, ``mask_incorrect``),
+trains the classifier from scratch at a small image size for a few epochs on the faces of the
+``detect`` scenes' boxes (``detect.coco.json``, cut by the face stage's own crop, as a team's
+annotated photos would be), fine-tunes the CenterFace face detector on the ``detect`` scenes (sized for a
 couple of CPU cores and a few minutes in all), then scores the held-out ``test`` crops with
 ``--faces none`` and the ``scene`` pictures with the trained detector as two runs, and prints the
-per-run summary, the accuracy per split, and the detector's recall and precision on the scenes with
-the per-face accuracy. Then a second "night" of scenes with a shifted mix (three in four pictures
+per-run summary, the accuracy per split with the one photo verdict accuracy, the detector's recall
+and precision on the scenes, and the three-class per-face accuracy on the scenes next to the held-out
+faces' (cut from their boxes alike) and the tight ``test`` crops'. Then a second "night" of scenes with a shifted mix (three in four pictures
 with an unmasked face instead of one in two, and some truncated uploads) is scored as run
 ``night-2``, and ``jobs.report`` compares it with the ``scene`` run: the report page
 (``<out>/report/report.html``) and the drift checks of ``<out>/checks.toml``, which fail. Each step
@@ -84,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     card = load_card(trained.model_dir)
     print(query.format_table(demo.split_table(scores, card.classes, card.alert_classes)))
     print(demo.scene_faces_line(data, scores, card, storage.join(cfg.out, "scene_faces")))
-    print(f"\nbest val accuracy {trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run}; "
-          f"model {trained.model_dir}")
+    print(f"\nheld-out faces of the detect scenes (cut from their boxes as scoring cuts): accuracy "
+          f"{trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run} (the `test` row above: "
+          f"tight crops drawn apart, scored whole); model {trained.model_dir}")
     print(f"curves, augmented samples, confusion matrix: {run}")
     if cfg.detector_epochs:
         print(f"face detector {detector.model_id}: val AP50 {detector.metrics['val_ap50']:.3f}, recall "
