@@ -10,7 +10,7 @@ On a cluster (uses RAY_ADDRESS)::
         --val-data s3://bucket/faces/val.coco.json --output s3://bucket/runs/det1 \\
         --arch fasterrcnn_resnet50_fpn --num-workers 8 --gpu
 
-Every class of the files is a face unless --face-classes names some. Re-running the same command with the same
+Every class of the files is a face unless --class-map drops it (name=-). Re-running the same command with the same
 --output resumes from the latest checkpoint. The detector directory, <output>/detector, is what
 `jobs.score --faces <output>/detector` reads.
 """

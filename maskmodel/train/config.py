@@ -117,8 +117,11 @@ class DetectTrainConfig(TrainRunConfig):
                                               "default: --val-fraction of --data, by path hash")
     images_root: str = field("", path=True, help="folder the annotations' image paths are relative to (default: "
                                                  "the annotation file's folder; VOC trees: their JPEGImages/)")
-    face_classes: tuple[str, ...] = field((), help="annotation classes that are faces (default: every class; "
-                                                   "boxes of other classes are dropped and counted)")
+    class_map: str = field("", help="the product's one class vocabulary, as jobs.train takes it: file_class=name,... "
+                                    "where name '-' (or empty) drops that class's boxes (dropped boxes are counted); "
+                                    "every other class is a face (e.g. helmet=-,hand=-)")
+    face_classes: tuple[str, ...] = field((), help="replaced by --class-map (drop the classes that are not faces with "
+                                                   "name=-); passing it is an error")
     arch: str = field(DEFAULT_DETECTOR_ARCH, choices=DETECTOR_ARCHITECTURES,
                       help="detector: centerface (fine-tuned from its WIDER FACE weights, offline), or torchvision's: "
                            "the MobileNet ones for CPUs, ResNet-50 FPN for GPU clusters")
@@ -150,6 +153,10 @@ class DetectTrainConfig(TrainRunConfig):
                                                     "images/s, loss, ETA); 0: a line every step")
 
     def validate(self) -> None:
+        if self.face_classes:
+            raise ValueError(f"--face-classes was replaced by --class-map, the class vocabulary jobs.train takes: "
+                             f"drop the classes that are not faces, e.g. --class-map helmet=-,hand=- (every class "
+                             f"not dropped is a face); you passed --face-classes {','.join(self.face_classes)}")
         if self.batch_size < 2 * self.num_workers:  # BatchNorm trains on two images per step at least
             raise ValueError(f"--batch-size {self.batch_size} gives a worker fewer than 2 images per step; use at "
                              f"least {2 * self.num_workers} for --num-workers {self.num_workers}")

@@ -1,8 +1,8 @@
 """The face detector's training job: annotations in, a detector directory that ``load_detector`` reads out.
 
-:func:`train_detector` reads COCO JSON or Pascal VOC XML boxes
+:func:`train_detector` reads COCO JSON, Pascal VOC XML or YOLO boxes
 (:mod:`maskmodel.data.annotations`; every class is ``face`` unless
-``--face-classes`` names some), checks them and the output before any worker
+``--class-map`` drops some), checks them and the output before any worker
 starts, streams the photos through Ray Data with the classifier's check pass
 and limits (:func:`maskmodel.train.training.prepare_split`: fetched once,
 unreadable ones counted, more than ``--max-unreadable`` stops the job),
@@ -64,25 +64,37 @@ def _annotations_uri(uri: str) -> str:
     return uri
 
 
-def read_boxes(uri: str, *, images_root: str = "", face_classes: Sequence[str] = ()) -> list:
-    """The :class:`~maskmodel.data.annotations.ImageBoxes` of ``uri``, every class a face unless ``face_classes``.
+class _Faces(dict):
+    """A reader's class map for the detector: every class is a face but those the ``--class-map`` drops."""
+
+    def get(self, key, default=None):  # the readers' lookup
+        return None if key in self and dict.__getitem__(self, key) is None else "face"
+
+
+def read_boxes(uri: str, *, images_root: str = "", class_map: str = "") -> list:
+    """The :class:`~maskmodel.data.annotations.ImageBoxes` of ``uri``, every class a face but those ``class_map``
+    (``--class-map``, :func:`maskmodel.train.annotated.parse_class_map`'s syntax) drops with ``name=-``.
 
     Logs one line with what was dropped (boxes of other classes, boxes with no
     area inside their image). Raises :class:`UserError` when the file holds no
     image or no face box at all: nothing to learn from.
     """
-    from maskmodel.data.annotations import FACE, read_annotations
+    from maskmodel.data.annotations import read_annotations
 
     uri = _annotations_uri(uri)
     if not storage.exists(uri):
         raise UserError(f"The annotations {uri!r} do not exist; pass a COCO .json, a VOC .xml file or folder, or a "
                         f"dataset folder with {DATASET_ANNOTATIONS}.")
-    class_map = {c: FACE for c in face_classes} if face_classes else None
-    records = read_annotations(uri, class_map=class_map, images_root=images_root or None)
+    from maskmodel.train.annotated import parse_class_map
+
+    dropped = [c for c, name in parse_class_map(class_map).items() if name is None]
+    records = read_annotations(uri, class_map=_Faces(parse_class_map(class_map)) if class_map else None,
+                               images_root=images_root or None)
     faces = sum(len(r) for r in records)
     if not records or not faces:
-        raise UserError(f"{uri!r} holds {len(records)} image(s) and no face box{' of ' + str(list(face_classes)) if face_classes else ''}; "
-                        f"a detector needs annotated faces to learn from.")
+        but = f" once --class-map drops {', '.join(dropped)}" if dropped else ""
+        raise UserError(f"{uri!r} holds {len(records)} image(s) and no face box{but}; a detector needs annotated "
+                        f"faces to learn from.")
     skipped, invalid = sum(r.skipped for r in records), sum(r.invalid for r in records)
     if skipped or invalid:
         log.warning("%s: %d box(es) of other classes (or crowd regions) and %d with no area inside their image "
@@ -157,10 +169,10 @@ def prepare_detector_training(config: DetectTrainConfig, *, callbacks: Sequence[
     from maskmodel.train.training import _init_ray, _object_store_bytes, make_trainer, prepare_split
 
     storage.check_writable(config.output)
-    records = read_boxes(config.data, images_root=config.images_root, face_classes=config.face_classes)
-    val_records = (read_boxes(config.val_data, images_root=config.images_root, face_classes=config.face_classes)
+    records = read_boxes(config.data, images_root=config.images_root, class_map=config.class_map)
+    val_records = (read_boxes(config.val_data, images_root=config.images_root, class_map=config.class_map)
                    if config.val_data else None)
-    folded = list(config.face_classes) or sorted({c for r in [*records, *(val_records or [])] for c in r.classes})
+    folded = sorted({c for r in [*records, *(val_records or [])] for c in r.classes})
     log.info("annotation classes %s folded into one class 'face': the detector finds faces, the classifier tells "
              "their classes apart", ", ".join(folded))
     rows = split_rows(records, val_records=val_records, val_fraction=config.val_fraction)

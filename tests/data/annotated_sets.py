@@ -28,7 +28,7 @@ def build(root: Path, *, n: int = 8, size: int = 128) -> dict:
     photos.mkdir(parents=True)
     boxes, classes, names = {}, {}, []
     for i in range(n):
-        scene = synth.render_scene_sample(CLASSES[i % 2], i, size=size)
+        scene = synth.render_scene_sample(CLASSES[i % 2], i, size=size, incorrect_share=0.0)
         name = f"scene{i:03d}.jpg"
         scene.image.save(photos / name, "JPEG", quality=90)
         b = np.round(np.asarray([f.box for f in scene.faces], np.float64).reshape(-1, 4))

@@ -36,7 +36,7 @@ def write_scenes(root: str, n: int, *, size: int = 128, seed: int = 0, name: str
     """``n`` synthetic scenes (0-4 drawn faces each) as JPEGs under ``root`` and their COCO file; returns its URI."""
     records = []
     for i in range(n):
-        sc = render_scene_sample(("mask", "no_mask")[i % 2], i, size=size, seed=seed)
+        sc = render_scene_sample(("mask", "no_mask")[i % 2], i, size=size, seed=seed, incorrect_share=0.0)
         buf = io.BytesIO()
         sc.image.save(buf, format="JPEG", quality=90)
         path = storage.join(root, "images", f"{i:03d}.jpg")
@@ -140,13 +140,16 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
         (["--data", str(coco)], "no face box"),
         (["--data", scenes, "--val-data", scenes, "--weights", str(tmp_path / "nope.pt")], "nope.pt"),
         (["--data", str(tmp_path / "missing.json")], "do not exist"),
-        (["--data", scenes, "--face-classes", "helmet"], "no face box of ['helmet']"),
+        (["--data", scenes, "--class-map", "mask=-,no_mask=-,mask_incorrect=-"],
+         "no face box once --class-map drops mask, no_mask, mask_incorrect"),
+        (["--data", scenes, "--face-classes", "helmet"], "--face-classes was replaced by --class-map"),
         (["--data", scenes, "--val-data", scenes, "--arch", "ssdlite320_mobilenet_v3_large", "--weights",
           str(coco)], "is not a torch state dict"),
     ]
     for args, words in cases:
         r = _job(*args, "--output", str(tmp_path / "out"), *([] if "--weights" in args else ["--weights", "none"]))
-        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        # A flag's own error is argparse's (usage, then "prog: error: ..."), the rest the job's ("error: ...").
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:") or ": error: " in line]
         assert r.returncode == 2, (args, r.stderr[-2000:])
         assert len(err) == 1 and words in err[0], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
