@@ -61,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         detection.train_detector(detection.DetectTrainConfig(
             data=data, output=storage.join(cfg.out, "detector"), epochs=cfg.detector_epochs, batch_size=8,
             torch_threads=2, image_size=storage.read_json(dataset)["scene_size"]))
+    else:
+        print(f"reusing the face detector at {detector_dir}", flush=True)
     first_dir = storage.join(cfg.out, "train-1", "model")
     if not storage.exists(storage.join(first_dir, "model.json")):  # a re-run reuses the first model (delete to redo)
         training.train(training.TrainConfig(
             data=data, output=storage.join(cfg.out, "train-1"), arch=cfg.arch, weights="none", epochs=cfg.epochs,
             image_size=cfg.image_size, batch_size=32, torch_threads=2))
+    else:
+        print(f"reusing the first classifier at {first_dir}", flush=True)
     card = load_card(first_dir)
 
     def score(split: str, run_id: str, model: str) -> None:
