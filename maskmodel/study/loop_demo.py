@@ -1,15 +1,15 @@
 """The loop demo's pieces: a stand-in reviewer (the synthetic ground truth) and the loop itself.
 
-``python -m jobs.demo_loop`` (``make demo-loop``): draw the synthetic data, train the classifier on
-tight face crops, score the ``detect`` scenes (the "night" whose faces go to review) and the ``scene``
-scenes (the measure) with the pretrained CenterFace, export the N least confident faces of the night
+``python -m jobs.demo_loop`` (``make demo-loop``): draw the synthetic data, fine-tune the face detector once
+on the ``detect`` scenes (the same detector for every run: the detector is not what the loop is about), train
+the classifier on tight face crops, score the ``detect`` scenes (the "night" whose faces go to review) and the
+``scene`` scenes (the measure), export the N least confident faces of the night
 (:mod:`maskmodel.study.review`), let the ground truth answer as a reviewer would in Label Studio
 (:func:`ground_truth_review`: every face of each task's photo, the model's region ids kept where a
-box matches), import that (:mod:`maskmodel.study.review_import`), fine-tune the face detector on the
-imported set (``jobs.train_detector --data <set.json>``) and the classifier on it merged with the crops
-it started from (:func:`crops_as_annotations`, ``--merge``; ``jobs.train --data <merged.json> --weights
-<model.pt>``), and score the ``scene`` scenes again. The scenes measured are never
-the ones reviewed.
+box matches), import that merged with the crops the classifier started from
+(:mod:`maskmodel.study.review_import`, :func:`crops_as_annotations`, ``--merge``), train the classifier
+again on it (``jobs.train --data <merged.json> --weights <model.pt>``), and score the ``scene`` scenes
+again. The scenes measured are never the ones reviewed.
 """
 
 from __future__ import annotations
@@ -28,24 +28,19 @@ from maskmodel.study.review import MANIFEST
 
 log = logging.getLogger(__name__)
 
-#: Picture accuracy of a run over the synthetic scenes: the verdict against the picture's folder.
-SCENE_ACCURACY_SQL = """
-SELECT count(*) AS pictures,
-       avg(CASE WHEN coalesce(label, 'mask') = regexp_extract(path, '/(mask|no_mask)/[^/]+$', 1) THEN 1 ELSE 0 END)
-         AS accuracy
-FROM predictions WHERE status = 'ok' AND run_id = '{run}'
-"""
-
-
 @dataclass(frozen=True)
 class LoopDemoConfig:
     out: str = field("demo-loop-output", path=True, help="where the data, models, results and review files go")
     n_per_class: int = field(150, help="synthetic training crops per class")
     image_size: int = field(64, help="crop edge in pixels for generation and training")
     epochs: int = field(10, help="epochs of the first classifier (tight crops only)")
-    review: int = field(60, help="faces sent to review: the least confident of the night's run")
-    retrain_epochs: int = field(4, help="classifier fine-tuning epochs on the reviewed faces")
-    detector_epochs: int = field(4, help="face detector fine-tuning epochs on the reviewed photos")
+    review: int = field(80, help="faces sent to review (N): the least confident of the night's run")
+    retrain_from: str = field("first", choices=("first", "scratch"),
+                              help="the second classifier: fine-tuned from the first one's weights, or trained from "
+                                   "scratch (--epochs) on the crops and the reviewed faces")
+    retrain_epochs: int = field(4, help="classifier fine-tuning epochs on the crops and the reviewed faces")
+    detector_epochs: int = field(4, help="face detector fine-tuning epochs on the detect scenes, once, before any "
+                                         "run (the same detector finds the faces before and after)")
     arch: str = field("resnet18", help="classifier architecture")
 
     def __post_init__(self) -> None:
