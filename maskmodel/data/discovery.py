@@ -136,6 +136,14 @@ def _read_tree(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, s
     return rows, total, dict(skipped)
 
 
+def _rows(uri: str, extensions: tuple[str, ...]) -> tuple[list[tuple[str, str, str | None]], int, dict[str, int]]:
+    """``(path, label, split)`` rows of a manifest or tree, their bytes (trees only) and the files skipped by
+    extension (trees only)."""
+    if uri.lower().endswith(MANIFEST_SUFFIXES):
+        return _read_manifest(uri), 0, {}
+    return _read_tree(uri, extensions)
+
+
 def discover(uri: str, *, val_fraction: float = 0.2,
              extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> TrainingData:
     """Find the labelled images under ``uri`` (a tree or a manifest file).
@@ -144,11 +152,7 @@ def discover(uri: str, *, val_fraction: float = 0.2,
     no ``train`` split, fewer than two classes, an empty class, or validation
     classes that training does not have.
     """
-    skipped: dict[str, int] = {}
-    if uri.lower().endswith(MANIFEST_SUFFIXES):
-        rows, total = _read_manifest(uri), 0
-    else:
-        rows, total, skipped = _read_tree(uri, extensions)
+    rows, total, skipped = _rows(uri, extensions)
     if not rows:
         left_out = f" ({sum(skipped.values())} other file(s) left out by extension)" if skipped else ""
         raise UserError(f"No images found under {uri!r}{left_out}; expected <root>/train/<class>/<image> folders "
@@ -197,11 +201,7 @@ def discover_splits(uri: str, splits: Sequence[str], *, val_fraction: float = 0.
     classes are the labels of the asked splits, sorted. Raises :class:`UserError` when the URI does not exist,
     holds no images, or has none in an asked split.
     """
-    skipped: dict[str, int] = {}
-    if uri.lower().endswith(MANIFEST_SUFFIXES):
-        rows, total = _read_manifest(uri), 0
-    else:
-        rows, total, skipped = _read_tree(uri, extensions)
+    rows, total, skipped = _rows(uri, extensions)
     if not rows:
         raise UserError(f"No images found under {uri!r}; expected <root>/<split>/<class>/<image> folders "
                         f"(extensions {', '.join(extensions)}) or a CSV/Parquet manifest path,label[,split].")
