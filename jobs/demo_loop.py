@@ -1,8 +1,6 @@
 """The review loop, end to end on synthetic data: score, review the least confident faces, retrain, score again.
 
-What ``make demo-loop`` runs (local Ray, local disk, no downloads)::
-
-    python -m jobs.demo_loop --out demo-loop-output --review 80
+What ``make demo-loop`` runs (local Ray, local disk, no downloads): ``python -m jobs.demo_loop --out demo-loop-output``.
 
 The face detector is not the subject: it is fine-tuned once, up front, on the ``detect`` scenes' boxes (as
 ``make demo`` does) and the same detector finds the faces of every run, before and after, so the comparison
