@@ -8,11 +8,13 @@ It draws the synthetic face-mask dataset (three classes: ``mask``, ``no_mask``, 
 trains the classifier from scratch at a small image size for a few epochs on the faces of the
 ``detect`` scenes' boxes (``detect.coco.json``, cut by the face stage's own crop, as a team's
 annotated photos would be), fine-tunes the CenterFace face detector on the ``detect`` scenes (sized for a
-couple of CPU cores and a few minutes in all), then scores the held-out ``test`` crops with
-``--faces none`` and the ``scene`` pictures with the trained detector as two runs, and prints the
-per-run summary, the accuracy per split with the one photo verdict accuracy, the detector's recall
-and precision on the scenes, and the three-class per-face accuracy on the scenes next to the held-out
-faces' (cut from their boxes alike) and the tight ``test`` crops'. Then a second "night" of scenes with a shifted mix (three in four pictures
+couple of CPU cores and a few minutes in all), then scores the ``test`` faces (cut from scenes of their
+own as the face stage cuts a face) with ``--faces none`` and the ``scene`` pictures with the trained
+detector as two runs, and prints the per-run summary, the accuracy per split with the one photo verdict
+accuracy, the detector's recall and precision on the scenes, and the three-class per-face accuracy of the
+scene faces found next to the ``test`` faces' (per class, their mean, and over all faces, which the class
+mix moves: the scenes hold more masked faces) and the held-out ``detect`` faces'. Then a second "night" of scenes with a
+shifted mix (three in four pictures
 with an unmasked face instead of one in two, and some truncated uploads) is scored as run
 ``night-2``, and ``jobs.report`` compares it with the ``scene`` run: the report page
 (``<out>/report/report.html``) and the drift checks of ``<out>/checks.toml``, which fail. Each step
@@ -30,6 +32,8 @@ from maskmodel.io import storage
 from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
+#: What the demo writes under --out besides the data: deleted when the data is drawn again (a newer generator).
+DEMO_ENTRIES = ("train", "detector", "scores", "scene_faces", "night-2", "checks.toml", "report")
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     storage.check_writable(cfg.out)
     dataset = storage.join(data, "dataset.json")
     old = storage.read_json(dataset).get("version") if storage.exists(dataset) else None
-    if old != synth.VERSION:  # none yet, or drawn by an older generator: (re)draw it
+    if old != synth.VERSION:  # none yet, or drawn by an older generator: (re)draw it, and start the runs afresh
+        if old is not None:  # else training would resume the older data's finished run and scoring add to its table
+            log.info("the dataset in %s was drawn by generator version %s (now %s): drawing it again and starting "
+                     "the demo's runs afresh", data, old, synth.VERSION)
+            for name in DEMO_ENTRIES:
+                storage.delete(storage.join(cfg.out, name))
         synth.write_dataset(synth.DatasetConfig(out=data, n_per_class=cfg.n_per_class, image_size=cfg.image_size,
                                                 overwrite=old is not None))
     # The classifier learns from the faces of the detect scenes' boxes, cut as the face stage cuts them at scoring
@@ -86,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     # The synthetic folders carry the true label, so the demo can show accuracy per split too.
     card = load_card(trained.model_dir)
     print(query.format_table(demo.split_table(scores, card.classes, card.alert_classes)))
-    print(demo.scene_faces_line(data, scores, card, storage.join(cfg.out, "scene_faces")))
+    print(demo.scene_faces_line(data, scores, card, storage.join(cfg.out, "scene_faces"), compare_with="test"))
     print(f"\nheld-out faces of the detect scenes (cut from their boxes as scoring cuts): accuracy "
-          f"{trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run} (the `test` row above: "
-          f"tight crops drawn apart, scored whole); model {trained.model_dir}")
+          f"{trained.val_acc:.3f} at epoch {trained.best_epoch} of {trained.epochs_run}; the `test` row above: "
+          f"faces of other scenes cut alike, scored whole; model {trained.model_dir}")
     print(f"curves, augmented samples, confusion matrix: {run}")
     if cfg.detector_epochs:
         print(f"face detector {detector.model_id}: val AP50 {detector.metrics['val_ap50']:.3f}, recall "

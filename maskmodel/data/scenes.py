@@ -110,17 +110,20 @@ def _covered(alpha: np.ndarray, at: tuple[int, int], box: np.ndarray) -> float:
 
 
 def render_scene(label: str, index: int, rng: np.random.Generator, *, size: int, variant_for,
-                 min_face: int = MIN_FACE, incorrect_share: float = 0.0) -> Scene:
+                 min_face: int = MIN_FACE, incorrect_share: float = 0.0,
+                 classes: list[str] | None = None) -> Scene:
     """Scene ``index`` of class ``label``, ``size`` px square, drawn from ``rng`` alone.
 
     ``variant_for(label, i)`` names the variant of the scene's ``i``-th face
     (the generator's hard-negative sequence; for ``mask_incorrect`` how the mask is worn, ``below_nose`` or
-    ``chin``). ``incorrect_share``: see :func:`face_classes`. Faces that cannot be placed
-    without hiding another are left out, except the first, which always fits.
+    ``chin``). ``incorrect_share``: see :func:`face_classes`. ``classes``: the faces' classes, first one
+    first, instead of :func:`face_classes`'s draw (then ``label`` names only the scene). Faces that cannot be
+    placed without hiding another are left out, except the first, which always fits.
     """
     ss = size * SUPERSAMPLE
     canvas = background(ss, rng, busy=True)
-    classes = face_classes(label, rng, incorrect_share)
+    if classes is None:
+        classes = face_classes(label, rng, incorrect_share)
     top = max(min_face, MAX_SHARE.get(len(classes), MAX_SHARE[MAX_FACES]) * size)
     placed: list[tuple[np.ndarray, SceneFace]] = []  # (face box in canvas pixels, the face)
     for i, cls in enumerate(classes):

@@ -25,7 +25,12 @@ Layout: ``<out>/<split>/<class>/<index:06d>.jpg`` (or, with ``format="webdataset
 (``n_per_class`` images per class), ``val``, ``test`` and ``scene``
 (``max(2, round(n/4))`` each) and ``detect`` (``max(2, round(0.4 n))``); ``mask_incorrect`` gets as
 many as makes it ``incorrect_share`` of the split (:func:`class_sizes`; the default third: as many as the
-others). ``train``/``val``/``test`` are tight face crops;
+others). ``train``/``val`` are tight face crops (``image_size`` square); ``test`` holds faces as the face
+stage cuts them at scoring time (:func:`render_face_cut`): the first face of a busy scene drawn like the
+``scene`` split's, its box grown by the face stage's margin and clipped
+(:mod:`maskmodel.data.facecrop`), at the scene's resolution (so from about 36 px to half the scene's
+side, not square); scored whole (``--faces none``) a ``test`` file gives the classifier what the face stage
+would give it for that face, so per-face accuracy on ``scene`` and accuracy on ``test`` agree;
 ``scene`` pictures (``scene_size`` px, by default four times ``image_size``)
 hold 0 to 4 faces of mixed classes and sizes, down to 24 px across, in a busy
 picture (:mod:`maskmodel.data.scenes`); their folder follows the picture's verdict
@@ -59,35 +64,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from maskmodel.config import field, resolve_paths
-from maskmodel.data.drawing import (
-    MASK_STYLES,
-    SUPERSAMPLE,
-    background,
-    camera,
-    draw_hand,
-    draw_mask,
-    draw_paper,
-    draw_person,
-    draw_scarf,
+from maskmodel.data.samples import (  # re-exported: synth is where callers find the dataset's pictures
+    CLASSES,
+    CUT_SPLITS,
+    DEFAULT_INCORRECT_SHARE,
+    FACE_MARGIN,
+    HARD_NEGATIVES,
+    INCORRECT,
+    SCENE_SPLITS,
+    SPLITS,
+    WORN_WRONG,
+    Sample,
+    dataset_classes,
+    render_face_cut,
+    render_photo,
+    render_sample,
+    render_scene_sample,
+    variant_for,
 )
-from maskmodel.data.scenes import Scene, render_scene
 from maskmodel.errors import UserError
 from maskmodel.io import storage
 
 log = logging.getLogger(__name__)
 
-# Bump whenever a seed would draw different pictures (2: scenes with boxes; 3: the detect split; 4: mask_incorrect).
-VERSION = 4
-SPLITS = ("train", "val", "test", "scene", "detect")  # append only: the index is part of every picture's seed
-SCENE_SPLITS = ("scene", "detect")  # pictures of 0-4 faces with their boxes in <split>.coco.json
-CLASSES = ("mask", "no_mask", "mask_incorrect")  # append only: the index is part of every picture's seed
-INCORRECT = "mask_incorrect"
-WORN_WRONG = ("below_nose", "chin")  # the variants of mask_incorrect (maskmodel.data.drawing.WORN)
-DEFAULT_INCORRECT_SHARE = 1 / 3  # as many mask_incorrect pictures as mask or no_mask ones
-HARD_NEGATIVES = ("hand", "paper", "scarf")
+# Bump whenever a seed would draw different pictures (2: scenes with boxes; 3: the detect split; 4: mask_incorrect;
+# 5: test holds face-stage cuts).
+VERSION = 5
 SCENE_ANNOTATIONS = "scene.coco.json"  # COCO boxes of the scene split, next to it
 DETECT_ANNOTATIONS = "detect.coco.json"  # COCO boxes of the detect split (the face detector's training scenes)
 OWN_ENTRIES = (*SPLITS, "dataset.json", "variants.csv", SCENE_ANNOTATIONS, DETECT_ANNOTATIONS)
@@ -143,21 +147,6 @@ def scene_side(config: DatasetConfig) -> int:
     return config.scene_size or max(128, 4 * config.image_size)
 
 
-def render_scene_sample(label: str, index: int, *, size: int = 256, seed: int = 0,
-                        hard_negative_fraction: float = 0.3, split: str = "scene",
-                        incorrect_share: float = DEFAULT_INCORRECT_SHARE) -> Scene:
-    """Scene ``index`` of ``label`` (the picture's verdict) of ``split`` (one of :data:`SCENE_SPLITS`), drawn
-    from its own seed like :func:`render_sample`; ``incorrect_share``: the chance that a face besides the
-    deciding one wears its mask wrong (:func:`maskmodel.data.scenes.face_classes`)."""
-    if label not in CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
-    if split not in SCENE_SPLITS:
-        raise ValueError(f"unknown scene split {split!r}; expected one of {SCENE_SPLITS}")
-    rng = np.random.default_rng((seed, SPLITS.index(split), CLASSES.index(label), index))
-    return render_scene(label, index, rng, size=size, incorrect_share=incorrect_share,
-                        variant_for=lambda cls, i: variant_for(cls, i, rng, hard_negative_fraction))
-
-
 def split_sizes(n_per_class: int) -> dict[str, int]:
     """Images per class in each split: ``n_per_class`` in train, ``max(2, round(n/4))`` in val, test and scene,
     ``max(2, round(0.4 n))`` in detect (240 scenes for the demo's 300: what the detector needs, measured in
@@ -165,11 +154,6 @@ def split_sizes(n_per_class: int) -> dict[str, int]:
     small = max(2, round(n_per_class / 4))
     return {"train": n_per_class, "val": small, "test": small, "scene": small,
             "detect": max(2, round(0.4 * n_per_class))}
-
-
-def dataset_classes(incorrect_share: float) -> tuple[str, ...]:
-    """The classes a dataset holds: all of :data:`CLASSES`, or ``mask`` and ``no_mask`` when the share is 0."""
-    return CLASSES if incorrect_share > 0 else CLASSES[:2]
 
 
 def class_sizes(n_per_class: int, incorrect_share: float) -> dict[str, dict[str, int]]:
@@ -182,90 +166,6 @@ def class_sizes(n_per_class: int, incorrect_share: float) -> dict[str, dict[str,
         if incorrect_share > 0:
             out[split][INCORRECT] = max(1, round(2 * n * incorrect_share / (1 - incorrect_share)))
     return out
-
-
-def variant_for(label: str, index: int, rng: np.random.Generator, hard_negative_fraction: float) -> str:
-    """The variant of image ``index``: a mask style for ``mask``; ``plain`` or a hard negative for ``no_mask``;
-    how the mask is worn for ``mask_incorrect`` (:data:`WORN_WRONG`, alternating)."""
-    if label == "mask":
-        return MASK_STYLES[int(rng.integers(len(MASK_STYLES)))]
-    if label == INCORRECT:
-        return WORN_WRONG[index % len(WORN_WRONG)]
-    # A golden-ratio sequence instead of coin flips: every split, however small,
-    # gets close to the requested share of hard negatives and all three kinds.
-    u = ((index + 1) * 0.6180339887498949) % 1.0
-    if u < hard_negative_fraction:
-        return HARD_NEGATIVES[min(2, int(3 * u / hard_negative_fraction))]
-    return "plain"
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One drawn picture: the RGB image, its variant and the JPEG quality it is stored at."""
-
-    image: Image.Image
-    variant: str
-    jpeg_quality: int
-
-    def jpeg(self) -> bytes:
-        buf = io.BytesIO()
-        self.image.save(buf, "JPEG", quality=self.jpeg_quality)
-        return buf.getvalue()
-
-
-def render_sample(split: str, label: str, index: int, *, image_size: int = 96, seed: int = 0,
-                  hard_negative_fraction: float = 0.3) -> Sample:
-    """Draw image ``index`` of ``split``/``label`` (names from :data:`SPLITS` / :data:`CLASSES`).
-
-    The result depends on its arguments only, never on which other images were
-    drawn before, so images can be made in any order and in parallel. For
-    ``scene`` it draws one face in a busy picture (what :func:`render_photo`
-    builds on); the dataset's ``scene`` split is :func:`render_scene_sample`.
-    """
-    if split not in SPLITS or label not in CLASSES:
-        raise ValueError(f"unknown split/class {split!r}/{label!r}; expected one of {SPLITS} / {CLASSES}")
-    rng = np.random.default_rng((seed, SPLITS.index(split), CLASSES.index(label), index))
-    variant = variant_for(label, index, rng, hard_negative_fraction)
-    size, scene = image_size * SUPERSAMPLE, split == "scene"
-    canvas = background(size, rng, busy=scene)
-    # The layer holds head and shoulders; the head is 0.44 of its width, 0.56 of its height.
-    layer_px = int(size * (rng.uniform(0.57, 1.02) if scene else rng.uniform(1.0, 1.45)))
-    layer = Image.new("RGBA", (layer_px, layer_px), (0, 0, 0, 0))
-    g = draw_person(layer, rng)
-    draw = {"hand": draw_hand, "paper": draw_paper, "scarf": draw_scarf}.get(variant)
-    if label == "mask":
-        draw_mask(layer, rng, variant, g)
-    elif label == INCORRECT:
-        draw_mask(layer, rng, MASK_STYLES[int(rng.integers(len(MASK_STYLES)))], g, worn=variant)
-    elif draw:
-        draw(layer, rng, g)
-    layer = layer.rotate(rng.uniform(-20, 20), resample=Image.BICUBIC, expand=True)
-    if scene:  # anywhere, as long as the head stays in the picture
-        cx, cy = rng.uniform(0.22, 0.78, 2) * size
-    else:
-        cx, cy = (0.5 + rng.uniform(-0.08, 0.08, 2)) * size + np.array([0, 0.05 * size])
-    canvas.paste(layer, (int(cx - layer.width / 2), int(cy - layer.height / 2)), layer)
-    image = camera(canvas.resize((image_size, image_size), Image.LANCZOS), rng)
-    return Sample(image=image, variant=variant, jpeg_quality=int(rng.integers(60, 96)))
-
-
-def render_photo(label: str, index: int, *, width: int = 1920, height: int = 1080, seed: int = 0,
-                 quality: int = 90) -> bytes:
-    """A camera-sized JPEG: scene ``index`` of ``label`` drawn at ``height`` px, on a wider busy background.
-
-    For benchmarks and tests of the data path at the sizes users have: with
-    sensor noise over the whole frame a 1920x1080 photo encodes to roughly
-    250-550 KB at quality 90, like a real camera frame, where a flat drawing
-    would compress to a few tens of KB and decode several times faster.
-    """
-    rng = np.random.default_rng((seed, 99, CLASSES.index(label), index))
-    frame = background(width, rng, busy=True).crop((0, 0, width, height))
-    frame.paste(render_sample("scene", label, index, image_size=height, seed=seed).image,
-                (int(rng.integers(0, max(1, width - height + 1))), 0))
-    noisy = np.asarray(frame, dtype=np.float32) + rng.normal(0, rng.uniform(2.5, 4.5), (height, width, 3))
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _webdataset_tar(samples: list[tuple[str, int, bytes]]) -> bytes:
@@ -311,6 +211,11 @@ def write_dataset(config: DatasetConfig) -> dict:
                                         hard_negative_fraction=config.hard_negative_fraction, split=split,
                                         incorrect_share=config.incorrect_share)
             sample, faces = Sample(scene.image, scene.variant, scene.jpeg_quality), scene.faces
+        elif split in CUT_SPLITS:
+            faces = ()
+            sample = render_face_cut(label, int(path[-10:-4]), scene_size=scene_px, seed=config.seed, split=split,
+                                     hard_negative_fraction=config.hard_negative_fraction,
+                                     incorrect_share=config.incorrect_share)
         else:
             faces = ()
             sample = render_sample(split, label, int(path[-10:-4]), image_size=config.image_size, seed=config.seed,
@@ -393,3 +298,9 @@ def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], siz
                                     f"({'/'.join(classes)}) and variant; images[].label is the picture's folder "
                                     f"(an alert class's when any face is of one)",
                      "version": VERSION})
+
+
+__all__ = ["CLASSES", "CUT_SPLITS", "DEFAULT_INCORRECT_SHARE", "DETECT_ANNOTATIONS", "FACE_MARGIN", "HARD_NEGATIVES",
+           "INCORRECT", "OWN_ENTRIES", "SCENE_ANNOTATIONS", "SCENE_SPLITS", "SPLITS", "VERSION", "WORN_WRONG",
+           "DatasetConfig", "Sample", "class_sizes", "dataset_classes", "render_face_cut", "render_photo",
+           "render_sample", "render_scene_sample", "scene_side", "split_sizes", "variant_for", "write_dataset"]

@@ -84,9 +84,51 @@ def split_table(scores: str, classes, alert_classes):
         con.close()
 
 
-def scene_faces_line(data: str, scores: str, card, output: str, *, run_id: str = "scene") -> str:
+#: Per class of the ``test`` run (faces cut as the face stage cuts them, scored whole): rows and rows right.
+TEST_CLASS_SQL = """
+SELECT regexp_extract(path, '/([^/]+)/[^/]+$', 1) AS truth, count(*) AS faces,
+       sum(CASE WHEN status = 'ok' AND label = regexp_extract(path, '/([^/]+)/[^/]+$', 1) THEN 1 ELSE 0 END) AS right
+FROM predictions WHERE run_id = $run GROUP BY ALL
+"""
+
+
+def face_accuracy_table(scene: dict, scores: str, classes, *, run_id: str = "test") -> str:
+    """Three-class per-face accuracy on the scene faces found (``scene``: :func:`evaluate_detection`'s section)
+    next to run ``run_id``'s faces (``test``: cut alike, scored whole), per class (recall), their mean
+    (balanced: the class mix does not move it) and over all faces (it does: the scenes hold more masked faces)."""
+    from maskmodel.results import query
+
+    con = query.connect(scores)
+    try:
+        rows = con.sql(TEST_CLASS_SQL, params={"run": run_id}).fetchall()
+    finally:
+        con.close()
+    test = {truth: (int(right), int(n)) for truth, n, right in rows}
+    both = {"scene faces found": {c: (v["right"], v["classified"]) for c, v in scene["by_class"].items()},
+            f"{run_id} faces": {c: test.get(c, (0, 0)) for c in classes}}
+
+    def ratio(k: int, n: int) -> str:
+        return f"{k / n:.3f} ({n})" if n else "n/a"
+
+    lines = [f"{'three-class per-face accuracy':<30}" + "".join(f"{name:>20}" for name in both)]
+    for c in classes:
+        lines.append(f"{c:<30}" + "".join(f"{ratio(*per[c]):>20}" for per in both.values()))
+    for label, pick in (("balanced (mean of the classes)", "mean"), ("all faces", "all")):
+        cells = []
+        for per in both.values():
+            got = [(k, n) for k, n in per.values() if n]
+            value = (sum(k / n for k, n in got) / len(got) if pick == "mean" else
+                     sum(k for k, _ in got) / max(1, sum(n for _, n in got))) if got else None
+            cells.append("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"{label:<30}" + "".join(f"{v:>20}" for v in cells))
+    return "\n".join(lines)
+
+
+def scene_faces_line(data: str, scores: str, card, output: str, *, run_id: str = "scene",
+                     compare_with: str | None = None) -> str:
     """The scene run's faces (run ``run_id``) against ``scene.coco.json``: detection recall/precision and per-face
-    accuracy (the photo verdict accuracy is the split table's, the same definition, so it is not printed twice)."""
+    accuracy (the photo verdict accuracy is the split table's, the same definition, so it is not printed twice);
+    with ``compare_with`` (a run of faces scored whole), :func:`face_accuracy_table` below it."""
     from maskmodel.data.synth import SCENE_ANNOTATIONS
     from maskmodel.results import read_results
     from maskmodel.study.detection_report import evaluate_detection
@@ -102,4 +144,5 @@ def scene_faces_line(data: str, scores: str, card, output: str, *, run_id: str =
         return "n/a" if v is None else f"{v:.3f}"
     return (f"scene faces: detection recall {pct(s['recall'])}, precision {pct(s['precision'])} at IoU 0.5 "
             f"({s['faces']} annotated faces); per-face accuracy {pct(s['face_accuracy'])} on {s['classified']} "
-            f"matched faces; boxed pictures: {output}/boxes_scene.png")
+            f"matched faces; boxed pictures: {output}/boxes_scene.png"
+            + (f"\n{face_accuracy_table(s, scores, card.classes, run_id=compare_with)}" if compare_with else ""))

@@ -14,7 +14,9 @@ COCO JSON or Pascal VOC XML). Output: plain numbers for ``report.json``.
   run's threshold: score with a lower threshold for the full curve;
 - ``face_accuracy``: the classifier's label against the annotated class, on
   matched faces whose class is a model class; ``found_and_right``: the same
-  over every annotated face (a missed face counts as wrong);
+  over every annotated face (a missed face counts as wrong); ``by_class``: per
+  annotated class of ``classes``, matched faces ``classified`` and ``right``
+  (its recall; ``face_accuracy`` also moves with the class mix, these do not);
 - ``image_accuracy``: the photo verdict accuracy
   (:func:`maskmodel.metrics.classification.verdict_accuracy`, the one definition
   the demo's split table and the README use): a photo's truth is an alert when
@@ -220,6 +222,9 @@ def detection_section(truth: Mapping[str, ImageBoxes], rows: Mapping[str, dict[s
         # pycocotools says -1 for "no annotated face": undefined, like the other ratios
         "ap50": dm["ap50"] if dm["faces"] else None, "ap": dm["ap"] if dm["faces"] else None,
         "classified": len(judged), "face_accuracy": right / len(judged) if judged else None,
+        # per annotated class, whatever the breakdown below: the class mix moves face_accuracy, not these
+        "by_class": {c: {"classified": sum(f["class"] == c for f in judged),
+                         "right": sum(f["class"] == c and bool(f["right"]) for f in judged)} for c in classes},
         "found_and_right": right / len(faces) if faces else None,
         "unclassifiable": sum(f["found"] and f["right"] is None for f in faces),
         "image_accuracy": verdict["accuracy"],

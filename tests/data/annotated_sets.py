@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def build(root: Path, *, n: int = 8, size: int = 128) -> dict:
     """Write ``n`` scenes (half of each verdict) as JPEGs and their faces in each format under ``root``.
 
     Returns ``{"coco", "voc", "voc_sibling", "yolo"}`` -> the URI to read, plus ``"faces"`` (the face count),
-    ``"classes"`` (sorted) and ``"boxes"`` {photo name: int boxes (K, 4)}.
+    ``"classes"`` (sorted), ``"per_class"`` {class: faces} and ``"boxes"`` {photo name: int boxes (K, 4)}.
     """
     photos = root / "photos"
     photos.mkdir(parents=True)
@@ -61,6 +62,7 @@ def build(root: Path, *, n: int = 8, size: int = 128) -> dict:
         (yolo / "labels" / nm.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
     return {"coco": str(coco), "voc": str(flat), "voc_sibling": str(kaggle / "annotations"), "yolo": str(yolo),
             "faces": sum(len(v) for v in classes.values()), "boxes": boxes,
+            "per_class": dict(Counter(c for v in classes.values() for c in v)),
             "classes": sorted({c for v in classes.values() for c in v})}
 
 

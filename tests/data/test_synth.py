@@ -88,8 +88,30 @@ def test_every_image_decodes_at_the_requested_size(dataset):
     files = storage.list_files(out, extensions=("jpg",))
     assert len(files) == 3 * sum(synth.split_sizes(N).values())
     for f in files:  # scenes have room for several faces: four times the crop size, at least 128
-        side = 128 if "/scene/" in f.uri or "/detect/" in f.uri else SIZE
-        assert decode_image(storage.read_bytes(f.uri)).size == (side, side)
+        w, h = decode_image(storage.read_bytes(f.uri)).size
+        if "/test/" in f.uri:  # a face of a 128-px scene as the face stage cuts it: its margin, clipped
+            assert 24 <= min(w, h) and max(w, h) <= 128, (f.uri, w, h)
+        else:
+            side = 128 if "/scene/" in f.uri or "/detect/" in f.uri else SIZE
+            assert (w, h) == (side, side)
+
+
+def test_test_faces_are_cut_with_the_face_stages_margin_from_busy_scenes():
+    from maskmodel.data.facecrop import crop_boxes
+    from maskmodel.models.spec import DetectOptions
+
+    import torch
+
+    assert synth.FACE_MARGIN == DetectOptions().margin  # cut as scoring cuts
+    cuts = [synth.render_face_cut(label, i, scene_size=256, seed=3) for label in synth.CLASSES for i in range(4)]
+    assert {c.variant for c in cuts} >= {"below_nose", "chin", "plain"}
+    sizes = {c.image.size for c in cuts}
+    assert len(sizes) > 6 and all(30 <= min(s) and max(s) <= 256 for s in sizes)  # faces of many sizes, not square
+    # A box well inside the picture grows by the margin on each side: 1.5 times the face, pixel-aligned outwards.
+    grown = crop_boxes(torch.tensor([[100.0, 100.0, 140.0, 150.0]]), synth.FACE_MARGIN, (256, 256))
+    assert grown.tolist() == [[90.0, 87.5, 150.0, 162.5]]
+    again = synth.render_face_cut("no_mask", 2, scene_size=256, seed=3)
+    assert again.jpeg() == cuts[6].jpeg()  # its own seed: the same face whatever was drawn before
 
 
 def test_dataset_json_records_parameters_and_counts(dataset):
@@ -161,7 +183,9 @@ def test_s3_round_trip(s3_bucket, dataset):
     assert remote == _tree(local)  # same seed, same bytes, wherever it is written
     for key, data in remote.items():
         if key.endswith(".jpg"):
-            assert decode_image(data).size == ((128, 128) if key.startswith(("scene/", "detect/")) else (SIZE, SIZE))
+            if not key.startswith("test/"):  # test: faces cut from scenes, sized by the face (test above)
+                assert decode_image(data).size == ((128, 128) if key.startswith(("scene/", "detect/"))
+                                                   else (SIZE, SIZE))
     assert storage.read_json(storage.join(out, "dataset.json"))["splits"]["scene"] == {"mask": 2, "no_mask": 2,
                                                                                   "mask_incorrect": 2}
 

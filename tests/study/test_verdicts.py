@@ -108,3 +108,27 @@ def test_the_demos_split_table_counts_the_verdict_as_the_detection_report_does(t
     assert expected["accuracy"] == pytest.approx(4 / 7)
     assert table["scene"]["verdict_accuracy"] == round(expected["accuracy"], 3)
     assert table["scene"]["images"] == 7 and table["scene"]["accuracy"] == round(2 / 7, 3)
+
+
+def test_the_demos_face_table_gives_per_class_recall_their_mean_and_the_mix_dependent_accuracy(tmp_path):
+    """The demo's comparison of scene faces with the cut-alike test faces: per class, balanced, all faces."""
+    from maskmodel.study.demo import face_accuracy_table
+
+    rows = [_row("/t/mask/0.jpg", "ok", "mask", False), _row("/t/mask/1.jpg", "ok", "mask", False),
+            _row("/t/no_mask/0.jpg", "ok", "mask", False), _row("/t/no_mask/1.jpg", "ok", "no_mask", True),
+            _row("/t/mask_incorrect/0.jpg", "error", None, None)]  # an error row: a face not classified right
+    out = str(tmp_path / "scores")
+    schema = results.results_schema(CLASSES)
+    w = results.AttemptWriter(out, "test", schema)
+    w.write(pa.Table.from_pylist([{**r, "run_id": "test"} for r in rows], schema=schema))
+    results.commit(w, meta={})
+    # Scene faces: 9 of 10 masked right, 1 of 2 unmasked, none incorrect: all faces 10/12, balanced (0.9+0.5)/2.
+    scene = {"by_class": {"mask": {"classified": 10, "right": 9}, "mask_incorrect": {"classified": 0, "right": 0},
+                          "no_mask": {"classified": 2, "right": 1}}}
+    lines = {line[:30].strip(): line[30:].split() for line in
+             face_accuracy_table(scene, out, CLASSES).splitlines()[1:]}
+    assert lines["mask"] == ["0.900", "(10)", "1.000", "(2)"]
+    assert lines["mask_incorrect"] == ["n/a", "0.000", "(1)"]
+    assert lines["no_mask"] == ["0.500", "(2)", "0.500", "(2)"]
+    assert lines["balanced (mean of the classes)"] == ["0.700", "0.500"]  # test: (1 + 0 + 0.5) / 3
+    assert lines["all faces"] == ["0.833", "0.600"]
