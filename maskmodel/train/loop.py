@@ -38,7 +38,10 @@ def classifier_step(model, batch, *, prepare, optimizer=None, precision="fp32", 
     labelled ``SKIPPED_LABEL`` (the epoch could not read or decode them) stay in the batch, masked:
     they count in no loss, accuracy or image count, only in ``skipped``, and no host sync is needed.
     Returns float64 sums on the device: ``[loss, images, skipped, correct]``, followed in evaluation
-    by the flattened ``(num_classes, num_classes)`` confusion matrix (rows: truth).
+    by the flattened ``(num_classes, num_classes)`` confusion matrix (rows: truth). A training batch of one
+    image (an epoch's last, when the images per worker leave a remainder of one) normalises with the batch norm
+    layers' running statistics: one image's batch statistics are undefined where a feature map is 1x1
+    (ResNets under 64 px), where torch raises "Expected more than 1 value per channel".
     """
     training = optimizer is not None
     images, labels = prepare(batch["image"]), batch["label"]
@@ -47,9 +50,15 @@ def classifier_step(model, batch, *, prepare, optimizer=None, precision="fp32", 
         on_first_batch(images[valid], labels[valid])
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+        if training and images.shape[0] == 1 else []
+    for m in norms:
+        m.eval()
     with torch.set_grad_enabled(training), autocast(images.device, precision):
         logits = model(images)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=SKIPPED_LABEL)
+    for m in norms:
+        m.train()
     if training:
         optimizer.zero_grad(set_to_none=True)
         (loss / valid.sum().clamp(min=1)).backward()
