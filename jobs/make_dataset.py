@@ -1,6 +1,7 @@
 """Draw the built-in synthetic face-mask dataset and write it to local disk or object storage.
 
-Writes ``<out>/{train,val,test,scene,detect}/{mask,no_mask}/NNNNNN.jpg``, ``variants.csv``,
+Writes ``<out>/{train,val,test,scene,detect}/{mask,no_mask,mask_incorrect}/NNNNNN.jpg`` (``train``/``val``:
+tight face crops; ``test``: faces cut from busy scenes as the face stage cuts a found face), ``variants.csv``,
 ``dataset.json``, ``scene.coco.json`` (the box, class and variant of every face of the
 ``scene`` pictures, which hold 0-4 faces each; see :mod:`maskmodel.data.synth`) and
 ``detect.coco.json`` (the same for ``detect``, the scenes ``jobs.train_detector`` learns from);

@@ -66,6 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from maskmodel.config import field, resolve_paths
+from maskmodel.data.drawing import MASK_STYLES  # re-exported
 from maskmodel.data.samples import (  # re-exported: synth is where callers find the dataset's pictures
     CLASSES,
     CUT_SPLITS,
@@ -301,6 +302,6 @@ def _write_scene_annotations(out: str, scenes: list[tuple[str, str, tuple]], siz
 
 
 __all__ = ["CLASSES", "CUT_SPLITS", "DEFAULT_INCORRECT_SHARE", "DETECT_ANNOTATIONS", "FACE_MARGIN", "HARD_NEGATIVES",
-           "INCORRECT", "OWN_ENTRIES", "SCENE_ANNOTATIONS", "SCENE_SPLITS", "SPLITS", "VERSION", "WORN_WRONG",
+           "INCORRECT", "MASK_STYLES", "OWN_ENTRIES", "SCENE_ANNOTATIONS", "SCENE_SPLITS", "SPLITS", "VERSION", "WORN_WRONG",
            "DatasetConfig", "Sample", "class_sizes", "dataset_classes", "render_face_cut", "render_photo",
            "render_sample", "render_scene_sample", "scene_side", "split_sizes", "variant_for", "write_dataset"]

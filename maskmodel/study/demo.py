@@ -95,7 +95,9 @@ FROM predictions WHERE run_id = $run GROUP BY ALL
 def face_accuracy_table(scene: dict, scores: str, classes, *, run_id: str = "test") -> str:
     """Three-class per-face accuracy on the scene faces found (``scene``: :func:`evaluate_detection`'s section)
     next to run ``run_id``'s faces (``test``: cut alike, scored whole), per class (recall), their mean
-    (balanced: the class mix does not move it) and over all faces (it does: the scenes hold more masked faces)."""
+    (balanced: the class mix does not move it), over all faces (it does: the scenes hold more masked faces,
+    the easiest class) and at the scene faces' class mix (each class's recall weighted by its share of the
+    scene faces found: what agrees when the faces are cut alike)."""
     from maskmodel.results import query
 
     con = query.connect(scores)
@@ -113,12 +115,22 @@ def face_accuracy_table(scene: dict, scores: str, classes, *, run_id: str = "tes
     lines = [f"{'three-class per-face accuracy':<30}" + "".join(f"{name:>20}" for name in both)]
     for c in classes:
         lines.append(f"{c:<30}" + "".join(f"{ratio(*per[c]):>20}" for per in both.values()))
-    for label, pick in (("balanced (mean of the classes)", "mean"), ("all faces", "all")):
+    found = both["scene faces found"]
+    mix = {c: n / max(1, sum(n for _, n in found.values())) for c, (_, n) in found.items()}
+    for label, pick in (("balanced (mean of the classes)", "mean"), ("all faces (own class mix)", "all"),
+                        ("at the scene faces' class mix", "mix")):
         cells = []
         for per in both.values():
             got = [(k, n) for k, n in per.values() if n]
-            value = (sum(k / n for k, n in got) / len(got) if pick == "mean" else
-                     sum(k for k, _ in got) / max(1, sum(n for _, n in got))) if got else None
+            if not got:
+                value = None
+            elif pick == "mean":
+                value = sum(k / n for k, n in got) / len(got)
+            elif pick == "all":
+                value = sum(k for k, _ in got) / sum(n for _, n in got)
+            else:  # each class's recall weighted by its share of the scene faces: the same mix on both sides
+                value = (sum(mix[c] * k / n for c, (k, n) in per.items() if n)
+                         if all(per[c][1] for c in mix if mix[c]) else None)
             cells.append("n/a" if value is None else f"{value:.3f}")
         lines.append(f"{label:<30}" + "".join(f"{v:>20}" for v in cells))
     return "\n".join(lines)

@@ -131,4 +131,6 @@ def test_the_demos_face_table_gives_per_class_recall_their_mean_and_the_mix_depe
     assert lines["mask_incorrect"] == ["n/a", "0.000", "(1)"]
     assert lines["no_mask"] == ["0.500", "(2)", "0.500", "(2)"]
     assert lines["balanced (mean of the classes)"] == ["0.700", "0.500"]  # test: (1 + 0 + 0.5) / 3
-    assert lines["all faces"] == ["0.833", "0.600"]
+    assert lines["all faces (own class mix)"] == ["0.833", "0.600"]
+    # At the scene's mix (mask 10/12, no_mask 2/12, no incorrect face): test's 1.0 and 0.5 weighted alike.
+    assert lines["at the scene faces' class mix"] == ["0.833", f"{10 / 12 * 1.0 + 2 / 12 * 0.5:.3f}"]
