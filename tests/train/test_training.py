@@ -41,11 +41,23 @@ def s3_data(s3_endpoint):
     return root
 
 
-def test_two_workers_on_s3(ray_local, s3_data, s3_bucket):
+@pytest.mark.timeout(360)
+def test_two_workers_on_s3_resume_after_a_worker_failure(ray_local, s3_data, s3_bucket, monkeypatch):
+    # One run serves both checks (each Ray Train run costs a worker group's start): what two workers on S3
+    # write, and that a worker failing in epoch 3 is retried from a checkpoint, not from scratch.
     out = s3_bucket + "/run"
-    res = train(TrainConfig(data=s3_data, output=out, epochs=4, num_workers=2, max_unreadable=0.05, **TINY))
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    monkeypatch.setenv(FAIL_MARKER_ENV, storage.join(out, "_injected_failure"))
+    res = train(TrainConfig(data=s3_data, output=out, epochs=4, num_workers=2, max_failures=1,
+                            max_unreadable=0.05, **TINY))
+    assert storage.exists(storage.join(out, "_injected_failure"))
     rows = _metrics(out)
+    # Each epoch once; epoch 1 is from the first attempt, so the restarted workers continued from a
+    # checkpoint instead of starting over. (Which checkpoint depends on whether Ray Train's controller
+    # registered the last report before the failure: epoch 2 or 1.)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # counted from 1, as people do
+    attempts = [int(r["attempt"]) for r in rows]
+    assert attempts[0] == 0 and attempts[-1] == 1 and attempts == sorted(attempts)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert res.val_acc >= 0.8
     assert all(int(r["val_images"]) == 14 for r in rows)  # every val image exactly once across 2 workers
@@ -58,23 +70,6 @@ def test_two_workers_on_s3(ray_local, s3_data, s3_bucket):
     report = storage.read_json(storage.join(out, "report.json"))
     assert report["images"] == 14 and set(report["per_class"]) == {"mask", "no_mask"}
     assert report["model_id"] == res.model_id
-
-
-@pytest.mark.timeout(360)
-def test_worker_failure_resumes_from_checkpoint(ray_local, s3_data, s3_bucket, monkeypatch):
-    out = s3_bucket + "/faulty"
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
-    monkeypatch.setenv(FAIL_MARKER_ENV, storage.join(out, "_injected_failure"))
-    train(TrainConfig(data=s3_data, output=out, epochs=4, num_workers=2, max_failures=1,
-                      max_unreadable=0.05, **TINY))
-    assert storage.exists(storage.join(out, "_injected_failure"))
-    rows = _metrics(out)
-    # Each epoch once; epoch 1 is from the first attempt, so the restarted workers continued from a
-    # checkpoint instead of starting over. (Which checkpoint depends on whether Ray Train's controller
-    # registered the last report before the failure: epoch 2 or 1.)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # counted from 1, as people do
-    attempts = [int(r["attempt"]) for r in rows]
-    assert attempts[0] == 0 and attempts[-1] == 1 and attempts == sorted(attempts)
 
 
 def _train_cmd(data: str, out: str, epochs: int) -> list[str]:
