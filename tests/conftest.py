@@ -289,7 +289,7 @@ class RayCluster:
             status = self.job(submission_id)["status"]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return status
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"job {submission_id} still running after {timeout}s")
 
     def wait_for_nodes(self, n: int, timeout: float = 120, *, names: list[str] | None = None) -> None:
@@ -365,13 +365,3 @@ def _pids_with_arg(text: str) -> list[int]:
         except OSError:
             continue
     return pids
-
-
-@pytest.fixture
-def ray_cluster(s3_endpoint):
-    """A one-node Ray cluster started with ``ray start --head`` (token auth on); stopped even on failure."""
-    cluster = RayCluster(dict(os.environ))
-    try:
-        yield cluster
-    finally:
-        cluster.stop()

@@ -124,12 +124,6 @@ def test_weights_uri_loads_a_state_dict_and_refuses_a_foreign_one(tmp_path):
         zoo.initial("ssdlite320_mobilenet_v3_large", str(tmp_path / "text.pt"), storage.read_bytes)
 
 
-def _job(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "jobs.train_detector", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
-
-
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
     """No face boxes, unknown --weights file, missing annotations: exit 2 with one line, before Ray starts."""
     coco = tmp_path / "empty.coco.json"
@@ -146,8 +140,20 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
         (["--data", scenes, "--val-data", scenes, "--arch", "ssdlite320_mobilenet_v3_large", "--weights",
           str(coco)], "is not a torch state dict"),
     ]
-    for args, words in cases:
-        r = _job(*args, "--output", str(tmp_path / "out"), *([] if "--weights" in args else ["--weights", "none"]))
+    # The cases are independent jobs, each mostly Python's start-up and imports: run them all at once.
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.train_detector", *args, "--output",
+                               str(tmp_path / f"out{i}"), *([] if "--weights" in args else ["--weights", "none"])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for i, (args, _) in enumerate(cases)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        runs = [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for (args, words), r in zip(cases, runs):
         # A flag's own error is argparse's (usage, then "prog: error: ..."), the rest the job's ("error: ...").
         err = [line for line in r.stderr.splitlines() if line.startswith("error:") or ": error: " in line]
         assert r.returncode == 2, (args, r.stderr[-2000:])
