@@ -43,12 +43,13 @@ def classifier_step(model, batch, *, prepare, optimizer=None, precision="fp32", 
     as ``drop_last`` would, and counts in nothing: batch norm has no statistics of one image (torch raises
     "Expected more than 1 value per channel" where a feature map is 1x1, ResNets under 64 px), and a step
     normalised by the running statistics instead threw a from-scratch run off course (the demo's val accuracy
-    fell from 0.79 to 0.29). Train splits are equal across workers, so every worker leaves it out alike. The
+    fell from 0.79 to 0.28). Train splits are equal across workers, so every worker leaves it out alike. The
     shuffle puts another image last the next epoch.
     """
     training = optimizer is not None
-    if training and batch["label"].shape[0] == 1:
-        return torch.zeros(4, dtype=torch.float64, device=batch["label"].device)
+    if training and batch["label"].shape[0] == 1:  # an unreadable one still counts as skipped
+        skipped = (batch["label"] == SKIPPED_LABEL).double()
+        return torch.cat([skipped.new_zeros(2), skipped, skipped.new_zeros(1)])
     images, labels = prepare(batch["image"]), batch["label"]
     valid = labels != SKIPPED_LABEL
     if on_first_batch is not None:

@@ -103,6 +103,7 @@ def test_a_training_batch_of_one_image_is_left_out_of_the_epoch():
     and failed the run (an annotated set's hash split made such a remainder). Left out, as drop_last would."""
     import torch
 
+    from maskmodel.data.discovery import SKIPPED_LABEL
     from maskmodel.models.classifier import build_model
     from maskmodel.train.loop import classifier_step
 
@@ -114,6 +115,9 @@ def test_a_training_batch_of_one_image_is_left_out_of_the_epoch():
     sums = classifier_step(model, one, prepare=lambda x: x.float() / 255, optimizer=optimizer, num_classes=3)
     assert sums.tolist() == [0.0, 0.0, 0.0, 0.0]  # no image trained on, none counted
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # weights and statistics as they were
+    unreadable = {"image": torch.zeros((1, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([SKIPPED_LABEL])}
+    sums = classifier_step(model, unreadable, prepare=lambda x: x.float() / 255, optimizer=optimizer, num_classes=3)
+    assert sums.tolist() == [0.0, 0.0, 1.0, 0.0]  # an unreadable image alone: still counted as skipped
     two = {"image": torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([2, 0])}
     sums = classifier_step(model, two, prepare=lambda x: x.float() / 255, optimizer=optimizer, num_classes=3)
     assert sums[1].item() == 2 and not torch.equal(model.fc.weight, state["fc.weight"])  # two images: a real step
