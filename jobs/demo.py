@@ -32,8 +32,6 @@ from maskmodel.io import storage
 from maskmodel.models.spec import CLASSIFIER_ARCHITECTURES
 
 log = logging.getLogger("jobs.demo")
-#: What the demo writes under --out besides the data: deleted when the data is drawn again (a newer generator).
-DEMO_ENTRIES = ("train", "detector", "scores", "scene_faces", "night-2", "checks.toml", "report")
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if old != synth.VERSION:  # none yet, or drawn by an older generator: (re)draw it, and start the runs afresh
         if old is not None:  # else training would resume the older data's finished run and scoring add to its table
             log.info("the dataset in %s was drawn by generator version %s (now %s): drawing it again and starting "
-                     "the demo's runs afresh", data, old, synth.VERSION)
-            for name in DEMO_ENTRIES:
-                storage.delete(storage.join(cfg.out, name))
+                     "the demo's runs afresh (deleted: %s)", data, old, synth.VERSION,
+                     ", ".join(demo.forget_earlier_runs(cfg.out)) or "nothing")
         synth.write_dataset(synth.DatasetConfig(out=data, n_per_class=cfg.n_per_class, image_size=cfg.image_size,
                                                 overwrite=old is not None))
     # The classifier learns from the faces of the detect scenes' boxes, cut as the face stage cuts them at scoring

@@ -18,6 +18,26 @@ max_confidence_ks = 0.15
 max_error_rate = 0.05
 max_no_face_rate = 0.50
 """
+#: What the demo writes under its --out besides the data, each with the file that marks it as the demo's own.
+DEMO_ENTRIES = {"train": "train_config.json", "detector": "train_config.json", "scores": "_delta_log",
+                "scene_faces": "boxes_scene.png", "night-2": "uploads", "report": "report.html", "checks.toml": None}
+
+
+def forget_earlier_runs(out: str) -> list[str]:
+    """Delete the demo's earlier runs under ``out`` (when its data is drawn again: else training would resume
+    the older data's finished run and scoring add to its table); returns the entries deleted. Only entries that
+    hold the demo's marker file (``checks.toml``: the demo's own text) go; anything else stays."""
+    gone = []
+    for name, marker in DEMO_ENTRIES.items():
+        uri = storage.join(out, name)
+        ours = (storage.exists(storage.join(uri, marker)) if marker else
+                storage.exists(uri) and storage.read_bytes(uri) == DEMO_CHECKS.encode())
+        if ours:
+            storage.delete(uri)
+            gone.append(name)
+    return gone
+
+
 #: The shifted night: scenes by picture verdict (three in four with an unmasked face), and truncated uploads.
 NIGHT_SCENES = {"no_mask": 30, "mask": 10}
 NIGHT_TRUNCATED = 4

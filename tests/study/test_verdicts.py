@@ -134,3 +134,23 @@ def test_the_demos_face_table_gives_per_class_recall_their_mean_and_the_mix_depe
     assert lines["all faces (own class mix)"] == ["0.833", "0.600"]
     # At the scene's mix (mask 10/12, no_mask 2/12, no incorrect face): test's 1.0 and 0.5 weighted alike.
     assert lines["at the scene faces' class mix"] == ["0.833", f"{10 / 12 * 1.0 + 2 / 12 * 0.5:.3f}"]
+
+
+def test_the_demo_forgets_only_its_own_earlier_runs(tmp_path):
+    """A redrawn demo dataset deletes the demo's earlier runs (else training resumes the old data's run), and
+    nothing else: a folder or file of the same name without the demo's marker stays."""
+    from maskmodel.study.demo import DEMO_CHECKS, forget_earlier_runs
+
+    out = tmp_path / "demo-output"
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    (out / "train" / "train_config.json").write_text("{}")
+    (out / "scores" / "_delta_log").mkdir(parents=True)
+    (out / "checks.toml").write_text(DEMO_CHECKS)
+    (out / "report").mkdir()
+    (out / "report" / "my-notes.txt").write_text("mine")  # a report folder the demo did not write
+    (out / "data").mkdir()
+    assert forget_earlier_runs(str(out)) == ["train", "scores", "checks.toml"]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "report"]
+    assert (out / "report" / "my-notes.txt").read_text() == "mine"
+    (out / "checks.toml").write_text("max_error_rate = 0.5\n")  # edited by its user: not the demo's text
+    assert forget_earlier_runs(str(out)) == [] and (out / "checks.toml").exists()
